@@ -1,0 +1,35 @@
+# One command each on a fresh machine: `make demo`, `make test`, `make bench`.
+# Each creates .venv with the pinned set (setup.cfg) first; re-running is a no-op once installed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.growlm-installed
+EXTRAS ?= dev,interop
+WORKDIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 11), "growlm needs Python >= 3.11, got " + sys.version.split()[0]'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS) tests
+
+demo: install
+	$(PY) -m growlm.demo --workdir=$(WORKDIR)
+
+bench: install
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf runs .pytest_cache .hypothesis

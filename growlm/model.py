@@ -1,0 +1,263 @@
+"""The decoder-only LM (Flax linen), in GPT-2 or Llama style, with logical axis names.
+
+Dimension letters used in names throughout growlm:
+  B batch, L sequence length (queries), S sequence length (keys), D d_model, V vocab,
+  H query heads, K kv heads, G query heads per kv head (H = K * G), E head_dim, F mlp_dim,
+  N n_layers, T max_len.
+
+Every parameter carries logical axis names from one vocabulary (AXES). Per-layer parameters
+have a leading `layers` axis: blocks are one module scanned over that axis, so depth growth is
+an index operation and compile time does not grow with depth. Model code never names mesh
+axes; sharding rules map logical names to mesh axes (growlm.sharding).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from growlm.model_config import ModelConfig
+
+# The logical axis vocabulary. `pos` is the learned position table's row axis.
+AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "pos")
+
+Array = jax.Array
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+def _acc_dtype(dtype) -> Any:
+  """Dtype for norms, softmax and logits: at least float32, float64 when computing in f64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _param(module: nn.Module, name: str, init, shape, axes, cfg: ModelConfig):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                      _dtype(cfg.param_dtype))
+
+
+def _fan_in_init(scale: float, in_axis, out_axis):
+  return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal",
+                                          in_axis=in_axis, out_axis=out_axis)
+
+
+class Norm(nn.Module):
+  """LayerNorm (scale, bias iff use_bias) or RMSNorm (scale), computed in >= float32."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array) -> Array:
+    cfg = self.cfg
+    d = x_BxLxD.shape[-1]
+    scale_D = _param(self, "scale", nn.initializers.ones, (d,), ("embed",), cfg)
+    x = x_BxLxD.astype(_acc_dtype(x_BxLxD.dtype))
+    if cfg.norm == "layernorm":
+      mean = jnp.mean(x, axis=-1, keepdims=True)
+      var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+      y = (x - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+    else:
+      y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
+    y = y * scale_D.astype(y.dtype)
+    if cfg.norm == "layernorm" and cfg.use_bias:
+      bias_D = _param(self, "bias", nn.initializers.zeros, (d,), ("embed",), cfg)
+      y = y + bias_D.astype(y.dtype)
+    return y.astype(x_BxLxD.dtype)
+
+
+def rope_tables(positions_L: Array, head_dim: int, theta: float, dtype) -> tuple[Array, Array]:
+  """cos and sin tables [L, E/2] for half-split rotary pairs (i, i + E/2), freq theta^(-2i/E)."""
+  half = head_dim // 2
+  freq = theta ** (-jnp.arange(half, dtype=dtype) * 2.0 / head_dim)
+  angle_LxE2 = positions_L.astype(dtype)[:, None] * freq[None, :]
+  return jnp.cos(angle_LxE2), jnp.sin(angle_LxE2)
+
+
+def apply_rope(x_BxLxHxE: Array, cos_LxE2: Array, sin_LxE2: Array) -> Array:
+  """Rotates pair i = (x[i], x[i + E/2]) by its angle (the Hugging Face Llama convention)."""
+  half = x_BxLxHxE.shape[-1] // 2
+  x = x_BxLxHxE.astype(cos_LxE2.dtype)
+  x1, x2 = x[..., :half], x[..., half:]
+  cos, sin = cos_LxE2[None, :, None, :], sin_LxE2[None, :, None, :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxE.dtype)
+
+
+class Attention(nn.Module):
+  """Causal multi-head attention with grouped KV heads (query head h reads kv head h // G)."""
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array) -> Array:
+    cfg = self.cfg
+    D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    G = H // K
+    dt = _dtype(cfg.dtype)
+    in_init = _fan_in_init(1.0, 0, (1, 2))
+    out_init = _fan_in_init(1.0 / (2 * cfg.n_layers), (0, 1), 2)
+    w_q = _param(self, "query", in_init, (D, H, E), ("embed", "heads", "head_dim"), cfg)
+    w_k = _param(self, "key", in_init, (D, K, E), ("embed", "kv_heads", "head_dim"), cfg)
+    w_v = _param(self, "value", in_init, (D, K, E), ("embed", "kv_heads", "head_dim"), cfg)
+    w_o = _param(self, "out", out_init, (H, E, D), ("heads", "head_dim", "embed"), cfg)
+    x = x_BxLxD.astype(dt)
+    q_BxLxHxE = jnp.einsum("bld,dhe->blhe", x, w_q.astype(dt))
+    k_BxSxKxE = jnp.einsum("bsd,dke->bske", x, w_k.astype(dt))
+    v_BxSxKxE = jnp.einsum("bsd,dke->bske", x, w_v.astype(dt))
+    if cfg.use_bias:
+      zeros = nn.initializers.zeros
+      q_BxLxHxE += _param(self, "query_bias", zeros, (H, E), ("heads", "head_dim"), cfg).astype(dt)
+      k_BxSxKxE += _param(self, "key_bias", zeros, (K, E), ("kv_heads", "head_dim"), cfg).astype(dt)
+      v_BxSxKxE += _param(self, "value_bias", zeros, (K, E), ("kv_heads", "head_dim"),
+                          cfg).astype(dt)
+    L = x.shape[1]
+    if cfg.positions == "rope":
+      cos, sin = rope_tables(jnp.arange(L), E, cfg.rope_theta, _acc_dtype(dt))
+      q_BxLxHxE = apply_rope(q_BxLxHxE, cos, sin)
+      k_BxSxKxE = apply_rope(k_BxSxKxE, cos, sin)
+    q_BxLxKxGxE = q_BxLxHxE.reshape(q_BxLxHxE.shape[:2] + (K, G, E))
+    acc = _acc_dtype(dt)
+    logits_BxKxGxLxS = jnp.einsum("blkge,bske->bkgls", q_BxLxKxGxE, k_BxSxKxE,
+                                  preferred_element_type=acc) / jnp.sqrt(E).astype(acc)
+    causal_LxS = jnp.tril(jnp.ones((L, L), dtype=bool))
+    logits_BxKxGxLxS = jnp.where(causal_LxS, logits_BxKxGxLxS, jnp.finfo(acc).min)
+    probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(dt)
+    ctx_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", probs, v_BxSxKxE)
+    ctx_BxLxHxE = ctx_BxLxKxGxE.reshape(ctx_BxLxKxGxE.shape[:2] + (H, E))
+    out_BxLxD = jnp.einsum("blhe,hed->bld", ctx_BxLxHxE, w_o.astype(dt))
+    if cfg.use_bias:
+      out_BxLxD += _param(self, "out_bias", nn.initializers.zeros, (D,), ("embed",),
+                          cfg).astype(dt)
+    return nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)(out_BxLxD)
+
+
+class Mlp(nn.Module):
+  """GELU MLP (wi, wo) or SwiGLU MLP (wi_gate, wi_up, wo)."""
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array) -> Array:
+    cfg = self.cfg
+    D, F = cfg.d_model, cfg.mlp_dim
+    dt = _dtype(cfg.dtype)
+    in_init = _fan_in_init(1.0, 0, 1)
+    out_init = _fan_in_init(1.0 / (2 * cfg.n_layers), 0, 1)
+    zeros = nn.initializers.zeros
+    x = x_BxLxD.astype(dt)
+
+    def dense_in(name):
+      w_DxF = _param(self, name, in_init, (D, F), ("embed", "mlp"), cfg)
+      h_BxLxF = jnp.einsum("bld,df->blf", x, w_DxF.astype(dt))
+      if cfg.use_bias:
+        h_BxLxF += _param(self, name + "_bias", zeros, (F,), ("mlp",), cfg).astype(dt)
+      return h_BxLxF
+
+    if cfg.mlp == "gelu":
+      h_BxLxF = jax.nn.gelu(dense_in("wi"), approximate=True)
+    else:
+      h_BxLxF = jax.nn.silu(dense_in("wi_gate")) * dense_in("wi_up")
+    w_o = _param(self, "wo", out_init, (F, D), ("mlp", "embed"), cfg)
+    out_BxLxD = jnp.einsum("blf,fd->bld", h_BxLxF, w_o.astype(dt))
+    if cfg.use_bias:
+      out_BxLxD += _param(self, "wo_bias", zeros, (D,), ("embed",), cfg).astype(dt)
+    return nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)(out_BxLxD)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block. Returns (x, None) so it can be scanned over layers."""
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array, _=None):
+    cfg, det = self.cfg, self.deterministic
+    x_BxLxD = x_BxLxD + Attention(cfg, det, name="attn")(Norm(cfg, name="attn_norm")(x_BxLxD))
+    x_BxLxD = x_BxLxD + Mlp(cfg, det, name="mlp")(Norm(cfg, name="mlp_norm")(x_BxLxD))
+    return x_BxLxD, None
+
+
+class Decoder(nn.Module):
+  """Token ids [B, L] -> logits [B, L, V] (float32, or float64 when computing in float64)."""
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, tokens_BxL: Array) -> Array:
+    cfg = self.cfg
+    D, V = cfg.d_model, cfg.vocab_size
+    dt = _dtype(cfg.dtype)
+    embed_VxD = _param(self, "embed", nn.initializers.normal(cfg.init_std), (V, D),
+                       ("vocab", "embed"), cfg)
+    x_BxLxD = jnp.take(embed_VxD, tokens_BxL, axis=0).astype(dt)
+    if cfg.positions == "learned":
+      pos_TxD = _param(self, "pos_embed", nn.initializers.normal(cfg.init_std / 2),
+                       (cfg.max_len, D), ("pos", "embed"), cfg)
+      x_BxLxD = x_BxLxD + pos_TxD[: tokens_BxL.shape[1]].astype(dt)
+    x_BxLxD = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)(x_BxLxD)
+
+    block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
+                    "dropout": True}, length=cfg.n_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    x_BxLxD, _ = stack(cfg, self.deterministic, name="layers")(x_BxLxD, None)
+    x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
+
+    acc = _acc_dtype(dt)
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("bld,vd->blv", x_BxLxD, embed_VxD.astype(dt),
+                          preferred_element_type=acc)
+    else:
+      head_DxV = _param(self, "head", nn.initializers.normal(cfg.init_std), (D, V),
+                        ("embed", "vocab"), cfg)
+      logits = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(dt),
+                          preferred_element_type=acc)
+    return logits.astype(acc)
+
+
+def make_model(cfg: ModelConfig, deterministic: bool = True) -> Decoder:
+  return Decoder(cfg, deterministic)
+
+
+def _dummy_tokens(cfg: ModelConfig) -> Array:
+  return jnp.zeros((1, min(8, cfg.max_len)), jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init_params(cfg: ModelConfig, rng: Array) -> dict:
+  """Fresh parameters (plain arrays, no axis boxes) for `cfg` (jitted: eager scan init is slow)."""
+  return nn.unbox(make_model(cfg).init(rng, _dummy_tokens(cfg))["params"])
+
+
+def abstract_params(cfg: ModelConfig) -> tuple[dict, dict]:
+  """(ShapeDtypeStruct tree, logical-axes tree) of the parameters, without allocating them."""
+  boxed = jax.eval_shape(lambda r: make_model(cfg).init(r, _dummy_tokens(cfg))["params"],
+                         jax.random.key(0))
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  axes = jax.tree.map(lambda b: tuple(b.names), boxed, is_leaf=is_box)
+  shapes = jax.tree.map(lambda b: b.value if is_box(b) else b, boxed, is_leaf=is_box)
+  return shapes, axes
+
+
+def logical_axes(cfg: ModelConfig) -> dict:
+  """Tree of logical axis-name tuples, same structure as the params."""
+  return abstract_params(cfg)[1]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def apply(cfg: ModelConfig, params: dict, tokens_BxL: Array, *, dropout_rng: Array | None = None
+          ) -> Array:
+  """Logits [B, L, V]. Dropout is active only when a dropout_rng is given. Jitted (cfg static);
+  inside another jit it is inlined."""
+  deterministic = dropout_rng is None or cfg.dropout_rate == 0.0
+  rngs = {} if deterministic else {"dropout": dropout_rng}
+  return make_model(cfg, deterministic).apply({"params": params}, tokens_BxL, rngs=rngs)
+
+
+def count_params(params: Any) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))

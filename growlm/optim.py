@@ -1,0 +1,58 @@
+"""Optimizer: AdamW with warmup then cosine, linear or constant decay, and gradient clipping.
+
+Weight decay applies to matrices and embedding tables only, never to norm gains or biases.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from growlm.errors import GrowlmError
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def make_schedule(lr: float, warmup_steps: int, total_steps: int, decay: str = "cosine",
+                  final_lr_ratio: float = 0.1) -> optax.Schedule:
+  """Linear warmup from 0 to `lr` over `warmup_steps`, then `decay` to lr * final_lr_ratio."""
+  if decay not in SCHEDULES:
+    raise GrowlmError(f"train.schedule={decay!r}; accepted: {SCHEDULES}")
+  if warmup_steps < 0 or total_steps <= 0:
+    raise GrowlmError(f"train.warmup_steps={warmup_steps}, train.num_steps={total_steps}; "
+                      "accepted: warmup >= 0, num_steps > 0")
+  rest = max(total_steps - warmup_steps, 1)
+  if decay == "cosine":
+    after = optax.cosine_decay_schedule(lr, rest, alpha=final_lr_ratio)
+  elif decay == "linear":
+    after = optax.linear_schedule(lr, lr * final_lr_ratio, rest)
+  else:
+    after = optax.constant_schedule(lr)
+  if warmup_steps == 0:
+    return after
+  warmup = optax.linear_schedule(0.0, lr, warmup_steps)
+  return optax.join_schedules([warmup, after], [warmup_steps])
+
+
+def decay_mask(params: Any) -> Any:
+  """True for leaves that take weight decay: every leaf except norm gains and biases."""
+  def keep(path, _):
+    last = getattr(path[-1], "key", str(path[-1]))
+    return not (last == "scale" or last == "bias" or last.endswith("_bias"))
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(train_cfg: Any, schedule: optax.Schedule | None = None
+                   ) -> optax.GradientTransformation:
+  """AdamW from the `train` config section (lr, b1, b2, eps, weight_decay, grad_clip, ...)."""
+  if schedule is None:
+    schedule = make_schedule(train_cfg.lr, train_cfg.warmup_steps, train_cfg.num_steps,
+                             train_cfg.schedule, train_cfg.final_lr_ratio)
+  parts = []
+  if train_cfg.grad_clip and train_cfg.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
+  parts.append(optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
+                           weight_decay=train_cfg.weight_decay, mask=decay_mask))
+  return optax.chain(*parts)

@@ -1,0 +1,297 @@
+"""The sharded trainer: jit over a (data, fsdp, tensor) mesh, AdamW, evaluation, checkpoints.
+
+`train(config, workdir)` is the library entry point (main.py and notebooks call it). A run
+directory holds config.json, data_manifest.json, metrics.jsonl and checkpoints/; launching
+again on the same directory resumes from the newest checkpoint that restores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from growlm import config as config_lib
+from growlm import data as data_lib
+from growlm import flops as flops_lib
+from growlm import model as model_lib
+from growlm import optim, sharding
+from growlm.checkpoint import Checkpoints
+from growlm.errors import GrowlmError
+from growlm.metrics import MetricsWriter, ProgressBar
+
+log = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array        # optimizer steps taken (int32 scalar)
+  params: Any
+  opt_state: Any
+  rng: jax.Array         # raw uint32 PRNG key for dropout
+
+
+def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+  """Per-token negative log-likelihood [B, L] in nats."""
+  logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.promote_types(logits_BxLxV.dtype,
+                                                                    jnp.float32)), axis=-1)
+  return -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
+
+
+def make_train_step(cfg, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    grad_accum: int = 1) -> Callable:
+  """(state, batch) -> (state, metrics); the batch is split into `grad_accum` microbatches."""
+
+  def loss_fn(params, batch, rng):
+    logits = model_lib.apply(cfg, params, batch["inputs"], dropout_rng=rng)
+    return cross_entropy(logits, batch["targets"]).mean()
+
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    rng, sub = jax.random.split(state.rng)
+    if grad_accum == 1:
+      loss, grads = grad_fn(state.params, batch, sub)
+    else:
+      # Microbatch a takes rows a, a + A, a + 2A, ...: each stays spread over the batch shards.
+      micro = jax.tree.map(
+          lambda x: jnp.swapaxes(x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]),
+                                 0, 1), batch)
+
+      def body(carry, xs):
+        mb, r = xs
+        l, g = grad_fn(state.params, mb, r)
+        return jax.tree.map(jnp.add, carry, (l, g)), None
+
+      zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+      (loss, grads), _ = jax.lax.scan(body, zero, (micro, jax.random.split(sub, grad_accum)))
+      loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads),
+               "lr": schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+
+  return step
+
+
+def make_eval_step(cfg) -> Callable:
+  """(params, batch) -> summed loss (nats) and token count."""
+  def step(params, batch):
+    nll = cross_entropy(model_lib.apply(cfg, params, batch["inputs"]), batch["targets"])
+    return nll.sum(), jnp.asarray(nll.size, jnp.float32)
+  return step
+
+
+def state_shardings(cfg, optimizer, mesh, rules) -> tuple[TrainState, TrainState]:
+  """(abstract TrainState, TrainState of NamedShardings): parameters by their logical axes,
+  optimizer moments like their parameters, scalars replicated."""
+  shapes, axes = model_lib.abstract_params(cfg)
+  p_shard = sharding.tree_shardings(axes, shapes, mesh, rules)
+  rep = sharding.replicated(mesh)
+  abstract_opt = jax.eval_shape(optimizer.init, shapes)
+  o_shard = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, p_shard,
+                                  transform_non_params=lambda _: rep)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=shapes,
+                        opt_state=abstract_opt, rng=key)
+  shard = TrainState(step=rep, params=p_shard, opt_state=o_shard, rng=rep)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shard)
+  return abstract, shard
+
+
+def init_state(cfg, optimizer, shard: TrainState, seed: int, params: Any = None) -> TrainState:
+  """A fresh TrainState, born sharded (jit with out_shardings); `params` replaces the init."""
+  def init(rng):
+    init_rng, drop_rng = jax.random.split(rng)
+    p = model_lib.init_params(cfg, init_rng) if params is None else params
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
+                      rng=drop_rng)
+  return jax.jit(init, out_shardings=shard)(jax.random.PRNGKey(seed))
+
+
+class Evaluator:
+  """Held-out datasets, kept on device as global batches; reports loss and bits per byte."""
+
+  def __init__(self, cfg, streams: dict[str, data_lib.TokenStream], seq_len: int,
+               global_batch: int, n_batches: int, batch_shard, p_shard):
+    self.bytes_per_token = {n: s.bytes_per_token for n, s in streams.items()}
+    self.batches = {
+        n: [sharding.global_batch_from_local(b, batch_shard) for b in data_lib.eval_batches(
+            s, seq_len, global_batch, n_batches, process_index=jax.process_index(),
+            process_count=jax.process_count())]
+        for n, s in streams.items()}
+    self._step = jax.jit(make_eval_step(cfg), in_shardings=(p_shard, batch_shard))
+
+  def __call__(self, params) -> dict[str, float]:
+    out = {}
+    for name, batches in self.batches.items():
+      sums = [self._step(params, b) for b in batches]
+      total, count = (float(sum(x)) for x in zip(*jax.device_get(sums)))
+      loss = total / count
+      out[f"eval_loss/{name}"] = loss
+      out[f"eval_bpb/{name}"] = loss / math.log(2) / self.bytes_per_token[name]
+    return out
+
+
+def _load_streams(config, tokenizer) -> tuple[data_lib.TokenStream, dict[str, Any], dict]:
+  d = config.data
+  kw = dict(eval_fraction=d.eval_fraction, max_bytes=d.max_bytes, data_dir=d.data_dir or None)
+  train = data_lib.tokenize_corpus(data_lib.load_corpus(d.train, "train", **kw), tokenizer)
+  evals, manifests = {}, {"train": train.manifest}
+  for name, spec in d.eval.items():
+    source, split = config_lib.parse_eval_spec(spec, d.train)
+    evals[name] = data_lib.tokenize_corpus(data_lib.load_corpus(source, split, **kw), tokenizer)
+    manifests[f"eval/{name}"] = evals[name].manifest
+  return train, evals, manifests
+
+
+def _check_run_dir(workdir: str, config_json: dict) -> None:
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    conflicts = config_lib.resume_conflicts(saved, config_json)
+    if conflicts:
+      raise GrowlmError(f"run dir {workdir} holds a run with another config (differs in "
+                        f"{', '.join(conflicts[:8])}); use a new --workdir or the same config")
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          init_params_fn: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the last train and eval metrics.
+
+  `init_params_fn(shardings)`, if given, supplies the starting parameters instead of a random
+  init (used to continue training a grown model).
+  """
+  config_lib.validate(config)
+  cfg = config_lib.model_config(config)
+  d, t = config.data, config.train
+  config_json = config_lib.to_json_dict(config)
+  is_main = jax.process_index() == 0
+
+  # Everything that can fail on bad input happens before any file is written.
+  _check_run_dir(workdir, config_json)
+  tokenizer = data_lib.make_tokenizer(d.tokenizer)
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise GrowlmError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+                      f"vocabulary ({tokenizer.vocab_size}); accepted: >= {tokenizer.vocab_size}")
+  rules = config.sharding_rules
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  if d.batch_size % sharding.batch_shards(mesh, rules):
+    raise GrowlmError(f"data.batch_size={d.batch_size} is not a multiple of the batch shards "
+                      f"({sharding.batch_shards(mesh, rules)} = mesh data x fsdp)")
+  train_stream, eval_streams, manifests = _load_streams(config, tokenizer)
+  iterator = data_lib.DataIterator(train_stream, d.seq_len, d.batch_size, d.seed,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+
+  schedule = optim.make_schedule(t.lr, t.warmup_steps, t.num_steps, t.schedule, t.final_lr_ratio)
+  optimizer = optim.make_optimizer(t, schedule)
+  abstract, shard = state_shardings(cfg, optimizer, mesh, rules)
+  batch_shard = sharding.batch_sharding(mesh, rules)
+
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    _write_json_atomic(os.path.join(workdir, "config.json"), config_json)
+    _write_json_atomic(os.path.join(workdir, "data_manifest.json"), manifests)
+  ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                     async_save=config.checkpoint.async_save)
+  tokens_per_step = d.batch_size * d.seq_len
+  fpt = flops_lib.flops_per_token(cfg, d.seq_len)
+
+  with jax.set_mesh(mesh):
+    restored = ckpt.restore_latest(abstract)
+    if restored is None:
+      start_params = init_params_fn(shard.params) if init_params_fn else None
+      state = init_state(cfg, optimizer, shard, t.seed, start_params)
+      meta0: dict[str, Any] = {}
+      log.info("initialised %s parameters", f"{model_lib.count_params(state.params):,}")
+    else:
+      step0, state, data_state, meta0 = restored
+      iterator.set_state(data_state)
+      log.info("resumed from step %d", step0)
+    start = int(jax.device_get(state.step))
+    flops_offset = float(meta0.get("flops_offset", 0.0))
+    writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), enabled=is_main,
+                           truncate_after_step=start)
+    evaluator = Evaluator(cfg, eval_streams, d.seq_len, d.batch_size, config.eval.batches,
+                          batch_shard, shard.params)
+    step_fn = jax.jit(make_train_step(cfg, optimizer, schedule, t.grad_accum),
+                      in_shardings=(shard, batch_shard), out_shardings=(shard, None),
+                      donate_argnums=0)
+
+    def counters(step: int) -> dict[str, Any]:
+      return {"step": step, "tokens": step * tokens_per_step,
+              "flops": flops_offset + step * tokens_per_step * fpt}
+
+    def meta(step: int) -> dict[str, Any]:
+      return {**counters(step), "flops_offset": flops_offset, "model": cfg.to_dict()}
+
+    last_eval: dict[str, float] = {}
+    if start == 0:
+      last_eval = evaluator(state.params)
+      writer.write({**counters(0), **last_eval})
+
+    end = min(t.num_steps, t.stop_at) if t.stop_at else t.num_steps
+    bar = ProgressBar(start, end, enabled=is_main and config.log.progress_bar)
+    pending = None  # (step, device metrics) of the step dispatched before the current one
+    window_t, window_steps = time.perf_counter(), 0
+    last_train: dict[str, float] = {}
+
+    def read_back(item):
+      nonlocal window_t, window_steps, last_train
+      s, m = item
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      if not all(math.isfinite(v) for v in m.values()):
+        raise FloatingPointError(f"non-finite metrics at step {s}: {m}; no checkpoint written "
+                                 "for this step (lower train.lr or raise train.warmup_steps)")
+      bar.update(s, m["train_loss"])
+      last_train = m
+      if s % config.log.every_steps == 0 or s == end:
+        now = time.perf_counter()
+        m["tokens_per_sec"] = window_steps * tokens_per_step / max(now - window_t, 1e-9)
+        window_t, window_steps = now, 0
+        writer.write({**counters(s), **m})
+
+    for step in range(start + 1, end + 1):
+      batch = sharding.global_batch_from_local(next(iterator), batch_shard)
+      state, metrics = step_fn(state, batch)
+      window_steps += 1
+      if pending is not None:
+        read_back(pending)   # the step just dispatched runs while we read the previous one
+      pending = (step, metrics)
+      if step % config.eval.every_steps == 0 or step == t.num_steps:
+        read_back(pending)
+        pending = None
+        last_eval = evaluator(state.params)
+        writer.write({**counters(step), **last_eval})
+      if step % config.checkpoint.every_steps == 0 or step == end:
+        if pending is not None:
+          read_back(pending)   # never checkpoint a state whose loss was not checked
+          pending = None
+        ckpt.save(step, state, iterator.get_state(), meta(step))
+    if pending is not None:
+      read_back(pending)
+    bar.close()
+    ckpt.close()
+    writer.close()
+  return {**counters(int(jax.device_get(state.step))), **last_train, **last_eval}

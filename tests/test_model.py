@@ -1,0 +1,224 @@
+"""The decoder: causality, both styles, GQA, scan vs loop, RoPE, FLOPs accounting, validation."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from growlm import flops, model
+from growlm.errors import GrowlmError
+from growlm.model_config import ModelConfig, make_model_config
+
+STYLES = ("gpt2", "llama")
+
+
+def _tokens(cfg, B=2, L=16, seed=1):
+  return jax.random.randint(jax.random.key(seed), (B, L), 0, cfg.vocab_size)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_causality(style):
+  """Changing token t changes no logits before t, and does change logits at t."""
+  cfg = make_model_config("nano", style)
+  params = model.init_params(cfg, jax.random.key(0))
+  tokens = _tokens(cfg)
+  t = 9
+  changed = tokens.at[:, t].set((tokens[:, t] + 7) % cfg.vocab_size)
+  a, b = model.apply(cfg, params, tokens), model.apply(cfg, params, changed)
+  np.testing.assert_array_equal(np.asarray(a[:, :t]), np.asarray(b[:, :t]))
+  assert float(jnp.abs(a[:, t:] - b[:, t:]).max()) > 1e-6
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_forward_both_styles(style):
+  cfg = make_model_config("nano", style)
+  params = model.init_params(cfg, jax.random.key(0))
+  logits = model.apply(cfg, params, _tokens(cfg))
+  assert logits.shape == (2, 16, cfg.vocab_size) and logits.dtype == jnp.float32
+  assert bool(jnp.isfinite(logits).all())
+  # A freshly initialised model is near uniform over the vocabulary.
+  logp = jax.nn.log_softmax(logits)
+  assert abs(float(-logp.mean()) - math.log(cfg.vocab_size)) < 0.3
+  # The style decides the parameter tree.
+  has = lambda *path: _get(params, path) is not None
+  if style == "gpt2":
+    assert has("pos_embed") and has("final_norm", "bias") and not has("head")
+    assert has("layers", "mlp", "wi") and has("layers", "attn", "query_bias")
+  else:
+    assert has("head") and not has("pos_embed") and not has("final_norm", "bias")
+    assert has("layers", "mlp", "wi_gate") and not has("layers", "attn", "query_bias")
+    assert cfg.n_kv_heads < cfg.n_heads
+
+
+def _get(tree, path):
+  for k in path:
+    if not isinstance(tree, dict) or k not in tree:
+      return None
+    tree = tree[k]
+  return tree
+
+
+def test_jit_matches_eager():
+  cfg = make_model_config("nano", "llama")
+  params = model.init_params(cfg, jax.random.key(0))
+  tokens = _tokens(cfg)
+  eager = model.apply(cfg, params, tokens)
+  jitted = jax.jit(lambda p, t: model.apply(cfg, p, t))(params, tokens)
+  np.testing.assert_allclose(np.asarray(eager), np.asarray(jitted), rtol=1e-5, atol=1e-5)
+
+
+def _reference_attention(cfg, p, x):
+  """Plain per-head attention in numpy (float64), for the model's attention block."""
+  x = np.asarray(x, np.float64)
+  B, L, _ = x.shape
+  G = cfg.n_heads // cfg.n_kv_heads
+  out = np.zeros_like(x)
+  for h in range(cfg.n_heads):
+    q = x @ np.asarray(p["query"][:, h], np.float64)
+    k = x @ np.asarray(p["key"][:, h // G], np.float64)
+    v = x @ np.asarray(p["value"][:, h // G], np.float64)
+    s = q @ k.transpose(0, 2, 1) / math.sqrt(cfg.head_dim)
+    s = np.where(np.tril(np.ones((L, L), bool)), s, -np.inf)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    out += (w @ v) @ np.asarray(p["out"][h], np.float64)
+  return out
+
+
+@pytest.mark.parametrize("kv", [1, 2, 4])
+def test_attention_matches_per_head_reference(kv):
+  cfg = make_model_config("nano", "gpt2", n_heads=4, n_kv_heads=kv, use_bias=False)
+  attn = model.Attention(cfg)
+  x = jax.random.normal(jax.random.key(2), (2, 12, cfg.d_model))
+  p = attn.init(jax.random.key(3), x)["params"]
+  p = jax.tree.map(lambda a: a.unbox() if hasattr(a, "unbox") else a, p,
+                   is_leaf=lambda a: hasattr(a, "unbox"))
+  got = np.asarray(attn.apply({"params": p}, x))
+  np.testing.assert_allclose(got, _reference_attention(cfg, p, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_gqa_equals_mha_with_repeated_kv(style):
+  """A GQA model equals the multi-head model (n_kv_heads == n_heads) whose KV weights are the
+  GQA ones repeated per query group."""
+  gqa = make_model_config("nano", style, n_heads=4, n_kv_heads=2)
+  mha = gqa.replace(n_kv_heads=4)
+  p = model.init_params(gqa, jax.random.key(0))
+  G = gqa.q_per_kv
+  attn = dict(p["layers"]["attn"])
+  for name in ("key", "value"):
+    attn[name] = jnp.repeat(attn[name], G, axis=2)   # [N, D, K, E] -> [N, D, H, E]
+    if name + "_bias" in attn:
+      attn[name + "_bias"] = jnp.repeat(attn[name + "_bias"], G, axis=1)
+  p_mha = {**p, "layers": {**p["layers"], "attn": attn}}
+  tokens = _tokens(gqa)
+  np.testing.assert_allclose(np.asarray(model.apply(gqa, p, tokens)),
+                             np.asarray(model.apply(mha, p_mha, tokens)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_scan_equals_unrolled_loop(style):
+  """The scanned stack equals applying one Block per layer slice in a Python loop."""
+  cfg = make_model_config("nano", style, n_layers=3)
+  p = model.init_params(cfg, jax.random.key(0))
+  tokens = _tokens(cfg)
+  x = jnp.take(p["embed"], tokens, axis=0)
+  if cfg.positions == "learned":
+    x = x + p["pos_embed"][: tokens.shape[1]]
+  block = model.Block(cfg)
+  for i in range(cfg.n_layers):
+    x, _ = block.apply({"params": jax.tree.map(lambda a, i=i: a[i], p["layers"])}, x)
+  x = model.Norm(cfg).apply({"params": p["final_norm"]}, x)
+  head = p["embed"].T if cfg.tie_embeddings else p["head"]
+  np.testing.assert_allclose(np.asarray(x @ head), np.asarray(model.apply(cfg, p, tokens)),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_remat_does_not_change_logits_or_grads():
+  cfg = make_model_config("nano", "llama")
+  p = model.init_params(cfg, jax.random.key(0))
+  tokens = _tokens(cfg)
+  loss = lambda c: jax.grad(lambda q: model.apply(c, q, tokens).mean())(p)
+  g0, g1 = loss(cfg), loss(cfg.replace(remat=True))
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+  E = 16
+  q, k = jax.random.normal(jax.random.key(0), (2, E))
+  def score(m, n):
+    pos = jnp.array([m, n])
+    cos, sin = model.rope_tables(pos, E, 10000.0, jnp.float32)
+    r = model.apply_rope(jnp.stack([q, k])[None, :, None, :], cos, sin)[0, :, 0]
+    return float(r[0] @ r[1])
+  assert score(3, 1) == pytest.approx(score(10, 8), rel=1e-4)
+  assert score(3, 1) != pytest.approx(score(3, 2), rel=1e-3)
+
+
+def test_bf16_compute_close_to_f32():
+  cfg = make_model_config("nano", "gpt2")
+  p = model.init_params(cfg, jax.random.key(0))
+  tokens = _tokens(cfg)
+  f32 = model.apply(cfg, p, tokens)
+  bf16 = model.apply(cfg.replace(dtype="bfloat16"), p, tokens)
+  assert bf16.dtype == jnp.float32  # logits are returned in f32 for the loss
+  assert float(jnp.abs(f32 - bf16).max()) < 0.05
+
+
+def test_dropout_active_only_with_rng():
+  cfg = make_model_config("nano", "gpt2", dropout_rate=0.5)
+  p = model.init_params(cfg, jax.random.key(0))
+  tokens = _tokens(cfg)
+  a = model.apply(cfg, p, tokens)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(model.apply(cfg, p, tokens)))
+  b = model.apply(cfg, p, tokens, dropout_rng=jax.random.key(5))
+  assert float(jnp.abs(a - b).max()) > 1e-3
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_logical_axes_cover_every_param(style):
+  cfg = make_model_config("nano", style)
+  shapes, axes = model.abstract_params(cfg)
+  is_names = lambda x: isinstance(x, tuple)
+  pairs = jax.tree.leaves(jax.tree.map(lambda n, s: (n, s.shape), axes, shapes, is_leaf=is_names),
+                          is_leaf=is_names)
+  for names, shape in pairs:
+    assert len(names) == len(shape) and set(names) <= set(model.AXES)
+  layer_leaves = jax.tree.leaves(axes["layers"], is_leaf=is_names)
+  assert all(n[0] == "layers" for n in layer_leaves)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_matmul_params_match_the_tree(style):
+  """N in the FLOPs formula = matrices in the blocks + the output projection."""
+  cfg = make_model_config("tiny", style)
+  p = model.init_params(cfg, jax.random.key(0))
+  leaves = jax.tree_util.tree_leaves_with_path(p["layers"])
+  mats = sum(x.size for path, x in leaves
+             if not path[-1].key.endswith("bias") and path[-1].key != "scale")
+  head = p["head"].size if "head" in p else p["embed"].size
+  assert flops.matmul_params(cfg) == mats + head
+  L = 64
+  assert flops.flops_per_token(cfg, L) == 6 * (mats + head) + 12 * cfg.n_layers * \
+      cfg.n_heads * cfg.head_dim * L
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(norm="batchnorm"), "norm"), (dict(n_kv_heads=3), "n_kv_heads"),
+    (dict(positions="rope", head_dim=7), "head_dim"), (dict(d_model=0), "d_model"),
+    (dict(mlp="relu"), "mlp"), (dict(dtype="int8"), "dtype")])
+def test_bad_model_config_is_one_clear_line(bad, field):
+  with pytest.raises(GrowlmError) as e:
+    ModelConfig(**bad)
+  assert field in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_size_style_and_field_refused():
+  for kwargs, word in ((dict(size="huge"), "huge"), (dict(style="bert"), "bert")):
+    with pytest.raises(GrowlmError, match=word):
+      make_model_config(**kwargs)
+  with pytest.raises(GrowlmError, match="colour"):
+    ModelConfig.from_dict({"colour": 1})
