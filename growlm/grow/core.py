@@ -1,0 +1,347 @@
+"""Growth as a pure map of parameter trees: (src params, src cfg, dst cfg, plan, rng) -> dst.
+
+How it works. Each parameter is grown axis by axis from its logical names. For every grown
+axis an index map says, for each target position, which source position it copies (or none:
+a new position), with a value multiplier `a` for copied entries (tiling divides readers by n,
+norm gains are rescaled by sqrt(D/D'), W_q by the head_dim temperature) and a gradient
+multiplier `b` (how the copy's gradient relates to the source's, used to grow Adam's moments).
+New entries are filled by kind, in priority order: zero (readers of a new unit: it starts
+silent), mean (mean_fill writers of new residual coordinates), noise (fresh weights of the
+target's own initialiser, times a scale) and free (entries whose input is exactly zero, so any
+value keeps the function: symmetry noise or zero). Then layers are placed (depth growth).
+DESIGN.md, "Growth: what makes it exact", gives the mathematics; tests prove each rule.
+
+Dimension letters as in growlm.model: D d_model, F mlp_dim, H heads, K kv heads, E head_dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from growlm import model as model_lib
+from growlm.errors import GrowlmError
+from growlm.grow.plan import EXACT_WIDTH, GrowthPlan, layer_sources
+from growlm.model_config import ModelConfig
+
+ZERO, MEAN, NOISE, FREE = 4, 3, 2, 1   # fill kinds of new entries; the highest wins
+_RESIDUAL_WRITERS = {"embed", "pos_embed", "out", "out_bias", "wo", "wo_bias"}
+_NORM_LEAVES = {"scale", "bias"}
+_STYLE_FIELDS = ("norm", "positions", "mlp", "use_bias", "tie_embeddings", "vocab_size")
+
+
+class AxisMap(NamedTuple):
+  """How one axis of one parameter grows."""
+  index: np.ndarray   # [T] source position per target position, -1 for new
+  a: np.ndarray       # [T] value multiplier of copied entries
+  b: np.ndarray       # [T] gradient multiplier of copied entries
+  fill: np.ndarray    # [T] fill kind of new positions (0 at copied positions)
+  zero_sum: int = 0   # >1: copies along this axis take noise summing to zero over n copies
+
+
+class Grown(NamedTuple):
+  params: Any         # target parameters
+  config: ModelConfig  # target config (norm_eps may be rescaled, see grown_config)
+  value_scale: Any    # per-entry `a` (1 for new entries): learning-rate multipliers
+  grad_scale: Any     # per-entry `b` (0 for new entries): maps Adam moments
+  layer_map: tuple    # per target layer: (source layer, is_new)
+
+
+def grown_config(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan) -> ModelConfig:
+  """The target config growth produces: `dst` with norm_eps rescaled by D/D' where the method
+  pads the residual stream (zeros, noise, mean_fill), so norm statistics are preserved."""
+  validate(src, dst, plan)
+  if plan.width in ("zeros", "noise", "mean_fill") and dst.d_model != src.d_model:
+    return dst.replace(norm_eps=src.norm_eps * src.d_model / dst.d_model)
+  return dst.replace(norm_eps=src.norm_eps)
+
+
+def is_exact(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan) -> bool:
+  """Whether the plan is function preserving for these configs (in exact arithmetic)."""
+  width_grows = any(getattr(dst, f) != getattr(src, f)
+                    for f in ("d_model", "mlp_dim", "n_heads", "n_kv_heads", "head_dim"))
+  # Zero padding keeps new units silent; only a padded residual stream under LayerNorm shifts
+  # the norm's mean (DESIGN.md point 2).
+  width_ok = not width_grows or plan.width in EXACT_WIDTH or (
+      plan.width == "zeros" and (src.norm == "rmsnorm" or dst.d_model == src.d_model))
+  depth_ok = dst.n_layers == src.n_layers or plan.depth == "identity" or (
+      plan.depth == "copy" and plan.copy_zero_out)
+  rope_ok = not (dst.positions == "rope" and dst.head_dim % src.head_dim)
+  return width_ok and depth_ok and rope_ok
+
+
+def validate(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan) -> None:
+  """Refuses plans growth cannot honour, with one line naming the field."""
+  for f in _STYLE_FIELDS:
+    if getattr(src, f) != getattr(dst, f):
+      raise GrowlmError(f"growth: {f} {getattr(src, f)!r} -> {getattr(dst, f)!r}; growth keeps "
+                        "vocabulary and style (norm, positions, mlp, use_bias, tie_embeddings)")
+  for f in ("d_model", "mlp_dim", "n_heads", "n_kv_heads", "head_dim", "n_layers", "max_len"):
+    if getattr(dst, f) < getattr(src, f):
+      raise GrowlmError(f"growth: {f} {getattr(src, f)} -> {getattr(dst, f)}; shrinking is not "
+                        "growth (accepted: target >= source)")
+  if dst.q_per_kv < src.q_per_kv:
+    raise GrowlmError(f"growth: query heads per KV head {src.q_per_kv} -> {dst.q_per_kv}; "
+                      "accepted: n_heads/n_kv_heads may not shrink (keeps GQA grouping)")
+  if plan.width == "tile" and dst.d_model % src.d_model:
+    raise GrowlmError(f"growth: width=tile needs an integer d_model ratio, got {src.d_model} -> "
+                      f"{dst.d_model}; use mean_fill (LayerNorm) or zeros (RMSNorm) for any ratio")
+  if plan.width == "mean_fill" and src.norm != "layernorm" and dst.d_model != src.d_model:
+    raise GrowlmError("growth: width=mean_fill is exact under LayerNorm only; under RMSNorm use "
+                      "width=zeros (exact there) or tile")
+  exact_head_dim = plan.width in EXACT_WIDTH or plan.require_exact
+  if dst.positions == "rope" and dst.head_dim % src.head_dim and exact_head_dim:
+    raise GrowlmError(f"growth: head_dim {src.head_dim} -> {dst.head_dim} under RoPE is exact "
+                      "only for an integer ratio; accepted: a multiple of the source head_dim")
+  if plan.require_exact and not is_exact(src, dst, plan):
+    raise GrowlmError(f"growth: plan {plan.name} is not function preserving for "
+                      f"{src.norm} ({src.d_model}->{dst.d_model}); require_exact=True refuses it")
+
+
+def _leaf_role(path: tuple[str, ...], axis: str, tied: bool) -> str:
+  """reader | writer | norm | final_norm_tied | q_dim | new_rows, for one axis of one leaf."""
+  leaf = path[-1]
+  if axis == "embed":
+    if leaf in _NORM_LEAVES:
+      return "final_norm_tied" if path[0] == "final_norm" and tied else "norm"
+    return "writer" if leaf in _RESIDUAL_WRITERS else "reader"
+  if axis == "pos":
+    return "new_rows"
+  if axis == "head_dim" and leaf.startswith("query"):
+    return "q_dim"
+  # A unit (MLP unit, head, KV head, head dim) is written by wi*/query/key/value, read by wo/out.
+  return "reader" if leaf in ("wo", "out") else "writer"
+
+
+def _axis_map(role: str, axis: str, s: int, t: int, src: ModelConfig, dst: ModelConfig,
+              plan: GrowthPlan, is_bias: bool = False) -> AxisMap:
+  """The index map and multipliers for one axis of size s -> t."""
+  ones = np.ones(t)
+  if axis == "embed":
+    if plan.width == "tile":
+      n = t // s
+      index = np.arange(t) % s
+      fill = np.zeros(t, int)
+      if role in ("reader", "final_norm_tied"):
+        return AxisMap(index, ones / n, ones, fill, zero_sum=n if role == "reader" else 0)
+      return AxisMap(index, ones, ones / n, fill)
+    index = np.where(np.arange(t) < s, np.arange(t), -1)
+    new = index < 0
+    if role in ("norm", "final_norm_tied"):
+      # Norm gains: old * sqrt(D/D') (biases keep their values); new entries are set in
+      # grow_leaf.
+      r = 1.0 if is_bias else math.sqrt(s / t)
+      return AxisMap(index, ones * r, ones / r, np.where(new, NOISE, 0))
+    if plan.width == "noise":
+      kind = NOISE
+    elif role == "writer":
+      kind = MEAN if plan.width == "mean_fill" else ZERO
+    else:
+      kind = FREE  # reads a coordinate that is exactly zero after the norm
+    return AxisMap(index, ones, ones, np.where(new, kind, 0))
+
+  if axis == "head_dim":
+    if dst.positions == "rope" and t % s == 0:
+      k, h = t // s, s // 2
+      index = -np.ones(t, int)
+      index[k * np.arange(h)] = np.arange(h)          # old pair i -> new pair k*i
+      index[t // 2 + k * np.arange(h)] = h + np.arange(h)
+    else:
+      index = np.where(np.arange(t) < s, np.arange(t), -1)
+  elif axis == "heads":
+    G, G2 = src.q_per_kv, dst.q_per_kv
+    index = -np.ones(t, int)
+    old = np.arange(s)
+    index[(old // G) * G2 + old % G] = old           # keep each query head on its KV head
+  else:
+    index = np.where(np.arange(t) < s, np.arange(t), -1)
+  new = index < 0
+  a = ones.copy()
+  if role == "q_dim":
+    a = ones * math.sqrt(t / s)                      # softmax temperature of the wider heads
+  if plan.width == "noise":
+    kind = NOISE
+  elif plan.width == "zeros":
+    kind = ZERO if role == "reader" else FREE        # jnp.pad (free entries may take noise)
+  elif role in ("reader", "q_dim"):
+    kind = ZERO                                      # the unit starts silent
+  elif role == "new_rows":
+    kind = NOISE
+  else:
+    kind = NOISE                                     # fresh weights write the new unit
+  return AxisMap(index, a, 1.0 / a, np.where(new, kind, 0))
+
+
+def _bcast(v: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+  shape = [1] * ndim
+  shape[axis] = v.shape[0]
+  return v.reshape(shape)
+
+
+def _fold(rng, path: tuple[str, ...]):
+  return jax.random.fold_in(rng, zlib.crc32("/".join(path).encode()) & 0x7FFFFFFF)
+
+
+def grow_leaf(x: jax.Array, path: tuple[str, ...], names: tuple[str, ...], target_shape,
+              fresh: jax.Array, src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, rng
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One parameter's width growth -> (value, a, b); the layers axis is left as it is."""
+  ndim = x.ndim
+  maps = {}
+  for i, (name, s, t) in enumerate(zip(names, x.shape, target_shape)):
+    if name == "layers" or s == t:
+      continue
+    maps[i] = _axis_map(_leaf_role(path, name, dst.tie_embeddings), name, s, t, src, dst, plan,
+                        is_bias=path[-1] == "bias")
+  if not maps:
+    ones = jnp.ones(x.shape, x.dtype)
+    return x, ones, ones
+  gathered = x
+  copied = np.ones([1] * ndim, bool)
+  a = np.ones([1] * ndim)
+  b = np.ones([1] * ndim)
+  fill = np.zeros([1] * ndim, int)
+  for i, m in maps.items():
+    gathered = jnp.take(gathered, jnp.asarray(np.maximum(m.index, 0)), axis=i)
+    copied = copied & _bcast(m.index >= 0, i, ndim)
+    a = a * _bcast(m.a, i, ndim)
+    b = b * _bcast(m.b, i, ndim)
+    fill = np.maximum(fill, _bcast(m.fill, i, ndim))
+  dt = x.dtype
+  value = gathered * jnp.asarray(a, dt)
+  for i, m in maps.items():
+    if m.zero_sum > 1 and plan.symmetry_noise > 0:
+      eps = jax.random.normal(_fold(rng, path + ("zero_sum",)), value.shape, dt)
+      eps = eps * (plan.symmetry_noise * jnp.std(fresh))
+      shape = value.shape[:i] + (m.zero_sum, value.shape[i] // m.zero_sum) + value.shape[i + 1:]
+      eps = eps.reshape(shape)
+      eps = (eps - eps.mean(axis=i, keepdims=True)).reshape(value.shape)
+      value = value + eps
+  leaf = path[-1]
+  if leaf in _NORM_LEAVES:
+    # New norm gains: mean_fill makes the new coordinates read as zero (gain 0); the padding
+    # methods give them the old gains' rescaled unit value. New norm biases are zero.
+    new_gain = 0.0 if plan.width == "mean_fill" else math.sqrt(src.d_model / dst.d_model)
+    if path[0] == "final_norm" and dst.tie_embeddings and plan.width == "tile":
+      new_gain = 1.0
+    new_value = jnp.full(value.shape, new_gain if leaf == "scale" else 0.0, dt)
+  else:
+    new_value = jnp.zeros(value.shape, dt)
+    fill_b = np.broadcast_to(fill, value.shape)
+    if (fill_b == MEAN).any():
+      d_axis = names.index("embed")
+      mean = jnp.mean(x, axis=d_axis, keepdims=True)
+      for i, m in maps.items():
+        if i != d_axis:
+          mean = jnp.take(mean, jnp.asarray(np.maximum(m.index, 0)), axis=i)
+      new_value = jnp.where(jnp.asarray(fill_b == MEAN), jnp.broadcast_to(mean, value.shape),
+                            new_value)
+    noise_scale = plan.noise_scale if plan.width == "noise" else 1.0
+    new_value = jnp.where(jnp.asarray(fill_b == NOISE), fresh * noise_scale, new_value)
+    new_value = jnp.where(jnp.asarray(fill_b == FREE), fresh * plan.symmetry_noise, new_value)
+  copied_b = jnp.asarray(np.broadcast_to(copied, value.shape))
+  value = jnp.where(copied_b, value, new_value)
+  a_full = jnp.where(copied_b, jnp.asarray(np.broadcast_to(a, value.shape), dt), 1.0)
+  b_full = jnp.where(copied_b, jnp.asarray(np.broadcast_to(b, value.shape), dt), 0.0)
+  return value, a_full, b_full
+
+
+def _paths(tree) -> list[tuple[str, ...]]:
+  return [tuple(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _set(tree: dict, path, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def _check_tree(params, cfg: ModelConfig, what: str):
+  shapes, _ = model_lib.abstract_params(cfg)
+  want, got = set(_paths(shapes)), set(_paths(params))
+  if want != got:
+    missing = ["/".join(p) for p in sorted(want - got)][:5]
+    extra = ["/".join(p) for p in sorted(got - want)][:5]
+    raise GrowlmError(f"growth: {what} params do not match its config (missing {missing}, "
+                      f"unexpected {extra})")
+  for p in want:
+    if tuple(_get(shapes, p).shape) != tuple(_get(params, p).shape):
+      raise GrowlmError(f"growth: {what} param {'/'.join(p)} has shape "
+                        f"{tuple(_get(params, p).shape)}, config says {_get(shapes, p).shape}")
+
+
+_DEPTH_WRITERS = ("out", "out_bias", "wo", "wo_bias")
+
+
+def grow(params: Any, src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, rng: jax.Array
+         ) -> Grown:
+  """Grows `params` of `src` into parameters of `dst` following `plan`. Pure and jittable
+  (configs and plan static); returns the target params, the config they need (norm_eps may be
+  rescaled), the per-entry value and gradient multipliers, and the layer map."""
+  cfg = grown_config(src, dst, plan)
+  _check_tree(params, src, "source")
+  fresh_all = model_lib.init_params(cfg, _fold(rng, ("fresh",)))
+  _, axes = model_lib.abstract_params(cfg)
+  sources = layer_sources(src.n_layers, dst.n_layers, plan)
+  out, a_tree, b_tree = {}, {}, {}
+  for path in _paths(fresh_all):
+    fresh = _get(fresh_all, path)
+    names = _get(axes, path)
+    # Width first, on the source's layers; then depth places them among the target's layers.
+    fresh_w = fresh[:src.n_layers] if path[0] == "layers" else fresh
+    value, a, b = grow_leaf(_get(params, path), path, names, fresh_w.shape, fresh_w, src, cfg,
+                            plan, rng)
+    if path[0] == "layers":
+      value, a, b = _grow_depth(value, a, b, fresh, path, sources, plan)
+    _set(out, path, value.astype(fresh.dtype))
+    _set(a_tree, path, a.astype(fresh.dtype))
+    _set(b_tree, path, b.astype(fresh.dtype))
+  return Grown(out, cfg, a_tree, b_tree, tuple(sources))
+
+
+def _grow_depth(value, a, b, fresh, path, sources, plan: GrowthPlan):
+  """Places layers along axis 0: copies of source layers, or new ones (identity / copy)."""
+  idx = jnp.asarray([s for s, _ in sources])
+  is_new = np.array([n for _, n in sources])
+  if not is_new.any():
+    return value, a, b
+  v, a, b = (jnp.take(t, idx, axis=0) for t in (value, a, b))
+  new_b = jnp.asarray(_bcast(is_new, 0, v.ndim))
+  writer = path[-1] in _DEPTH_WRITERS
+  if plan.depth == "identity":
+    # A new block is an identity: every writer into the residual stream is zero, biases too.
+    new_v = jnp.zeros_like(v) if writer else fresh
+    v = jnp.where(new_b, new_v, v)
+    a = jnp.where(new_b, 1.0, a)
+    b = jnp.where(new_b, 0.0, b)
+  elif plan.depth == "copy" and plan.copy_zero_out and writer:
+    v = jnp.where(new_b, 0.0, v)
+    b = jnp.where(new_b, 0.0, b)
+  return v, a, b
+
+
+def count(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def describe(src: ModelConfig, dst: ModelConfig) -> dict[str, Any]:
+  """Which dimensions change: {'d_model': [128, 256], ...}."""
+  fields = ("d_model", "mlp_dim", "n_heads", "n_kv_heads", "head_dim", "n_layers", "max_len")
+  return {f: [getattr(src, f), getattr(dst, f)] for f in fields
+          if getattr(src, f) != getattr(dst, f)}
+
+
+def replace_plan(plan: GrowthPlan, **changes) -> GrowthPlan:
+  return dataclasses.replace(plan, **changes)

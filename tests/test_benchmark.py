@@ -1,0 +1,129 @@
+"""benchmarks/throughput.py in --quick mode: the JSON's fields and its arithmetic.
+
+No timing thresholds: only that rates are positive and finite, and that every derived number
+(tokens/sec, achieved FLOP/s, MFU) follows from the measured ones as documented.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from growlm import flops
+from growlm.model_config import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "throughput.py"
+PART_FIELDS = ("flops_per_token", "compile_seconds", "step_seconds", "median_step_seconds",
+               "tokens_per_sec", "achieved_flops_per_sec", "achieved_gflops", "matmul_seconds",
+               "matmul_flops_per_sec", "matmul_gflops", "mfu", "tokens_per_sec_best",
+               "achieved_flops_per_sec_best", "matmul_flops_per_sec_best", "mfu_best",
+               "xla_memory")
+
+
+def _load_script():
+  """The benchmark as a module (benchmarks/ is not a package)."""
+  spec = importlib.util.spec_from_file_location("growlm_bench_throughput", SCRIPT)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _positive_finite(x) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _check_result(result: dict, styles: list[str]) -> None:
+  """Everything the JSON promises, recomputed from its own measured numbers."""
+  for key in ("matmul", "matmul_gflops", "matmul_flops_per_sec", "rows", "machine", "settings",
+              "device_memory", "flops_convention", "mfu_definition", "command", "wall_seconds"):
+    assert key in result, key
+  assert result["quick"] is True
+  steps = result["settings"]["steps"]
+  mm = result["matmul"]
+  flops_per_matmul = 2.0 * mm["n"] ** 3
+  assert mm["flops_per_matmul"] == flops_per_matmul
+
+  assert [r["style"] for r in result["rows"]] == styles
+  assert result["machine"]["devices_used"] == 1
+  all_matmul_s = []
+  for row in result["rows"]:
+    assert len(row["device_ids"]) == 1
+    assert math.isfinite(row["final_train_loss"])
+    cfg = ModelConfig.from_dict(row["model"])
+    L = row["seq_len"]
+    assert row["tokens_per_step"] == row["batch"] * L
+    # PaLM convention from growlm.flops; eval (forward only) is a third of training.
+    assert row["train"]["flops_per_token"] == pytest.approx(flops.flops_per_token(cfg, L))
+    assert row["eval"]["flops_per_token"] == pytest.approx(flops.flops_per_token(cfg, L) / 3)
+    for part in ("train", "eval"):
+      r = row[part]
+      for key in PART_FIELDS:
+        assert key in r, (part, key)
+      assert len(r["step_seconds"]) == steps and len(r["matmul_seconds"]) == steps
+      assert all(_positive_finite(t) for t in r["step_seconds"] + r["matmul_seconds"])
+      all_matmul_s += r["matmul_seconds"]
+      assert _positive_finite(r["compile_seconds"])
+      assert _positive_finite(r["tokens_per_sec"])
+      assert _positive_finite(r["matmul_gflops"])
+      # Each derived number follows from the raw timings.
+      median_step = statistics.median(r["step_seconds"])
+      assert r["median_step_seconds"] == pytest.approx(median_step, rel=1e-12)
+      assert r["tokens_per_sec"] == pytest.approx(row["tokens_per_step"] / median_step, rel=1e-12)
+      achieved = r["tokens_per_sec"] * r["flops_per_token"]
+      assert r["achieved_flops_per_sec"] == pytest.approx(achieved, rel=1e-12)
+      assert r["achieved_gflops"] == pytest.approx(achieved / 1e9, rel=1e-12)
+      matmul_rate = flops_per_matmul / statistics.median(r["matmul_seconds"])
+      assert r["matmul_flops_per_sec"] == pytest.approx(matmul_rate, rel=1e-12)
+      assert r["matmul_gflops"] == pytest.approx(matmul_rate / 1e9, rel=1e-12)
+      # MFU is a ratio to the matmul rate measured in the same run, nothing else.
+      assert 0 < r["mfu"]
+      assert r["mfu"] == pytest.approx(achieved / matmul_rate, rel=1e-12)
+      assert r["mfu"] == pytest.approx(r["achieved_flops_per_sec"] / r["matmul_flops_per_sec"],
+                                       rel=1e-12)
+      best = (row["tokens_per_step"] / min(r["step_seconds"]) * r["flops_per_token"]) / (
+          flops_per_matmul / min(r["matmul_seconds"]))
+      assert 0 < r["mfu_best"] == pytest.approx(best, rel=1e-12)
+
+  # The run's reference rate: positive, finite, the median of every timed matmul.
+  assert mm["reps"] == len(all_matmul_s) == 2 * steps * len(styles)
+  assert _positive_finite(result["matmul_gflops"])
+  assert _positive_finite(result["matmul_flops_per_sec"])
+  assert result["matmul_flops_per_sec"] == pytest.approx(
+      flops_per_matmul / statistics.median(all_matmul_s), rel=1e-12)
+  assert result["matmul_gflops"] == pytest.approx(result["matmul_flops_per_sec"] / 1e9,
+                                                  rel=1e-12)
+
+
+def test_quick_in_process_uses_one_device(tmp_path):
+  """Called as a function in this 8-fake-device process: still measures on one device."""
+  out = tmp_path / "bench.json"
+  result = _load_script().main(["--quick", "--styles", "gpt2", "--out", str(out)])
+  assert result["machine"]["devices_visible"] == jax.device_count()
+  _check_result(result, ["gpt2"])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+
+
+@pytest.mark.slow
+def test_quick_command_line(tmp_path):
+  """`throughput.py --quick --out PATH` as `make bench` runs it, both styles, one real device."""
+  out = tmp_path / "sub" / "bench.json"
+  env = dict(os.environ)
+  # conftest forces 8 fake CPU devices; the benchmark's own process should see the machine as is.
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags)
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "MFU" in proc.stdout and str(out) in proc.stdout
+  result = json.loads(out.read_text())
+  assert result["machine"]["devices_visible"] == 1
+  _check_result(result, ["gpt2", "llama"])
