@@ -42,11 +42,13 @@ class Checkpoints:
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)), force=True)
 
-  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
+  def restore_latest(self, abstract_state: Any, *, set_aside: bool = True
+                     ) -> tuple[int, Any, dict, dict] | None:
     """(step, state, data_state, meta) from the newest step that restores, else None if empty.
 
     `abstract_state` is a tree of jax.ShapeDtypeStruct with the target shardings, so a
-    checkpoint written on one mesh restores onto another.
+    checkpoint written on one mesh restores onto another. With `set_aside`, damaged steps newer
+    than the restored one are renamed so this run can write those steps again.
     """
     steps = self.steps()
     if not steps:
@@ -59,7 +61,8 @@ class Checkpoints:
             meta=ocp.args.JsonRestore()))
         if errors:
           log.warning("skipped unrestorable checkpoint step(s): %s", "; ".join(errors))
-          self._set_aside([s for s in steps if s > step])
+          if set_aside:
+            self._set_aside([s for s in steps if s > step])
         return step, out["state"], out["data"], out["meta"]
       except Exception as e:  # orbax raises many types for damaged data; try an older step.
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

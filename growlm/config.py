@@ -13,6 +13,7 @@ import ml_collections
 
 from growlm import sharding
 from growlm.errors import GrowlmError
+from growlm.grow.plan import GrowthPlan
 from growlm.model_config import ModelConfig, make_model_config
 
 # Fields that may differ between a run and its resumption (they do not change what is computed
@@ -71,6 +72,13 @@ def base_config(size: str = "tiny", style: str = "gpt2") -> ml_collections.Confi
 
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: the rest
   c.sharding_rules = sharding.DEFAULT_RULES  # (logical axis, mesh axes) pairs
+  c.init = ml_collections.ConfigDict()
+  c.init.source = ""               # run dir to start from, grown to this model ('': random init)
+  c.init.plan = ml_collections.ConfigDict(GrowthPlan().to_dict())  # growth plan (growlm.grow)
+  c.init.optimizer = "fresh"       # fresh (new Adam state, re-warmup) | grow (moments mapped)
+  c.init.lr_multipliers = False    # per-entry LR multipliers: grown copies take the small step
+  c.init.seed = 0                  # seed of growth noise and new weights
+
   c.wandb = ml_collections.ConfigDict()
   c.wandb.enabled = False          # log to Weights & Biases (off by default)
   return c
@@ -116,7 +124,7 @@ def _positive(config, path: str, allow_zero: bool = False):
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the fields the trainer reads; raises GrowlmError naming the first bad one."""
-  for section in ("model", "data", "train", "eval", "checkpoint", "log", "mesh"):
+  for section in ("model", "data", "train", "eval", "checkpoint", "log", "mesh", "init"):
     if section not in config:
       raise GrowlmError(f"config: missing section {section!r}")
   cfg = model_config(config)
@@ -139,6 +147,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name, spec in config.data.eval.items():
     parse_eval_spec(spec, config.data.train)
   sharding.normalize_rules(config.sharding_rules)
+  GrowthPlan.from_dict(config.init.plan.to_dict())
 
 
 def to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

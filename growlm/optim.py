@@ -5,9 +5,10 @@ Weight decay applies to matrices and embedding tables only, never to norm gains 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from growlm.errors import GrowlmError
@@ -44,15 +45,43 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(train_cfg: Any, schedule: optax.Schedule | None = None
-                   ) -> optax.GradientTransformation:
-  """AdamW from the `train` config section (lr, b1, b2, eps, weight_decay, grad_clip, ...)."""
+class MultiplierState(NamedTuple):
+  """Per-entry learning-rate multipliers (a params-shaped tree), kept in checkpoints."""
+  mults: Any
+
+
+def scale_by_multipliers() -> optax.GradientTransformation:
+  """Multiplies the Adam direction entry by entry (ones at init; growth sets them).
+
+  Placed before weight decay, so decay keeps its usual strength: a parameter stored as W/n
+  with multiplier 1/n then moves exactly as the small model's W does (DESIGN.md point 7).
+  """
+  def init(params):
+    return MultiplierState(jax.tree.map(jnp.ones_like, params))
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, state.mults), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(train_cfg: Any, schedule: optax.Schedule | None = None, *,
+                   lr_multipliers: bool = False) -> optax.GradientTransformation:
+  """AdamW from the `train` config section (lr, b1, b2, eps, weight_decay, grad_clip, ...).
+
+  The chain is optax.adamw's (scale_by_adam, add_decayed_weights, scale_by_learning_rate),
+  written out so that per-parameter learning-rate multipliers can sit after Adam.
+  """
   if schedule is None:
     schedule = make_schedule(train_cfg.lr, train_cfg.warmup_steps, train_cfg.num_steps,
                              train_cfg.schedule, train_cfg.final_lr_ratio)
   parts = []
   if train_cfg.grad_clip and train_cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
-  parts.append(optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
-                           weight_decay=train_cfg.weight_decay, mask=decay_mask))
+  parts.append(optax.scale_by_adam(b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps))
+  if lr_multipliers:
+    parts.append(scale_by_multipliers())
+  parts.append(optax.add_decayed_weights(train_cfg.weight_decay, mask=decay_mask))
+  parts.append(optax.scale_by_learning_rate(schedule))
   return optax.chain(*parts)

@@ -14,11 +14,9 @@ import os
 import time
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from growlm import config as config_lib
@@ -26,19 +24,15 @@ from growlm import data as data_lib
 from growlm import flops as flops_lib
 from growlm import model as model_lib
 from growlm import optim, sharding
+from growlm import warmstart
 from growlm.checkpoint import Checkpoints
+from growlm.grow import core as grow_core
+from growlm.grow import report as report_lib
 from growlm.errors import GrowlmError
 from growlm.metrics import MetricsWriter, ProgressBar
+from growlm.state import TrainState, init_state, state_shardings  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array        # optimizer steps taken (int32 scalar)
-  params: Any
-  opt_state: Any
-  rng: jax.Array         # raw uint32 PRNG key for dropout
 
 
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
@@ -91,34 +85,6 @@ def make_eval_step(cfg) -> Callable:
     nll = cross_entropy(model_lib.apply(cfg, params, batch["inputs"]), batch["targets"])
     return nll.sum(), jnp.asarray(nll.size, jnp.float32)
   return step
-
-
-def state_shardings(cfg, optimizer, mesh, rules) -> tuple[TrainState, TrainState]:
-  """(abstract TrainState, TrainState of NamedShardings): parameters by their logical axes,
-  optimizer moments like their parameters, scalars replicated."""
-  shapes, axes = model_lib.abstract_params(cfg)
-  p_shard = sharding.tree_shardings(axes, shapes, mesh, rules)
-  rep = sharding.replicated(mesh)
-  abstract_opt = jax.eval_shape(optimizer.init, shapes)
-  o_shard = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, p_shard,
-                                  transform_non_params=lambda _: rep)
-  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=shapes,
-                        opt_state=abstract_opt, rng=key)
-  shard = TrainState(step=rep, params=p_shard, opt_state=o_shard, rng=rep)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shard)
-  return abstract, shard
-
-
-def init_state(cfg, optimizer, shard: TrainState, seed: int, params: Any = None) -> TrainState:
-  """A fresh TrainState, born sharded (jit with out_shardings); `params` replaces the init."""
-  def init(rng):
-    init_rng, drop_rng = jax.random.split(rng)
-    p = model_lib.init_params(cfg, init_rng) if params is None else params
-    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
-                      rng=drop_rng)
-  return jax.jit(init, out_shardings=shard)(jax.random.PRNGKey(seed))
 
 
 class Evaluator:
@@ -175,14 +141,48 @@ def _write_json_atomic(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def _saved_config(workdir: str) -> dict | None:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _adjust_for_growth(config, workdir: str) -> warmstart.Source | None:
+  """Reads the growth source (if a fresh run starts from one) and sets model.norm_eps to what
+  growth makes it. A grown run dir remembers its `init` section, so relaunching it (to resume,
+  or to train on what the grow command wrote) needs no init flags."""
+  saved = _saved_config(workdir)
+  with config.unlocked():
+    if saved and saved.get("init", {}).get("source") and not config.init.source:
+      config.init = ml_collections.ConfigDict(saved["init"])
+    if not config.init.source:
+      return None
+    warmstart.check_init(config)
+    ckpts = os.path.join(workdir, "checkpoints")
+    if saved and os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)):
+      config.model.norm_eps = saved["model"]["norm_eps"]  # resuming: growth already happened
+      return None
+    src = warmstart.read_source(config.init.source)
+    grown = grow_core.grown_config(src.model, config_lib.model_config(config),
+                                   warmstart.plan_from_config(config))
+    config.model.norm_eps = grown.norm_eps
+  return src
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *,
-          init_params_fn: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+          init_params_fn: Callable[[Any], Any] | None = None,
+          grow_only: bool = False) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the last train and eval metrics.
 
-  `init_params_fn(shardings)`, if given, supplies the starting parameters instead of a random
-  init (used to continue training a grown model).
+  With `config.init.source` set, a fresh run starts from that run's checkpoint, grown to this
+  config's model by `config.init.plan`: the preservation report is printed, saved as
+  growth_report.json and logged. `grow_only` stops after writing step 0 (the grow command).
+  `init_params_fn(shardings)` supplies starting parameters instead (tests).
   """
   config_lib.validate(config)
+  source = _adjust_for_growth(config, workdir)
   cfg = config_lib.model_config(config)
   d, t = config.data, config.train
   config_json = config_lib.to_json_dict(config)
@@ -205,51 +205,73 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                                    process_count=jax.process_count())
 
   schedule = optim.make_schedule(t.lr, t.warmup_steps, t.num_steps, t.schedule, t.final_lr_ratio)
-  optimizer = optim.make_optimizer(t, schedule)
+  optimizer = optim.make_optimizer(t, schedule, lr_multipliers=config.init.lr_multipliers)
   abstract, shard = state_shardings(cfg, optimizer, mesh, rules)
   batch_shard = sharding.batch_sharding(mesh, rules)
-
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    _write_json_atomic(os.path.join(workdir, "config.json"), config_json)
-    _write_json_atomic(os.path.join(workdir, "data_manifest.json"), manifests)
-  ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                     async_save=config.checkpoint.async_save)
   tokens_per_step = d.batch_size * d.seq_len
   fpt = flops_lib.flops_per_token(cfg, d.seq_len)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
 
   with jax.set_mesh(mesh):
-    restored = ckpt.restore_latest(abstract)
-    if restored is None:
-      start_params = init_params_fn(shard.params) if init_params_fn else None
-      state = init_state(cfg, optimizer, shard, t.seed, start_params)
-      meta0: dict[str, Any] = {}
-      log.info("initialised %s parameters", f"{model_lib.count_params(state.params):,}")
-    else:
+    evaluator = Evaluator(cfg, eval_streams, d.seq_len, d.batch_size, config.eval.batches,
+                          batch_shard, shard.params)
+    restored = None
+    if os.path.isdir(ckpt_dir):
+      ckpt = Checkpoints(ckpt_dir, keep=config.checkpoint.keep,
+                         async_save=config.checkpoint.async_save)
+      restored = ckpt.restore_latest(abstract)
+    growth_report = None
+    if restored is not None:
       step0, state, data_state, meta0 = restored
       iterator.set_state(data_state)
       log.info("resumed from step %d", step0)
+    elif source is not None:
+      state, growth_report, meta0 = _grow_from_source(config, source, cfg, optimizer, shard, mesh,
+                                                      rules, evaluator)
+    else:
+      start_params = init_params_fn(shard.params) if init_params_fn else None
+      state = init_state(cfg, optimizer, shard, t.seed, start_params)
+      meta0 = {}
+      log.info("initialised %s parameters", f"{model_lib.count_params(state.params):,}")
+
+    # Inputs are good and the state exists: now the run dir is written.
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+      _write_json_atomic(os.path.join(workdir, "config.json"), config_json)
+      _write_json_atomic(os.path.join(workdir, "data_manifest.json"), manifests)
+      if growth_report is not None:
+        report_lib.save_report(growth_report, workdir)
+    ckpt = Checkpoints(ckpt_dir, keep=config.checkpoint.keep,
+                       async_save=config.checkpoint.async_save)
     start = int(jax.device_get(state.step))
-    flops_offset = float(meta0.get("flops_offset", 0.0))
+    source_flops = float(meta0.get("source_flops", 0.0))
     writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), enabled=is_main,
                            truncate_after_step=start)
-    evaluator = Evaluator(cfg, eval_streams, d.seq_len, d.batch_size, config.eval.batches,
-                          batch_shard, shard.params)
     step_fn = jax.jit(make_train_step(cfg, optimizer, schedule, t.grad_accum),
                       in_shardings=(shard, batch_shard), out_shardings=(shard, None),
                       donate_argnums=0)
 
     def counters(step: int) -> dict[str, Any]:
-      return {"step": step, "tokens": step * tokens_per_step,
-              "flops": flops_offset + step * tokens_per_step * fpt}
+      out = {"step": step, "tokens": step * tokens_per_step, "flops": step * tokens_per_step * fpt}
+      if source_flops:
+        out["flops_with_source"] = out["flops"] + source_flops
+      return out
 
     def meta(step: int) -> dict[str, Any]:
-      return {**counters(step), "flops_offset": flops_offset, "model": cfg.to_dict()}
+      return {**counters(step), "source_flops": source_flops, "model": cfg.to_dict()}
 
     last_eval: dict[str, float] = {}
     if start == 0:
+      if growth_report is not None:
+        writer.write({**counters(0), "event": "growth",
+                      **{k: v for k, v in growth_report.items() if not isinstance(v, dict)}})
       last_eval = evaluator(state.params)
       writer.write({**counters(0), **last_eval})
+      if grow_only:
+        ckpt.save(0, state, iterator.get_state(), meta(0))
+        ckpt.close()
+        writer.close()
+        return {**counters(0), **last_eval}
 
     end = min(t.num_steps, t.stop_at) if t.stop_at else t.num_steps
     bar = ProgressBar(start, end, enabled=is_main and config.log.progress_bar)
@@ -295,3 +317,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.close()
     writer.close()
   return {**counters(int(jax.device_get(state.step))), **last_train, **last_eval}
+
+
+def _grow_from_source(config, source, cfg, optimizer, shard, mesh, rules, evaluator):
+  """Restores and grows the source; returns (state, preservation report, meta)."""
+  src = warmstart.restore_source(source, mesh, rules)
+  plan = warmstart.plan_from_config(config)
+  state, grown = warmstart.grow_state(
+      src, cfg, plan, optimizer, shard, seed=config.init.seed, train_seed=config.train.seed,
+      grow_optimizer=config.init.optimizer == "grow")
+  batches = next(iter(evaluator.batches.values()))
+  source_flops = float(src.meta.get("flops_with_source", src.meta.get("flops", 0.0)))
+  report = report_lib.preservation_report(
+      src.model, src.state.params, grown.config, state.params, batches, plan,
+      extra={"source": os.path.abspath(src.directory), "source_step": src.step,
+             "source_flops": source_flops, "optimizer_init": config.init.optimizer,
+             "lr_multipliers": bool(config.init.lr_multipliers),
+             "eval_dataset": next(iter(evaluator.batches))})
+  if jax.process_index() == 0:
+    print(report_lib.format_report(report), flush=True)
+  return state, report, {"source_flops": source_flops}
