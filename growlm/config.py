@@ -18,7 +18,7 @@ from growlm.model_config import ModelConfig, make_model_config
 
 # Fields that may differ between a run and its resumption (they do not change what is computed
 # up to the resumed step).
-RESUMABLE_FIELDS = ("train.num_steps", "train.stop_at", "eval.every_steps", "log.every_steps",
+RESUMABLE_FIELDS = ("name", "sweep_name", "train.num_steps", "train.stop_at", "eval.every_steps", "log.every_steps",
                     "log.progress_bar", "checkpoint.every_steps", "checkpoint.keep",
                     "checkpoint.async_save", "wandb", "mesh", "sharding_rules")
 
@@ -29,6 +29,7 @@ def base_config(size: str = "tiny", style: str = "gpt2") -> ml_collections.Confi
   """Defaults for every section; `model` is the named size in the named style."""
   c = ml_collections.ConfigDict()
   c.name = "run"                   # run name (shown in logs; the sweep launcher sets it)
+  c.sweep_name = ""                # sweep this run belongs to (W&B group; the launcher sets it)
   c.model = ml_collections.ConfigDict(make_model_config(size, style).to_dict())  # ModelConfig
 
   c.data = ml_collections.ConfigDict()

@@ -56,8 +56,10 @@ class ProgressBar:
   """tqdm bar over steps with the latest loss; ETA comes from tqdm's rate."""
 
   def __init__(self, start: int, end: int, *, enabled: bool = True):
-    self._bar = tqdm(total=end, initial=start, disable=not enabled, dynamic_ncols=True,
-                     file=sys.stderr, unit="step", smoothing=0.1) if enabled else None
+    # Only on a terminal: redirected to a file, a bar is a flood of carriage returns.
+    enabled = enabled and sys.stderr.isatty()
+    self._bar = tqdm(total=end, initial=start, dynamic_ncols=True, file=sys.stderr, unit="step",
+                     smoothing=0.1, mininterval=0.5) if enabled else None
     self._last = start
 
   def update(self, step: int, loss: float) -> None:

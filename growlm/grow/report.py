@@ -32,6 +32,17 @@ def _stats(src_cfg, dst_cfg, src_params, dst_params, batch):
           "nll_src": nll_s.sum(), "nll_dst": nll_d.sum(), "n_tokens": kl.size}
 
 
+def method_name(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan | None) -> str:
+  """The plan's name, naming only the parts that act: 'tile', 'identity' or 'tile+identity'."""
+  if plan is None:
+    return "none"
+  width = any(getattr(src, f) != getattr(dst, f)
+              for f in ("d_model", "mlp_dim", "n_heads", "n_kv_heads", "head_dim", "max_len"))
+  depth = src.n_layers != dst.n_layers
+  parts = ([plan.width] if width else []) + ([plan.depth] if depth else [])
+  return "+".join(parts) or "none"
+
+
 def preservation_report(src_cfg: ModelConfig, src_params: Any, dst_cfg: ModelConfig,
                         dst_params: Any, batches: Iterable[dict], plan: GrowthPlan | None = None,
                         extra: dict | None = None) -> dict[str, Any]:
@@ -46,7 +57,7 @@ def preservation_report(src_cfg: ModelConfig, src_params: Any, dst_cfg: ModelCon
     raise ValueError("preservation_report needs at least one batch")
   n_tok = totals["n_tokens"]
   report = {
-      "method": plan.name if plan else "none",
+      "method": method_name(src_cfg, dst_cfg, plan),
       "plan": plan.to_dict() if plan else None,
       "exact_expected": bool(core.is_exact(src_cfg, dst_cfg, plan)) if plan else None,
       "max_abs_logit_diff": totals["max"],

@@ -1,0 +1,76 @@
+"""The seed paper's experiment (Zhang, 2021) on this CPU: grow, train on, compare with scratch.
+
+  python experiments/launch.py --config=configs/paper.py --sweep_dir=runs/paper   # ~30 min, 2 cores
+  python experiments/launch.py --config=configs/paper.py:runlocal --sweep_dir=/tmp/p  # seconds
+
+A small GPT-2-style source (d_model 64, 2 layers) is trained on the embedded corpus, then grown
+three ways -- 2x d_model and 2x layers, width only, depth only -- with the paper's `zeros` and
+`noise` (small initialization values) methods and with growlm's exact methods, and each grown
+model trains on with the same token budget and schedule as a from-scratch model of its size.
+Every run is evaluated on the corpus's held-out split and, when ../shared/datasets is present,
+on Tiny Shakespeare (last 10%) and WikiText-2 test. Other datasets: add
+`c.data.eval.NAME = "file:PATH@all"` or `"tfds:NAME"` (with data.data_dir).
+"""
+
+import os
+
+from growlm import config as config_lib
+
+_DATASETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
+                         "datasets")
+
+
+def get_config(arg: str | None = None):
+  args = config_lib.parse_arg(arg)
+  c = config_lib.base_config("nano", "gpt2")
+  c.name = "paper"
+  c.data.seq_len = 128
+  c.data.batch_size = 16
+  c.data.max_bytes = 0
+  c.train.num_steps = 500
+  c.train.warmup_steps = 50
+  c.train.lr = 3e-3
+  c.eval.every_steps = 50
+  c.eval.batches = 8
+  c.checkpoint.every_steps = 250
+  c.log.every_steps = 10
+  c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+  shakespeare = os.path.join(_DATASETS, "tinyshakespeare", "input.txt")
+  wikitext = os.path.join(_DATASETS, "wikitext-2", "test.txt")
+  with c.unlocked():
+    if os.path.exists(shakespeare):
+      c.data.eval.shakespeare = f"file:{os.path.normpath(shakespeare)}@eval"
+    if os.path.exists(wikitext):
+      c.data.eval.wikitext2 = f"file:{os.path.normpath(wikitext)}@all"
+  if args.get("runlocal"):
+    c.data.seq_len = 32
+    c.data.batch_size = 8
+    c.data.max_bytes = 200_000
+    c.train.num_steps = 8
+    c.train.warmup_steps = 2
+    c.eval.every_steps = 4
+    c.eval.batches = 1
+    c.checkpoint.every_steps = 8
+    c.log.every_steps = 4
+    c.log.progress_bar = False
+  return c
+
+
+def sweep(add):
+  wide = {"model.d_model": 128, "model.n_heads": 4, "model.mlp_dim": 512}
+  deep = {"model.n_layers": 4}
+  add(name="source")
+  targets = {"both": {**wide, **deep}, "width": wide, "depth": deep}
+  methods = {
+      "both": [("zeros", "identity"), ("noise", "identity"), ("tile", "identity"),
+               ("mean_fill", "identity")],
+      "width": [("zeros", "identity"), ("noise", "identity"), ("tile", "identity")],
+      "depth": [("tile", "identity"), ("tile", "copy"), ("tile", "stack")],
+  }
+  for target, dims in targets.items():
+    for width, depth in methods[target]:
+      label = width if target != "depth" else depth
+      add(name=f"{target}_{label}", **dims, **{
+          "init.source": "@source", "init.plan.width": width, "init.plan.depth": depth,
+          "init.plan.copy_zero_out": True})
+    add(name=f"{target}_scratch", **dims)

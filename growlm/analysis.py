@@ -1,0 +1,248 @@
+"""Reads run dirs of a sweep and answers: how much compute did growing save?
+
+Only reads files (config.json, metrics.jsonl, growth_report.json); never trains. For every
+grown run it finds the from-scratch run of the same model and reports, per eval dataset:
+the loss right after growth against the scratch run's loss at step 0 and at the same FLOPs,
+final losses, the FLOPs the grown run needed to reach the scratch run's final eval loss, and
+the savings 1 - FLOPs(grown to target) / FLOPs(scratch), without and with the source model's
+own training FLOPs (DESIGN.md, "Compute accounting").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from growlm.metrics import read_metrics
+
+_IGNORED_MODEL_FIELDS = ("norm_eps",)  # growth may rescale it; the architecture is the same
+
+
+def load_run(run_dir: str) -> dict[str, Any] | None:
+  """{'name', 'dir', 'config', 'rows', 'report'} or None if the dir holds no run."""
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    config = json.load(f)
+  report_path = os.path.join(run_dir, "growth_report.json")
+  report = None
+  if os.path.exists(report_path):
+    with open(report_path) as f:
+      report = json.load(f)
+  return {"name": os.path.basename(os.path.normpath(run_dir)), "dir": run_dir, "config": config,
+          "rows": read_metrics(os.path.join(run_dir, "metrics.jsonl")), "report": report}
+
+
+def load_sweep(sweep_dir: str) -> list[dict[str, Any]]:
+  runs = []
+  for name in sorted(os.listdir(sweep_dir)):
+    d = os.path.join(sweep_dir, name)
+    if os.path.isdir(d):
+      run = load_run(d)
+      if run is not None:
+        runs.append(run)
+  return runs
+
+
+def eval_datasets(run: dict) -> list[str]:
+  names = []
+  for r in run["rows"]:
+    for k in r:
+      if k.startswith("eval_loss/") and k[10:] not in names:
+        names.append(k[10:])
+  return names
+
+
+def eval_curve(run: dict, dataset: str, with_source: bool = False) -> tuple[np.ndarray, ...]:
+  """(flops, loss, step) at each evaluation of `dataset`, FLOPs optionally including the
+  source model's training FLOPs."""
+  key = f"eval_loss/{dataset}"
+  rows = [r for r in run["rows"] if key in r]
+  fkey = "flops_with_source" if with_source else "flops"
+  flops = np.array([r.get(fkey, r["flops"]) for r in rows], float)
+  return flops, np.array([r[key] for r in rows], float), np.array([r["step"] for r in rows])
+
+
+def train_curve(run: dict, with_source: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  rows = [r for r in run["rows"] if "train_loss" in r]
+  fkey = "flops_with_source" if with_source else "flops"
+  return (np.array([r.get(fkey, r["flops"]) for r in rows], float),
+          np.array([r["train_loss"] for r in rows], float))
+
+
+def flops_to_reach(flops: np.ndarray, loss: np.ndarray, target: float) -> float | None:
+  """FLOPs at which the curve first reaches `target`, interpolated between evaluations."""
+  for i in range(len(loss)):
+    if loss[i] <= target:
+      if i == 0:
+        return float(flops[0])
+      f0, f1, l0, l1 = flops[i - 1], flops[i], loss[i - 1], loss[i]
+      return float(f0 + (f1 - f0) * (l0 - target) / (l0 - l1))
+  return None
+
+
+def loss_at(flops: np.ndarray, loss: np.ndarray, f: float) -> float | None:
+  """Loss interpolated at FLOPs `f` (None outside the curve)."""
+  if len(flops) == 0 or f < flops[0] or f > flops[-1]:
+    return None
+  return float(np.interp(f, flops, loss))
+
+
+def _arch(run: dict) -> dict:
+  return {k: v for k, v in run["config"]["model"].items() if k not in _IGNORED_MODEL_FIELDS}
+
+
+def _is_grown(run: dict) -> bool:
+  return bool(run["config"].get("init", {}).get("source"))
+
+
+def find_baseline(run: dict, runs: list[dict]) -> dict | None:
+  """The from-scratch run of the same architecture (same data and token budget preferred)."""
+  cands = [r for r in runs if not _is_grown(r) and _arch(r) == _arch(run) and r is not run]
+  same_budget = [r for r in cands if r["config"]["train"]["num_steps"] ==
+                 run["config"]["train"]["num_steps"]]
+  return (same_budget or cands or [None])[0]
+
+
+def _final(run: dict, dataset: str) -> tuple[float | None, float | None]:
+  f, l, _ = eval_curve(run, dataset)
+  return (float(l[-1]), float(f[-1])) if len(l) else (None, None)
+
+
+def compare(grown: dict, scratch: dict) -> dict[str, Any]:
+  """The comparison of one grown run with its scratch baseline, per eval dataset."""
+  report = grown["report"] or {}
+  source_flops = float(report.get("source_flops", 0.0))
+  out: dict[str, Any] = {"run": grown["name"], "baseline": scratch["name"],
+                         "method": report.get("method", "?"),
+                         "exact_expected": report.get("exact_expected"),
+                         "max_abs_logit_diff": report.get("max_abs_logit_diff"),
+                         "source_flops": source_flops, "datasets": {}}
+  for ds in eval_datasets(grown):
+    gf, gl, _ = eval_curve(grown, ds)
+    sf, sl, _ = eval_curve(scratch, ds)
+    if not len(gl) or not len(sl):
+      continue
+    target, scratch_flops = float(sl[-1]), float(sf[-1])
+    reach = flops_to_reach(gf, gl, target)
+    out["datasets"][ds] = {
+        "loss_after_growth": float(gl[0]),
+        "scratch_loss_step0": float(sl[0]),
+        "scratch_loss_at_source_flops": loss_at(sf, sl, source_flops),
+        "final_loss": float(gl[-1]),
+        "scratch_final_loss": target,
+        "scratch_flops": scratch_flops,
+        "flops_to_scratch_final": reach,
+        "savings": None if reach is None else 1.0 - reach / scratch_flops,
+        "savings_with_source": (None if reach is None else
+                                1.0 - (reach + source_flops) / scratch_flops),
+    }
+  return out
+
+
+def analyze(sweep_dir: str, plot: bool = True) -> dict[str, Any]:
+  """Writes results.json, results.md (and loss_curves.png) in `sweep_dir`; returns results."""
+  runs = load_sweep(sweep_dir)
+  results: dict[str, Any] = {"sweep_dir": os.path.abspath(sweep_dir), "runs": {}, "grown": []}
+  sources = {os.path.abspath(r["config"]["init"]["source"]) for r in runs if _is_grown(r)}
+  for run in runs:
+    final = {ds: _final(run, ds)[0] for ds in eval_datasets(run)}
+    kind = ("grown" if _is_grown(run) else
+            "source" if os.path.abspath(run["dir"]) in sources else "scratch")
+    f = [r["flops"] for r in run["rows"] if "flops" in r]
+    results["runs"][run["name"]] = {
+        "kind": kind,
+        "model": {k: run["config"]["model"][k] for k in ("d_model", "n_layers", "n_heads",
+                                                          "mlp_dim")},
+        "steps": max((r["step"] for r in run["rows"]), default=0),
+        "flops": max(f, default=0.0), "final_eval_loss": final}
+  for run in runs:
+    if not _is_grown(run):
+      continue
+    base = find_baseline(run, runs)
+    results["grown"].append(compare(run, base) if base else
+                            {"run": run["name"], "baseline": None})
+  _write_json(os.path.join(sweep_dir, "results.json"), results)
+  with open(os.path.join(sweep_dir, "results.md"), "w") as f:
+    f.write(results_markdown(results))
+  if plot and runs:
+    plot_loss_curves(runs, os.path.join(sweep_dir, "loss_curves.png"))
+  return results
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _fmt(v, spec=".4f", missing="n/a") -> str:
+  if v is None or (isinstance(v, float) and math.isnan(v)):
+    return missing
+  return format(v, spec)
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+  """The savings table (one row per grown run and dataset) and the run list."""
+  lines = ["# Grown vs from-scratch", "",
+           "FLOPs: PaLM convention (6N + 12 L H E T per token). Savings = 1 - FLOPs(grown run to "
+           "reach the scratch run's final eval loss) / FLOPs(scratch run); \"+src\" adds the "
+           "source model's training FLOPs to the grown run's.", "",
+           "| run | method | dataset | loss after growth | scratch @ step 0 | scratch @ source "
+           "FLOPs | final | scratch final | savings | savings +src |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for g in results["grown"]:
+    if not g.get("baseline"):
+      lines.append(f"| {g['run']} | no scratch baseline of this size | | | | | | | | |")
+      continue
+    for ds, d in g["datasets"].items():
+      lines.append(
+          f"| {g['run']} | {g['method']} | {ds} | {_fmt(d['loss_after_growth'])} | "
+          f"{_fmt(d['scratch_loss_step0'])} | {_fmt(d['scratch_loss_at_source_flops'])} | "
+          f"{_fmt(d['final_loss'])} | {_fmt(d['scratch_final_loss'])} | "
+          f"{_fmt(d['savings'], '.1%', 'not reached')} | "
+          f"{_fmt(d['savings_with_source'], '.1%', 'not reached')} |")
+  lines += ["", "| run | kind | d_model | layers | steps | FLOPs |", "|---|---|---|---|---|---|"]
+  for name, r in results["runs"].items():
+    lines.append(f"| {name} | {r['kind']} | {r['model']['d_model']} | {r['model']['n_layers']} "
+                 f"| {r['steps']} | {r['flops']:.3e} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_loss_curves(runs: list[dict], path: str) -> str:
+  """Eval loss against FLOPs (grown runs include their source's FLOPs), one panel per dataset;
+  the growth point of each grown run is marked."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  datasets = []
+  for run in runs:
+    datasets += [d for d in eval_datasets(run) if d not in datasets]
+  fig, axes = plt.subplots(1, max(len(datasets), 1), figsize=(6 * max(len(datasets), 1), 4.5),
+                           squeeze=False)
+  for ax, ds in zip(axes[0], datasets):
+    for run in runs:
+      f, l, _ = eval_curve(run, ds, with_source=True)
+      if not len(f):
+        continue
+      style = "-" if _is_grown(run) else "--"
+      (line,) = ax.plot(f, l, style, marker=".", label=run["name"])
+      if _is_grown(run):
+        ax.plot(f[:1], l[:1], marker="*", markersize=14, color=line.get_color(),
+                linestyle="none")
+    ax.set_xlabel("training FLOPs (grown runs: + source FLOPs)")
+    ax.set_ylabel(f"eval loss ({ds}), nats/token")
+    ax.set_title(ds)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle("loss vs compute (star: growth point)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
