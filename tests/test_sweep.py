@@ -1,0 +1,181 @@
+"""Sweeps: expansion and order, dry-run and Cloud TPU commands, resume/skip, analysis, notebook."""
+
+import json
+import os
+import shlex
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from growlm import analysis, sweep
+from growlm.errors import GrowlmError
+
+QUICK = str(REPO / "configs" / "quickstart.py")
+PAPER = str(REPO / "configs" / "paper.py")
+
+
+def test_expand_orders_sources_first_and_resolves_references(tmp_path):
+  runs = sweep.expand(QUICK, str(tmp_path / "s"))
+  names = [r.name for r in runs]
+  assert names[0] == "source" and set(names) == {"source", "grown_tile", "grown_zeros", "scratch"}
+  tile = next(r for r in runs if r.name == "grown_tile")
+  assert tile.depends == ["source"]
+  assert tile.config.init.source == str(tmp_path / "s" / "source")
+  assert tile.config.model.d_model == 128 and tile.config.init.plan.width == "tile"
+  assert tile.config.sweep_name == "s" and tile.config.name == "grown_tile"
+
+
+def test_paper_sweep_covers_the_experiment(tmp_path):
+  runs = sweep.expand(PAPER, str(tmp_path / "p"))
+  by = {r.name: r.config for r in runs}
+  assert runs[0].name == "source"
+  for target in ("both", "width", "depth"):
+    assert f"{target}_scratch" in by
+  assert {by[n].init.plan.width for n in by if n.startswith("both_")} >= {"zeros", "noise",
+                                                                           "tile", "mean_fill"}
+  assert by["both_zeros"].model.d_model == 2 * by["source"].model.d_model
+  assert by["both_zeros"].model.n_layers == 2 * by["source"].model.n_layers
+  assert by["width_tile"].model.n_layers == by["source"].model.n_layers
+  assert by["depth_stack"].model.d_model == by["source"].model.d_model
+  if (REPO.parent / "shared" / "datasets").exists():
+    assert {"heldout", "shakespeare", "wikitext2"} <= set(by["source"].data.eval)
+
+
+def test_dry_run_prints_runnable_commands(tmp_path):
+  lines = []
+  sweep.launch(QUICK, str(tmp_path / "s"), dry_run=True, echo=lines.append)
+  assert len(lines) == 4 and not (tmp_path / "s").exists()
+  grown = shlex.split(next(l for l in lines if "grown_zeros" in l))
+  assert grown[:3] == ["python", "-m", "growlm.main"]
+  assert f"--config.init.source={tmp_path / 's' / 'source'}" in grown
+  assert "--config.init.plan.width=zeros" in grown and f"--workdir={tmp_path/'s'/'grown_zeros'}" \
+      in grown
+
+
+def test_tpu_commands_run_every_host(tmp_path):
+  lines = []
+  sweep.launch(QUICK, str(tmp_path / "s"), dry_run=True, tpu="v4-32", zone="us-central2-b",
+               project="proj", echo=lines.append)
+  assert len(lines) == 4
+  for line in lines:
+    args = shlex.split(line)
+    assert args[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "v4-32"]
+    assert "--zone=us-central2-b" in args and "--project=proj" in args
+    assert "--worker=all" in args
+    inner = next(a for a in args if a.startswith("--command="))
+    assert "growlm.main" in inner and "--distributed" in inner
+  with pytest.raises(GrowlmError, match="zone"):
+    sweep.launch(QUICK, str(tmp_path / "s"), dry_run=True, tpu="v4-32")
+
+
+def test_bad_sweeps_are_refused(tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text("from growlm import config as c\n"
+                 "def get_config(arg=None):\n  return c.base_config('nano')\n"
+                 "def sweep(add):\n  add(name='a', **{'init.source': '@missing'})\n")
+  with pytest.raises(GrowlmError, match="missing"):
+    sweep.expand(str(bad), str(tmp_path / "s"))
+  bad.write_text(bad.read_text().replace("'init.source': '@missing'", "'model.colour': 1"))
+  with pytest.raises(GrowlmError, match="colour"):
+    sweep.expand(str(bad), str(tmp_path / "s"))
+  bad.write_text(bad.read_text().replace("**{'model.colour': 1}", "").replace(
+      "add(name='a', )", "add(name='a'); add(name='a')"))
+  with pytest.raises(GrowlmError, match="twice"):
+    sweep.expand(str(bad), str(tmp_path / "s"))
+
+
+def _write_run(d, name, flops, losses, source=None, source_flops=0.0, d_model=128):
+  run = d / name
+  run.mkdir(parents=True)
+  cfg = {"model": {"d_model": d_model, "n_layers": 4, "n_heads": 4, "mlp_dim": 512,
+                   "norm_eps": 1e-5},
+         "train": {"num_steps": 20}, "init": {"source": source or ""}}
+  (run / "config.json").write_text(json.dumps(cfg))
+  rows = []
+  for i, (f, l) in enumerate(zip(flops, losses)):
+    row = {"step": 10 * i, "tokens": 100 * i, "flops": f, "eval_loss/heldout": l}
+    if source:
+      row["flops_with_source"] = f + source_flops
+    rows.append(row)
+  (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  if source:
+    (run / "growth_report.json").write_text(json.dumps(
+        {"method": "tile+identity", "source_flops": source_flops, "exact_expected": True,
+         "max_abs_logit_diff": 1e-6}))
+
+
+def test_analysis_numbers_on_known_curves(tmp_path):
+  """Scratch: loss 5, 4, 3 at FLOPs 0, 100, 200. Grown: 3.5, 3.2, 2.9 at 0, 50, 100, with a
+  source of 40 FLOPs. The grown run reaches 3.0 at 50 + 50 * 0.2/0.3 FLOPs."""
+  _write_run(tmp_path, "scratch", [0, 100, 200], [5.0, 4.0, 3.0])
+  _write_run(tmp_path, "source", [0, 40], [5.0, 3.6], d_model=64)
+  _write_run(tmp_path, "grown", [0, 50, 100], [3.5, 3.2, 2.9], source=str(tmp_path / "source"),
+             source_flops=40.0)
+  _write_run(tmp_path, "never", [0, 50, 100], [3.5, 3.4, 3.3], source=str(tmp_path / "source"),
+             source_flops=40.0)
+  res = analysis.analyze(str(tmp_path))
+  g = {x["run"]: x for x in res["grown"]}
+  d = g["grown"]["datasets"]["heldout"]
+  reach = 50 + 50 * 0.2 / 0.3
+  assert g["grown"]["baseline"] == "scratch"
+  assert d["flops_to_scratch_final"] == pytest.approx(reach)
+  assert d["savings"] == pytest.approx(1 - reach / 200)
+  assert d["savings_with_source"] == pytest.approx(1 - (reach + 40) / 200)
+  assert d["scratch_loss_at_source_flops"] == pytest.approx(4.6)
+  assert d["loss_after_growth"] == 3.5 and d["scratch_loss_step0"] == 5.0
+  assert g["never"]["datasets"]["heldout"]["savings"] is None
+  assert res["runs"]["source"]["kind"] == "source" and res["runs"]["scratch"]["kind"] == "scratch"
+  md = (tmp_path / "results.md").read_text()
+  assert "not reached" in md and f"{1 - reach / 200:.1%}" in md
+  assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
+  assert json.loads((tmp_path / "results.json").read_text())["grown"][0]["run"] == "grown"
+
+
+def test_flops_to_reach_interpolates():
+  f, l = np.array([0.0, 10.0, 20.0]), np.array([4.0, 2.0, 1.0])
+  assert analysis.flops_to_reach(f, l, 3.0) == pytest.approx(5.0)
+  assert analysis.flops_to_reach(f, l, 4.5) == 0.0
+  assert analysis.flops_to_reach(f, l, 0.5) is None
+
+
+@pytest.fixture(scope="module")
+def quick_sweep(tmp_path_factory):
+  d = tmp_path_factory.mktemp("quick") / "sweep"
+  sweep.launch(QUICK + ":runlocal", str(d), echo=lambda _: None)
+  analysis.analyze(str(d))
+  return d
+
+
+@pytest.mark.slow
+def test_quickstart_sweep_end_to_end_and_skip(quick_sweep):
+  res = json.loads((quick_sweep / "results.json").read_text())
+  assert {g["run"] for g in res["grown"]} == {"grown_tile", "grown_zeros"}
+  tile = next(g for g in res["grown"] if g["run"] == "grown_tile")
+  assert tile["baseline"] == "scratch" and tile["exact_expected"]
+  assert tile["max_abs_logit_diff"] < 1e-4
+  d = tile["datasets"]["heldout"]
+  assert d["loss_after_growth"] < d["scratch_loss_step0"]   # the paper's first finding, here
+  assert (quick_sweep / "loss_curves.png").exists()
+  # A second launch finds every run finished and trains nothing.
+  lines, called = [], []
+  sweep.launch(QUICK + ":runlocal", str(quick_sweep), echo=lines.append,
+               run_fn=lambda *a: called.append(a))
+  assert not called and sum("finished, skipped" in l for l in lines) == 4
+
+
+@pytest.mark.slow
+def test_notebook_executes_headless(quick_sweep, monkeypatch):
+  import nbformat  # pylint: disable=g-import-not-at-top
+  from nbclient import NotebookClient  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("GROWLM_SWEEP_DIR", str(quick_sweep))
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  nb = nbformat.read(str(REPO / "notebooks" / "loss_curves.ipynb"), as_version=4)
+  NotebookClient(nb, timeout=300, kernel_name="python3",
+                 resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+  png = quick_sweep / "notebook_loss_curves.png"
+  assert png.exists() and png.stat().st_size > 10_000
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+  assert any("image/png" in o.get("data", {}) for o in outputs)
+  assert any("grown_tile" in o.get("data", {}).get("text/markdown", "") for o in outputs)
+  assert os.environ.get("GROWLM_SWEEP_DIR") == str(quick_sweep)
