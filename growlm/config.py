@@ -82,6 +82,11 @@ def base_config(size: str = "tiny", style: str = "gpt2") -> ml_collections.Confi
 
   c.wandb = ml_collections.ConfigDict()
   c.wandb.enabled = False          # log to Weights & Biases (off by default)
+  c.wandb.project = "growlm"       # W&B project
+  c.wandb.entity = ""              # W&B team or user ('': the API key's default entity)
+  c.wandb.mode = "online"          # online | offline | disabled (env WANDB_MODE overrides)
+  c.wandb.group = ""               # W&B group ('': sweep_name, else name)
+  c.wandb.tags = ()                # extra tags; the growth method (or 'scratch') and d{D}-L{L} are added
   return c
 
 

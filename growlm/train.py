@@ -24,7 +24,7 @@ from growlm import data as data_lib
 from growlm import flops as flops_lib
 from growlm import model as model_lib
 from growlm import optim, sharding
-from growlm import warmstart
+from growlm import tracking, warmstart
 from growlm.checkpoint import Checkpoints
 from growlm.grow import core as grow_core
 from growlm.grow import report as report_lib
@@ -182,6 +182,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   `init_params_fn(shardings)` supplies starting parameters instead (tests).
   """
   config_lib.validate(config)
+  tracking.check_wandb(config)
   source = _adjust_for_growth(config, workdir)
   cfg = config_lib.model_config(config)
   d, t = config.data, config.train
@@ -247,6 +248,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     source_flops = float(meta0.get("source_flops", 0.0))
     writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), enabled=is_main,
                            truncate_after_step=start)
+    tracker = tracking.make_tracker(config, workdir)
+    if growth_report is not None:
+      tracker.log_report(growth_report)
+
+    def record(rec: dict[str, Any]) -> None:
+      writer.write(rec)
+      tracker.log(rec)
     step_fn = jax.jit(make_train_step(cfg, optimizer, schedule, t.grad_accum),
                       in_shardings=(shard, batch_shard), out_shardings=(shard, None),
                       donate_argnums=0)
@@ -263,14 +271,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     last_eval: dict[str, float] = {}
     if start == 0:
       if growth_report is not None:
-        writer.write({**counters(0), "event": "growth",
-                      **{k: v for k, v in growth_report.items() if not isinstance(v, dict)}})
+        record({**counters(0), "event": "growth",
+                **{k: v for k, v in growth_report.items() if not isinstance(v, dict)}})
       last_eval = evaluator(state.params)
-      writer.write({**counters(0), **last_eval})
+      record({**counters(0), **last_eval})
       if grow_only:
         ckpt.save(0, state, iterator.get_state(), meta(0))
         ckpt.close()
         writer.close()
+        tracker.close()
         return {**counters(0), **last_eval}
 
     end = min(t.num_steps, t.stop_at) if t.stop_at else t.num_steps
@@ -292,30 +301,36 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         now = time.perf_counter()
         m["tokens_per_sec"] = window_steps * tokens_per_step / max(now - window_t, 1e-9)
         window_t, window_steps = now, 0
-        writer.write({**counters(s), **m})
+        record({**counters(s), **m})
 
-    for step in range(start + 1, end + 1):
-      batch = sharding.global_batch_from_local(next(iterator), batch_shard)
-      state, metrics = step_fn(state, batch)
-      window_steps += 1
-      if pending is not None:
-        read_back(pending)   # the step just dispatched runs while we read the previous one
-      pending = (step, metrics)
-      if step % config.eval.every_steps == 0 or step == t.num_steps:
-        read_back(pending)
-        pending = None
-        last_eval = evaluator(state.params)
-        writer.write({**counters(step), **last_eval})
-      if step % config.checkpoint.every_steps == 0 or step == end:
+    with tracker:  # closes the W&B run, marked failed on an exception
+      for step in range(start + 1, end + 1):
+        batch = sharding.global_batch_from_local(next(iterator), batch_shard)
+        state, metrics = step_fn(state, batch)
+        window_steps += 1
         if pending is not None:
-          read_back(pending)   # never checkpoint a state whose loss was not checked
+          read_back(pending)   # the step just dispatched runs while we read the previous one
+        pending = (step, metrics)
+        if step % config.eval.every_steps == 0 or step == t.num_steps:
+          read_back(pending)
           pending = None
-        ckpt.save(step, state, iterator.get_state(), meta(step))
-    if pending is not None:
-      read_back(pending)
-    bar.close()
-    ckpt.close()
-    writer.close()
+          last_eval = evaluator(state.params)
+          record({**counters(step), **last_eval})
+        if step % config.checkpoint.every_steps == 0 or step == end:
+          if pending is not None:
+            read_back(pending)   # never checkpoint a state whose loss was not checked
+            pending = None
+          ckpt.save(step, state, iterator.get_state(), meta(step))
+      if pending is not None:
+        read_back(pending)
+      bar.close()
+      ckpt.close()
+      writer.close()
+      if isinstance(tracker, tracking.WandbTracker):
+        from growlm import analysis  # pylint: disable=g-import-not-at-top
+        run = analysis.load_run(workdir)
+        tracker.log_image("loss_curve", analysis.plot_loss_curves(
+            [run], os.path.join(workdir, "loss_curve.png")))
   return {**counters(int(jax.device_get(state.step))), **last_train, **last_eval}
 
 

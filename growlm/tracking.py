@@ -1,0 +1,334 @@
+"""Experiment tracking: a no-op `Tracker` and a Weights & Biases backend.
+
+metrics.jsonl stays the source of truth: notebooks read it, and W&B's offline files have no
+Python reader. The tracker mirrors what the trainer writes there (per-step train and eval
+records, the growth report, the final plots) to W&B, and only on process 0.
+
+The W&B run id is stored in `<workdir>/wandb/growlm_wandb.json` the first time a run dir
+logs, so relaunching the same run dir resumes the same W&B run, while a run dir deleted and
+recreated at the same path starts a new one. The same file remembers the last step W&B got:
+a resumed run replays steps from its checkpoint on, and W&B drops (with a warning per call)
+any step below one it has seen, so the tracker skips those itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import netrc
+import numbers
+import os
+import secrets
+from typing import Any
+
+import jax
+
+from growlm import config as config_lib
+from growlm.errors import GrowlmError
+
+log = logging.getLogger(__name__)
+
+MODES = ("online", "offline", "disabled")
+# WANDB_MODE values wandb accepts and what they mean here ('run' and 'dryrun' are old names).
+ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
+             "disabled": "disabled"}
+# config.wandb fields and their defaults: a config saved before a field existed still loads.
+DEFAULTS: dict[str, Any] = {"enabled": False, "project": "growlm", "entity": "",
+                            "mode": "online", "group": "", "tags": ()}
+STATE_FILE = "growlm_wandb.json"
+MAX_TAG_LEN = 64  # W&B rejects longer tags at init, after the run has started
+
+
+def wandb_fields(config) -> dict[str, Any]:
+  """config.wandb with defaults filled in; raises GrowlmError naming the first bad field."""
+  section = config.get("wandb", None) or {}
+  unknown = sorted(set(section.keys()) - set(DEFAULTS))
+  if unknown:
+    raise GrowlmError(f"config wandb.{unknown[0]}: unknown field; accepted: {sorted(DEFAULTS)}")
+  f = {k: section.get(k, v) for k, v in DEFAULTS.items()}
+  if not isinstance(f["enabled"], bool):
+    raise GrowlmError(f"config wandb.enabled={f['enabled']!r}; accepted: True or False")
+  for k in ("project", "entity", "group"):
+    if not isinstance(f[k], str):
+      raise GrowlmError(f"config wandb.{k}={f[k]!r}; accepted: a string")
+  if not f["project"]:
+    raise GrowlmError("config wandb.project is empty; accepted: a W&B project name")
+  if f["mode"] not in MODES:
+    raise GrowlmError(f"config wandb.mode={f['mode']!r}; accepted: {MODES}")
+  tags = f["tags"]
+  if isinstance(tags, str):  # a comma-separated flag value
+    tags = [t.strip() for t in tags.split(",") if t.strip()]
+  if not all(isinstance(t, str) and 0 < len(t) <= MAX_TAG_LEN for t in tags):
+    raise GrowlmError(f"config wandb.tags={f['tags']!r}; accepted: a tuple of non-empty "
+                      f"strings of at most {MAX_TAG_LEN} characters")
+  f["tags"] = tuple(tags)
+  return f
+
+
+def resolve_mode(fields: dict[str, Any]) -> tuple[str, str]:
+  """(mode, where it came from): WANDB_MODE overrides wandb.mode, so an operator (or the test
+  suite) can force offline logging without touching configs."""
+  env = os.environ.get("WANDB_MODE", "")
+  if env:
+    if env not in ENV_MODES:
+      raise GrowlmError(f"environment WANDB_MODE={env!r}; accepted: {sorted(ENV_MODES)}")
+    return ENV_MODES[env], f"WANDB_MODE={env}"
+  return fields["mode"], f"wandb.mode={fields['mode']}"
+
+
+def _netrc_has_key(hosts: tuple[str, ...]) -> bool:
+  """Fallback for a wandb without the credential helpers used below: a stdlib netrc lookup."""
+  path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+  try:
+    rc = netrc.netrc(path)
+  except (OSError, netrc.NetrcParseError):
+    return False
+  return any((rc.authenticators(h) or (None, None, None))[2] for h in hosts)
+
+
+def _credentials_source() -> str | None:
+  """Where wandb will find an API key, or None. Reads environment and files only: no network.
+
+  Follows wandb 0.31's own order (WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, then the netrc
+  entry of the server's host). The netrc lookup uses wandb's helper because 0.31 defaults to
+  https://api.forge.coreweave.com and also accepts the api.wandb.ai entry that `wandb login`
+  wrote with older versions.
+  """
+  key = os.environ.get("WANDB_API_KEY", "")
+  if key:
+    try:
+      from wandb.sdk.lib.wbauth import validation  # pylint: disable=import-outside-toplevel
+      problem = validation.check_api_key(key)
+    except ImportError:
+      problem = None
+    if problem:
+      raise GrowlmError(f"environment WANDB_API_KEY is malformed ({problem}); accepted: the "
+                        "40+ character key from wandb.ai/authorize, or wandb.mode=offline")
+    return "WANDB_API_KEY"
+  if os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+    return "WANDB_IDENTITY_TOKEN_FILE"
+  try:
+    import wandb  # pylint: disable=import-outside-toplevel
+    from wandb.sdk import wandb_setup  # pylint: disable=import-outside-toplevel
+    from wandb.sdk.lib import wbauth  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return "netrc" if _netrc_has_key(("api.wandb.ai",)) else None
+  try:
+    host = wandb_setup.singleton().settings.base_url
+    return "netrc" if wbauth.read_netrc_auth(host=host) else None
+  except wandb.errors.AuthenticationError as e:
+    raise GrowlmError(f"the W&B API key in your netrc file is malformed ({e}); accepted: "
+                      "`wandb login --relogin`, or wandb.mode=offline") from None
+
+
+def check_wandb(config) -> None:
+  """Fails fast, before a run writes anything, if the config asks for W&B logging that
+  cannot work: a bad config.wandb field, no wandb package, or online mode without an API
+  key. Checked on every process, so all fail alike instead of process 0 alone."""
+  f = wandb_fields(config)
+  if not f["enabled"]:
+    return
+  mode, origin = resolve_mode(f)
+  if mode == "disabled":
+    return
+  try:
+    import wandb  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    raise GrowlmError("config wandb.enabled=True but the wandb package is not installed; "
+                      "accepted: pip install wandb, or wandb.enabled=False") from None
+  if mode == "online" and _credentials_source() is None:
+    raise GrowlmError(f"config wandb.enabled=True with {origin} but no W&B API key (no "
+                      "WANDB_API_KEY, no netrc entry from `wandb login`); accepted: set "
+                      "WANDB_API_KEY or run `wandb login`, or wandb.mode=offline (or "
+                      "WANDB_MODE=offline), or wandb.enabled=False")
+
+
+def _state_path(workdir: str) -> str:
+  return os.path.join(workdir, "wandb", STATE_FILE)
+
+
+def _read_state(workdir: str) -> dict[str, Any] | None:
+  try:
+    with open(_state_path(workdir)) as f:
+      state = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None  # a torn file only costs a new W&B run, never the training run
+  return state if isinstance(state, dict) and isinstance(state.get("id"), str) else None
+
+
+def _write_state(workdir: str, state: dict[str, Any]) -> None:
+  path = _state_path(workdir)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(state, f)
+  os.replace(tmp, path)
+
+
+def run_id(workdir: str) -> str:
+  """The W&B run id of a run dir, created and stored on first use.
+
+  A hash of the absolute path (so two run dirs never share a W&B run) plus a random suffix
+  (so a run dir deleted and recreated at the same path does not append to the old run).
+  Letters and digits only: W&B ids may not hold ':;,#?/\\''.
+  """
+  state = _read_state(workdir)
+  if state is None:
+    path_hash = hashlib.sha256(os.path.realpath(workdir).encode()).hexdigest()[:10]
+    state = {"id": path_hash + secrets.token_hex(3), "last_step": None}
+    _write_state(workdir, state)
+  return state["id"]
+
+
+def _scalar_metrics(record: dict[str, Any]) -> dict[str, float]:
+  # Strings and lists in a record are metadata; W&B would chart lists as histograms.
+  return {k: v for k, v in record.items()
+          if k != "step" and isinstance(v, numbers.Real) and not isinstance(v, bool)}
+
+
+def _flatten(d: dict[str, Any], prefix: str) -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}/"))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+class Tracker:
+  """The tracker interface; this base logs nothing (W&B off, or not process 0)."""
+
+  def log(self, record: dict[str, Any]) -> None:
+    """One metrics.jsonl record: 'step' plus metrics, or an 'event' such as growth."""
+
+  def log_report(self, report: dict[str, Any]) -> None:
+    """The growth preservation report (growlm.grow.report)."""
+
+  def log_image(self, name: str, path: str) -> None:
+    """A PNG file, such as the loss curves plot."""
+
+  def close(self) -> None:
+    """Flushes and ends the run; safe to call twice."""
+
+  def __enter__(self) -> "Tracker":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    self.close()
+
+
+class WandbTracker(Tracker):
+  """Logs to one W&B run per run dir; a relaunch of the run dir resumes it."""
+
+  def __init__(self, workdir: str, *, project: str, name: str, config: dict[str, Any],
+               mode: str, entity: str = "", group: str = "", tags: tuple[str, ...] = ()):
+    import wandb  # pylint: disable=import-outside-toplevel
+    self._wandb = wandb
+    self._workdir = workdir
+    os.makedirs(workdir, exist_ok=True)
+    self.run_id = rid = run_id(workdir)  # kept after close, unlike self.run
+    self._state = _read_state(workdir) or {"id": rid, "last_step": None}
+    # silent: no banner or sync hints on stdout. console="off": W&B would otherwise wrap
+    # stdout/stderr to mirror them, including every redraw of the tqdm bar.
+    # reinit="create_new": a notebook or test may hold several runs; each tracker logs
+    # through its own run object, never the global wandb.log.
+    self.run = wandb.init(
+        project=project, entity=entity or None, name=name, group=group or None,
+        tags=list(tags), config=config, dir=workdir, mode=mode, id=rid, resume="allow",
+        reinit="create_new", settings=wandb.Settings(silent=True, console="off"))
+    last = self._state.get("last_step")
+    # The smallest step W&B accepts next: online resumption reports where the server's run
+    # ends; offline it cannot know, so the step stored with the id decides.
+    self._min_step = max(int(self.run.starting_step), 0 if last is None else int(last) + 1)
+    self._skipped: list[int] = []
+
+  def _advance(self, step: int) -> None:
+    # Logging the same step again merges into W&B's open history row; a larger one commits it.
+    self._min_step = step
+    if self._state.get("last_step") is None or step > self._state["last_step"]:
+      self._state["last_step"] = step
+      _write_state(self._workdir, self._state)
+
+  def log(self, record: dict[str, Any]) -> None:
+    """Events go to the run summary; other records to the history at their step."""
+    if self.run is None:
+      return
+    step = int(record["step"])
+    if "event" in record:
+      ev = record["event"]
+      self.run.summary.update({f"{ev}/{k}": v for k, v in record.items()
+                               if k != "event" and v is not None and not isinstance(v, dict)})
+      return
+    if step < self._min_step:
+      self._skipped.append(step)  # already in W&B from before the resume
+      return
+    self.run.log(_scalar_metrics(record), step=step)
+    self._advance(step)
+
+  def log_report(self, report: dict[str, Any]) -> None:
+    """Every field (nested ones as growth/dims/d_model) into the summary, and the whole
+    report as a two-column table so it reads in one panel."""
+    if self.run is None:
+      return
+    flat = _flatten(report, "growth/")
+    self.run.summary.update({k: v for k, v in flat.items() if v is not None})
+    rows = [[k[len("growth/"):], v if isinstance(v, str) else json.dumps(v, default=str)]
+            for k, v in flat.items()]
+    table = self._wandb.Table(columns=["field", "value"], data=rows)
+    self.run.log({"growth/report": table}, step=self._min_step)
+    self._advance(self._min_step)
+
+  def log_image(self, name: str, path: str) -> None:
+    """Logs the image at the latest step (W&B keeps one version per step)."""
+    if self.run is None:
+      return
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"log_image {name!r}: no file {path}")
+    self.run.log({name: self._wandb.Image(path)}, step=self._min_step)
+    self._advance(self._min_step)
+
+  def close(self, exit_code: int = 0) -> None:
+    """Ends the W&B run; exit_code 1 marks it failed in the UI."""
+    if self.run is None:
+      return
+    if self._skipped:
+      log.info("wandb: skipped %d records at steps %d..%d, logged before the resume",
+               len(self._skipped), min(self._skipped), max(self._skipped))
+    self.run.finish(exit_code=exit_code)
+    self.run = None
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    self.close(exit_code=0 if exc_type is None else 1)
+
+
+def run_tags(config, fields: dict[str, Any]) -> list[str]:
+  """The configured tags, then the growth method (or 'scratch') and the model size."""
+  init = config.get("init", None)
+  if init is not None and init.get("source", ""):
+    method = f"{init.plan.width}+{init.plan.depth}"
+  else:
+    method = "scratch"
+  size = f"d{config.model.d_model}-L{config.model.n_layers}"
+  out: list[str] = []
+  for t in (*fields["tags"], method, size):
+    if t not in out:
+      out.append(t)
+  return out
+
+
+def make_tracker(config, workdir: str) -> Tracker:
+  """The run's tracker: W&B when config.wandb asks for it on process 0, else a no-op."""
+  fields = wandb_fields(config)
+  if not fields["enabled"] or jax.process_index() != 0:
+    return Tracker()
+  check_wandb(config)
+  mode, _ = resolve_mode(fields)
+  if mode == "disabled":
+    return Tracker()
+  group = fields["group"] or config.get("sweep_name", "") or config.get("name", "")
+  return WandbTracker(workdir, project=fields["project"], entity=fields["entity"],
+                      name=config.get("name", "") or os.path.basename(workdir.rstrip("/")),
+                      group=group, tags=tuple(run_tags(config, fields)),
+                      config=config_lib.to_json_dict(config), mode=mode)

@@ -1,0 +1,241 @@
+"""The tracker: W&B offline runs in a tmp run dir, resumption, the no-op path, fail-fast checks.
+
+W&B is only ever used offline here (no network); conftest sets WANDB_MODE=offline.
+"""
+
+import glob
+import json
+import os
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
+
+from growlm import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
+from growlm import tracking  # noqa: E402  pylint: disable=wrong-import-position
+from growlm.errors import GrowlmError  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def _config(**wandb):
+  c = config_lib.base_config("nano")
+  c.name = "unit"
+  c.wandb.enabled = True
+  c.wandb.mode = "offline"
+  for k, v in wandb.items():
+    c.wandb[k] = v
+  return c
+
+
+def _records(steps):
+  out = []
+  for s in steps:
+    out.append({"step": s, "tokens": 64 * s, "flops": 1e6 * s, "train_loss": 5.0 - 0.1 * s,
+                "grad_norm": 1.0, "lr": 1e-3})
+    if s % 2 == 0:
+      out.append({"step": s, "tokens": 64 * s, "eval_loss/heldout": 5.5 - 0.1 * s,
+                  "eval_bpb/heldout": 8.0})
+  return out
+
+
+REPORT = {"method": "tile+identity", "exact_expected": True, "max_abs_logit_diff": 1e-6,
+          "kl_src_dst": 0.0, "loss_src": 4.2, "loss_dst": 4.2, "n_tokens": 512,
+          "plan": {"width": "tile", "depth": "identity", "new_layer_indices": []},
+          "dims": {"d_model": [64, 128]}, "norm_eps": [1e-6, 1e-6], "source": "/x/run"}
+
+
+def _png(path):
+  fig, ax = plt.subplots(figsize=(2, 2))
+  ax.plot([0, 1, 2], [3.0, 2.0, 1.5])
+  fig.savefig(path)
+  plt.close(fig)
+  return str(path)
+
+
+def _wandb_files(workdir):
+  return glob.glob(os.path.join(str(workdir), "wandb", "offline-run-*", "run-*.wandb"))
+
+
+def test_offline_run_logs_records_report_and_image(tmp_path):
+  workdir = tmp_path / "run"
+  tracker = tracking.make_tracker(_config(tags=("mine",)), str(workdir))
+  assert isinstance(tracker, tracking.WandbTracker)
+  assert tracker.run.id == tracker.run_id == tracking.run_id(str(workdir))
+  assert list(tracker.run.tags) == ["mine", "scratch", "d64-L2"]
+  assert tracker.run.group == "unit"
+  assert tracker.run.config["data"]["seq_len"] == 128  # the full resolved config
+  growth = {"step": 0, "tokens": 0, "event": "growth", "method": "tile+identity",
+            "loss_dst": 4.2, "norm_eps": [1e-6, 1e-6], "exact_expected": None}
+  tracker.log(growth)
+  tracker.log_report(REPORT)
+  for r in _records(range(6)):
+    tracker.log(r)
+  tracker.log_image("loss_curves", _png(tmp_path / "loss_curves.png"))
+  summary = tracker.run.summary
+  assert summary["growth/loss_dst"] == 4.2
+  assert summary["growth/plan/width"] == "tile"
+  assert list(summary["growth/dims/d_model"]) == [64, 128]
+  # W&B closes a step's history row (and updates the summary) when a later step arrives, so
+  # until close the summary holds step 4, the last closed row.
+  assert summary["train_loss"] == pytest.approx(4.6)
+  assert summary["eval_loss/heldout"] == pytest.approx(5.1)
+  tracker.close()
+  tracker.close()  # idempotent
+  files = _wandb_files(workdir)
+  assert len(files) == 1 and os.path.getsize(files[0]) > 0
+  assert os.path.basename(files[0]) == f"run-{tracker.run_id}.wandb"
+  media = os.path.join(os.path.dirname(files[0]), "files", "media")
+  assert glob.glob(os.path.join(media, "images", "loss_curves_*.png"))
+  assert glob.glob(os.path.join(media, "table", "growth", "report_*.table.json"))
+  with open(workdir / "wandb" / tracking.STATE_FILE) as f:
+    assert json.load(f)["last_step"] == 5
+
+
+def test_resume_appends_to_same_run_and_skips_logged_steps(tmp_path, capfd):
+  workdir = str(tmp_path / "run")
+  with tracking.make_tracker(_config(), workdir) as first:
+    for r in _records(range(6)):
+      first.log(r)
+    rid = first.run_id
+  second = tracking.make_tracker(_config(), workdir)
+  assert second.run_id == rid
+  for r in _records(range(3, 9)):
+    second.log(r)
+  assert second._skipped == [3, 4, 4, 5]  # the train and eval records already in W&B
+  assert second.run.summary["train_loss"] == pytest.approx(4.3)  # step 7: 8's row is open
+  second.close()
+  assert "monotonically" not in capfd.readouterr().err  # W&B never saw a step go back
+  assert len(_wandb_files(workdir)) == 2  # `wandb sync` appends both to run `rid`
+
+
+def test_run_id_is_stable_per_run_dir(tmp_path):
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  rid = tracking.run_id(a)
+  assert tracking.run_id(a) == rid
+  assert tracking.run_id(os.path.join(a, ".")) == rid
+  assert tracking.run_id(b) != rid
+  assert rid.isalnum() and len(rid) == 16
+  # A run dir deleted and recreated at the same path is a new W&B run, not a resumption.
+  os.remove(os.path.join(a, "wandb", tracking.STATE_FILE))
+  assert tracking.run_id(a) != rid
+
+
+def test_growth_run_tags_and_sweep_group(tmp_path):
+  c = _config(tags=("x", "y"))
+  c.init.source = "/runs/small"
+  c.init.plan.width, c.init.plan.depth = "noise", "stack"
+  c.sweep_name = "grow-sweep"
+  fields = tracking.wandb_fields(c)
+  assert tracking.run_tags(c, fields) == ["x", "y", "noise+stack", "d64-L2"]
+  with tracking.make_tracker(c, str(tmp_path / "run")) as t:
+    assert t.run.group == "grow-sweep"
+
+
+def test_disabled_gives_noop_tracker(tmp_path, monkeypatch):
+  workdir = tmp_path / "run"
+  c = config_lib.base_config("nano")
+  tracker = tracking.make_tracker(c, str(workdir))
+  assert type(tracker) is tracking.Tracker  # pylint: disable=unidiomatic-typecheck
+  monkeypatch.setenv("WANDB_MODE", "disabled")
+  assert type(tracking.make_tracker(_config(), str(workdir))) is tracking.Tracker
+  tracking.check_wandb(c)
+  assert not os.path.exists(workdir)  # nothing written, not even the wandb dir
+
+
+def test_base_tracker_accepts_the_same_calls(tmp_path):
+  with tracking.Tracker() as t:
+    t.log({"step": 0, "train_loss": 1.0})
+    t.log({"step": 0, "event": "growth", "method": "tile+identity"})
+    t.log_report(REPORT)
+    t.log_image("loss_curves", str(tmp_path / "missing.png"))
+  t.close()
+
+
+@pytest.fixture
+def no_credentials(tmp_path, monkeypatch):
+  for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+    monkeypatch.delenv(var, raising=False)
+  home = tmp_path / "home"
+  home.mkdir()
+  monkeypatch.setenv("HOME", str(home))
+  monkeypatch.setenv("NETRC", str(home / ".netrc"))
+  return home
+
+
+def test_online_without_api_key_fails_fast(tmp_path, no_credentials):
+  c = _config(mode="online")
+  workdir = tmp_path / "run"
+  for fn in (tracking.check_wandb, lambda cfg: tracking.make_tracker(cfg, str(workdir))):
+    with pytest.raises(GrowlmError) as e:
+      fn(c)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "WANDB_API_KEY" in msg and "wandb.mode=offline" in msg and "wandb.enabled=False" in msg
+  assert not os.path.exists(workdir)
+  c.wandb.mode = "offline"
+  tracking.check_wandb(c)  # offline needs no key
+
+
+def test_online_credentials_found_without_network(no_credentials, monkeypatch):
+  c = _config(mode="online")
+  (no_credentials / ".netrc").write_text(
+      "machine api.wandb.ai\n  login user\n  password " + "a" * 40 + "\n")
+  tracking.check_wandb(c)  # the netrc entry `wandb login` writes is enough
+  (no_credentials / ".netrc").unlink()
+  monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+  tracking.check_wandb(c)
+  monkeypatch.setenv("WANDB_API_KEY", "short")
+  with pytest.raises(GrowlmError, match="WANDB_API_KEY is malformed"):
+    tracking.check_wandb(c)
+
+
+@pytest.mark.parametrize("field,value", [("mode", "cloud"), ("project", ""), ("tags", ("x" * 65,)),
+                                         ("projcet", "typo")])
+def test_bad_wandb_fields_name_the_field(field, value):
+  c = _config()
+  c.wandb[field] = value
+  with pytest.raises(GrowlmError, match=f"wandb.{field}"):
+    tracking.check_wandb(c)
+
+
+def test_bad_wandb_mode_env(monkeypatch):
+  monkeypatch.setenv("WANDB_MODE", "cloud")
+  with pytest.raises(GrowlmError, match="WANDB_MODE='cloud'"):
+    tracking.check_wandb(_config())
+
+
+def _train_config(**wandb_fields):
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(REPO))
+  from configs import default  # pylint: disable=g-import-not-at-top
+  c = default.get_config("size=nano,runlocal")
+  c.log.progress_bar = False
+  c.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+  c.checkpoint.async_save = False
+  c.train.num_steps = 6
+  for k, v in wandb_fields.items():
+    c.wandb[k] = v
+  return c
+
+
+def test_trainer_logs_to_wandb_offline(tmp_path, monkeypatch):
+  from growlm import train  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  train.train(_train_config(enabled=True), str(tmp_path))
+  runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+  assert len(runs) == 1 and runs[0].stat().st_size > 0
+  assert (tmp_path / "loss_curve.png").exists()   # the run's plot, logged as an image
+
+
+def test_trainer_refuses_online_wandb_without_key_before_writing(tmp_path, monkeypatch):
+  from growlm import train  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv("WANDB_API_KEY", raising=False)
+  monkeypatch.setenv("WANDB_MODE", "online")
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
+  with pytest.raises(GrowlmError, match="WANDB_API_KEY") as e:
+    train.train(_train_config(enabled=True), str(tmp_path / "run"))
+  assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
