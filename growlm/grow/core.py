@@ -99,6 +99,8 @@ def validate(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan) -> None:
   if dst.positions == "rope" and dst.head_dim % src.head_dim and exact_head_dim:
     raise GrowlmError(f"growth: head_dim {src.head_dim} -> {dst.head_dim} under RoPE is exact "
                       "only for an integer ratio; accepted: a multiple of the source head_dim")
+  # Layer placement (new_layer_indices count and range) fails here, before any array work.
+  layer_sources(src.n_layers, dst.n_layers, plan)
   if plan.require_exact and not is_exact(src, dst, plan):
     raise GrowlmError(f"growth: plan {plan.name} is not function preserving for "
                       f"{src.norm} ({src.d_model}->{dst.d_model}); require_exact=True refuses it")
@@ -168,7 +170,9 @@ def _axis_map(role: str, axis: str, s: int, t: int, src: ModelConfig, dst: Model
   if plan.width == "noise":
     kind = NOISE
   elif plan.width == "zeros":
-    kind = ZERO if role == "reader" else FREE        # jnp.pad (free entries may take noise)
+    # jnp.pad; free entries may take symmetry noise. New query head dims are not free: new key
+    # dims take noise too, so q.k would change; zero queries keep the new dims silent.
+    kind = ZERO if role in ("reader", "q_dim") else FREE
   elif role in ("reader", "q_dim"):
     kind = ZERO                                      # the unit starts silent
   elif role == "new_rows":

@@ -42,8 +42,10 @@ class GrowthPlan:
     if self.depth_position not in DEPTH_POSITIONS:
       raise GrowlmError(f"growth plan: depth_position={self.depth_position!r}; accepted: "
                         f"{DEPTH_POSITIONS}")
-    if not self.noise_scale >= 0 or not self.symmetry_noise >= 0:
-      raise GrowlmError("growth plan: noise_scale and symmetry_noise must be >= 0")
+    for name in ("noise_scale", "symmetry_noise"):
+      v = getattr(self, name)
+      if not v >= 0:  # also refuses NaN
+        raise GrowlmError(f"growth plan: {name}={v!r}; accepted: a float >= 0")
     object.__setattr__(self, "new_layer_indices", tuple(int(i) for i in self.new_layer_indices))
 
   def to_dict(self) -> dict[str, Any]:
@@ -68,6 +70,9 @@ def layer_sources(n_src: int, n_dst: int, plan: GrowthPlan) -> list[tuple[int, b
   if n_dst < n_src:
     raise GrowlmError(f"growth: n_layers {n_src} -> {n_dst}; accepted: target >= source")
   if plan.depth == "stack":
+    if plan.new_layer_indices:  # stacking appends whole copies: refuse rather than ignore
+      raise GrowlmError(f"growth plan: new_layer_indices={list(plan.new_layer_indices)} with "
+                        "depth='stack'; accepted: new_layer_indices with identity or copy")
     return [(i % n_src, i >= n_src) for i in range(n_dst)]
   n_new = n_dst - n_src
   if plan.new_layer_indices:
