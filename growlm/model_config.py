@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from growlm.errors import GrowlmError
+from growlm.errors import GrowlmError, strict_fields
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
@@ -56,11 +56,7 @@ class ModelConfig:
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
     """Builds a config from a mapping; unknown keys are an error, not silently dropped."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise GrowlmError(f"model config: unknown field(s) {unknown}; accepted: {sorted(known)}")
-    return cls(**dict(d))
+    return cls(**strict_fields("model config", d, {f.name for f in dataclasses.fields(cls)}))
 
   @property
   def q_per_kv(self) -> int:

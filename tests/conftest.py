@@ -18,3 +18,19 @@ DATASETS = REPO.parent / "shared" / "datasets"
 @pytest.fixture(scope="session")
 def n_devices():
   return jax.device_count()
+
+
+def run_config(**overrides):
+  """The tiny `runlocal` training config on one device, with dotted-path overrides."""
+  import sys  # pylint: disable=g-import-not-at-top
+  if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from growlm import sweep  # pylint: disable=g-import-not-at-top
+  c = default.get_config("size=nano,runlocal")
+  c.log.progress_bar = False
+  c.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+  c.checkpoint.async_save = False
+  for path, value in overrides.items():
+    sweep.set_path(c, path, value)
+  return c

@@ -12,15 +12,13 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_config
 from growlm import model, optim, train
 from growlm.grow import GrowthPlan, grow
 from growlm.grow.optimizer import grow_opt_state
 from growlm.metrics import read_metrics
 from growlm.model_config import make_model_config
 
-sys.path.insert(0, str(REPO))
-from configs import default as default_config  # noqa: E402  pylint: disable=wrong-import-position
 
 REPORT_KEYS = ("method", "max_abs_logit_diff", "mean_abs_logit_diff", "kl_src_dst", "loss_src",
                "loss_dst", "src_params", "dst_params")
@@ -98,18 +96,7 @@ def test_without_multipliers_tiled_readers_move_faster(x64):
   assert diff > 1e-4
 
 
-def _config(**overrides):
-  c = default_config.get_config("size=nano,runlocal")
-  c.log.progress_bar = False
-  c.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
-  c.checkpoint.async_save = False
-  for path, value in overrides.items():
-    node = c
-    *parents, last = path.split(".")
-    for part in parents:
-      node = node[part]
-    node[last] = value
-  return c
+_config = run_config
 
 
 @pytest.fixture(scope="module")

@@ -207,18 +207,8 @@ def test_bad_wandb_mode_env(monkeypatch):
 
 
 def _train_config(**wandb_fields):
-  import sys  # pylint: disable=g-import-not-at-top
-  from conftest import REPO  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, str(REPO))
-  from configs import default  # pylint: disable=g-import-not-at-top
-  c = default.get_config("size=nano,runlocal")
-  c.log.progress_bar = False
-  c.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
-  c.checkpoint.async_save = False
-  c.train.num_steps = 6
-  for k, v in wandb_fields.items():
-    c.wandb[k] = v
-  return c
+  from conftest import run_config  # pylint: disable=g-import-not-at-top
+  return run_config(**{"train.num_steps": 6, **{f"wandb.{k}": v for k, v in wandb_fields.items()}})
 
 
 def test_trainer_logs_to_wandb_offline(tmp_path, monkeypatch):

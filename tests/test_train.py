@@ -11,29 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import DATASETS, REPO
+from conftest import DATASETS, REPO, run_config
 from growlm import config as config_lib
 from growlm import flops, model, optim, sharding, train
 from growlm.errors import GrowlmError
 from growlm.metrics import read_metrics
 from growlm.model_config import make_model_config
 
-sys.path.insert(0, str(REPO))
-from configs import default as default_config  # noqa: E402  pylint: disable=wrong-import-position
 
 
-def _config(**overrides):
-  c = default_config.get_config("size=nano,runlocal")
-  c.log.progress_bar = False
-  c.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
-  c.checkpoint.async_save = False
-  for path, value in overrides.items():
-    node = c
-    *parents, last = path.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  return c
+_config = run_config
 
 
 def _step_setup(cfg, mesh_shape, train_cfg, grad_accum=1):

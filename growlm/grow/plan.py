@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
-from growlm.errors import GrowlmError
+from growlm.errors import GrowlmError, strict_fields
 
 WIDTH_METHODS = ("zeros", "noise", "mean_fill", "tile")
 DEPTH_METHODS = ("identity", "copy", "stack")
@@ -53,11 +53,7 @@ class GrowthPlan:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "GrowthPlan":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise GrowlmError(f"growth plan: unknown field(s) {unknown}; accepted: {sorted(known)}")
-    return cls(**dict(d))
+    return cls(**strict_fields("growth plan", d, {f.name for f in dataclasses.fields(cls)}))
 
   @property
   def name(self) -> str:
