@@ -11,8 +11,6 @@ It is written under OUT.partial and renamed at the end, so on any error nothing 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import sys
 
 from absl import app, flags
@@ -26,28 +24,6 @@ _SOURCE = flags.DEFINE_string("source", None, "Source run directory (config.json
 _OUT = flags.DEFINE_string("out", None, "Output run directory (must not exist).")
 
 
-def grow_run(config, source: str, out: str) -> dict:
-  """Library form of the command: grows `source` into the run dir `out` (atomic)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from growlm import train  # pylint: disable=g-import-not-at-top
-  if os.path.exists(out):
-    raise GrowlmError(f"--out={out} exists; accepted: a path that does not exist yet")
-  partial = out.rstrip("/") + ".partial"
-  if jax.process_index() == 0 and os.path.exists(partial):
-    shutil.rmtree(partial)
-  with config.unlocked():
-    config.init.source = source
-  try:
-    summary = train.train(config, partial, grow_only=True)
-  except BaseException:
-    if jax.process_index() == 0:
-      shutil.rmtree(partial, ignore_errors=True)
-    raise
-  if jax.process_index() == 0:
-    os.rename(partial, out)
-  return summary
-
-
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -55,7 +31,8 @@ def main(argv):
   try:
     if _CONFIG.value is None or not _SOURCE.value or not _OUT.value:
       raise GrowlmError("--config=TARGET_CONFIG, --source=RUN_DIR and --out=DIR are all required")
-    grow_run(_CONFIG.value, _SOURCE.value, _OUT.value)
+    from growlm import train  # pylint: disable=g-import-not-at-top
+    train.grow_into(_CONFIG.value, _SOURCE.value, _OUT.value)
   except GrowlmError as e:
     print(f"growlm: error: {e}", file=sys.stderr)
     sys.exit(2)

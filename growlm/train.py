@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -352,3 +353,25 @@ def _grow_from_source(config, source, cfg, optimizer, shard, mesh, rules, evalua
   if jax.process_index() == 0:
     print(report_lib.format_report(report), flush=True)
   return state, report, {"source_flops": source_flops}
+
+
+def grow_into(config: ml_collections.ConfigDict, source: str, out: str) -> dict[str, Any]:
+  """The grow command as a library call: `source` grown to `config`'s model, written as the run
+  dir `out` at step 0 (checkpoint, growth report). It is built under OUT.partial and renamed at
+  the end, so on any error nothing is left at `out`."""
+  if os.path.exists(out):
+    raise GrowlmError(f"--out={out} exists; accepted: a path that does not exist yet")
+  partial = out.rstrip("/") + ".partial"
+  if jax.process_index() == 0 and os.path.exists(partial):
+    shutil.rmtree(partial)
+  with config.unlocked():
+    config.init.source = source
+  try:
+    summary = train(config, partial, grow_only=True)
+  except BaseException:
+    if jax.process_index() == 0:
+      shutil.rmtree(partial, ignore_errors=True)
+    raise
+  if jax.process_index() == 0:
+    os.rename(partial, out)
+  return summary

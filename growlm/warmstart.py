@@ -1,8 +1,9 @@
 """Starting a run from another run: load its checkpoint, grow it, report, hand a TrainState over.
 
 A source is a run directory (config.json + checkpoints/), as the trainer and the grow command
-write them. Its parameters (and Adam state, if asked) are restored onto the current mesh, grown
-under jit with the target's shardings, so a big target is built shard by shard on its devices.
+write them, or a Hugging Face directory (config.json + *.safetensors, growlm.hf). Its parameters
+(and, for a run, Adam state if asked) are restored onto the current mesh, grown under jit with
+the target's shardings, so a big target is built shard by shard on its devices.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from growlm import config as config_lib
-from growlm import optim
+from growlm import hf as hf_lib
+from growlm import model as model_lib
+from growlm import optim, sharding
 from growlm.checkpoint import Checkpoints
 from growlm.errors import GrowlmError
 from growlm.grow import core as grow_core
@@ -37,10 +40,16 @@ class Source:
   step: int = 0
   state: TrainState | None = None
   meta: dict | None = None
+  hf: bool = False                     # a Hugging Face directory (no optimizer state)
 
 
 def read_source(directory: str) -> Source:
-  """The source run's config (no arrays read yet); one clear error if it is not a run dir."""
+  """The source's config (no arrays read yet): a run dir, or a Hugging Face directory whose
+  config and tensor headers are checked here; one clear error if it is neither."""
+  if hf_lib.is_hf_dir(directory):
+    _, model, raw = hf_lib.check_hf_dir(directory)
+    cfg = ml_collections.ConfigDict({"model": model.to_dict(), "hf_config": raw})
+    return Source(directory, cfg, model, meta={"flops": 0}, hf=True)
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
     raise GrowlmError(f"init.source={directory!r} has no config.json; accepted: a run directory "
@@ -50,6 +59,9 @@ def read_source(directory: str) -> Source:
     raise GrowlmError(f"init.source={directory!r} has no checkpoint under checkpoints/")
   with open(path) as f:
     cfg = ml_collections.ConfigDict(json.load(f))
+  if "model" not in cfg:
+    raise GrowlmError(f"init.source={directory!r}: config.json is neither a growlm run's (no "
+                      "model section) nor a Hugging Face model's (no model_type)")
   return Source(directory, cfg, config_lib.model_config(cfg))
 
 
@@ -58,8 +70,24 @@ def source_optimizer(src: Source):
   return optim.make_optimizer(src.config.train, lr_multipliers=lr_mult)
 
 
+def _restore_hf(src: Source, mesh, rules) -> Source:
+  """Imports an HF source onto `mesh`, each process placing only its own shards."""
+  imported = hf_lib.import_hf(src.directory, param_dtype=src.model.param_dtype,
+                              dtype=src.model.dtype)
+  shapes, axes = model_lib.abstract_params(src.model)
+  shard = sharding.tree_shardings(axes, shapes, mesh, rules)
+  params = jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]),
+      imported.params, shard)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, rng=None)
+  return dataclasses.replace(src, step=0, state=state, meta={"flops": 0})
+
+
 def restore_source(src: Source, mesh, rules) -> Source:
-  """Restores the source's newest restorable checkpoint onto `mesh` (the source is not changed)."""
+  """Restores the source's newest restorable checkpoint (or imports its HF weights) onto `mesh`
+  (the source is not changed)."""
+  if src.hf:
+    return _restore_hf(src, mesh, rules)
   abstract, _ = state_shardings(src.model, source_optimizer(src), mesh, rules)
   ckpt = Checkpoints(os.path.join(src.directory, "checkpoints"), async_save=False)
   try:
@@ -78,6 +106,13 @@ def check_init(config) -> None:
   if config.init.optimizer not in OPTIMIZER_INIT:
     raise GrowlmError(f"config init.optimizer={config.init.optimizer!r}; accepted: "
                       f"{OPTIMIZER_INIT}")
+  if hf_lib.is_hf_dir(config.init.source):
+    if config.init.optimizer == "grow":
+      raise GrowlmError(f"config init.optimizer='grow' with init.source={config.init.source!r}: "
+                        "Hugging Face checkpoints carry no optimizer state; accepted: 'fresh'")
+    hf_lib.check_seq_len(hf_lib.read_hf_config(config.init.source)[1], config.data.seq_len)
+  elif os.path.isfile(os.path.join(config.init.source, "config.json")):
+    hf_lib.check_seq_len(read_source(config.init.source).model, config.data.seq_len)
 
 
 def grow_state(src: Source, target: ModelConfig, plan: GrowthPlan, optimizer, shard: TrainState,

@@ -175,3 +175,12 @@ def test_bad_source_is_one_line(tmp_path):
                  f"--source={tmp_path}/nothing", f"--out={tmp_path}/o"])
   assert r.returncode == 2 and "config.json" in r.stderr
   assert not (tmp_path / "o").exists()
+
+
+def test_growth_source_shorter_than_seq_len_is_refused(source_run, tmp_path):
+  """A learned-position source cannot be measured on longer sequences than its table."""
+  from growlm.errors import GrowlmError  # pylint: disable=g-import-not-at-top
+  c = _config(**{"init.source": str(source_run), "model.max_len": 512, "data.seq_len": 300})
+  with pytest.raises(GrowlmError, match="max_len=256") as e:
+    train.train(c, str(tmp_path / "run"))
+  assert "\n" not in str(e.value) and not (tmp_path / "run").exists()

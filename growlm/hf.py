@@ -1,0 +1,514 @@
+"""Hugging Face interop: a local `config.json` + `*.safetensors` directory <-> growlm config and
+params, and the library form of the `growlm.hf_main` commands. No torch: tensors are read and
+written with `safetensors` in numpy.
+
+Import (`import_hf`) accepts GPT-2 and Llama checkpoints, single-file or sharded with
+`model.safetensors.index.json`, in float32/float16/bfloat16/float64. Export (`export_hf`) writes
+`config.json` + `model.safetensors` that `transformers.AutoModelForCausalLM.from_pretrained`
+loads: GPT-2 when the growlm config is expressible as GPT-2, Llama otherwise. Anything either
+side cannot express is refused with one line naming the field; layouts are in growlm.hf_layout.
+growlm has one `use_bias` flag: a Llama with only one of attention_bias / mlp_bias is imported
+with the other biases set to zero (the same function) and exported with both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, so safetensors can return BF16
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from growlm import config as config_lib
+from growlm import data as data_lib
+from growlm import hf_layout as layout
+from growlm import model as model_lib
+from growlm import sharding
+from growlm.errors import GrowlmError
+from growlm.grow import core as grow_core
+from growlm.grow import report as report_lib
+from growlm.grow.plan import GrowthPlan
+from growlm.hf_layout import hf_architecture, hf_config  # noqa: F401  (public API)
+from growlm.model_config import DTYPES, ModelConfig
+
+_err = layout.err
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# Buffers some checkpoints carry that are not parameters (GPT-2's causal mask, old RoPE tables).
+_BUFFERS = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$|\.rotary_emb\.inv_freq$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+_INDEX = "model.safetensors.index.json"
+
+
+@dataclasses.dataclass
+class HFModel:
+  """An imported checkpoint: growlm config and params (numpy, growlm layout)."""
+  config: ModelConfig
+  params: dict
+  arch: str                 # gpt2 | llama
+  hf_config: dict           # config.json as read
+  directory: str
+
+
+# ------------------------------------------------------------------------------ config.json
+
+
+def _read_json(directory: str, name: str) -> dict:
+  path = os.path.join(directory, name)
+  try:
+    with open(path) as f:
+      out = json.load(f)
+  except (OSError, ValueError) as e:
+    raise _err(directory, f"cannot read {name} ({type(e).__name__}: {e})".splitlines()[0]) from e
+  if not isinstance(out, dict):
+    raise _err(directory, f"{name} is not a JSON object")
+  return out
+
+
+def is_hf_dir(directory: str) -> bool:
+  """True for a Hugging Face model directory (config.json names a model_type or architectures
+  and there is no growlm checkpoints/); says nothing about whether it is importable."""
+  path = os.path.join(directory, "config.json")
+  if not os.path.isfile(path) or os.path.isdir(os.path.join(directory, "checkpoints")):
+    return False
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(raw, dict) and ("model_type" in raw or "architectures" in raw)
+
+
+def read_hf_config(directory: str, *, param_dtype: str = "float32", dtype: str = "float32"
+                   ) -> tuple[str, ModelConfig, dict, set[str]]:
+  """(arch, growlm config, raw config.json, bias groups in the file) of an HF directory; no
+  tensors are read. Unknown architectures and unsupported options raise GrowlmError."""
+  for name, v in (("param_dtype", param_dtype), ("dtype", dtype)):
+    if v not in DTYPES:
+      raise GrowlmError(f"HF import {name}={v!r}; accepted: {DTYPES}")
+  if not os.path.isfile(os.path.join(directory, "config.json")):
+    raise _err(directory, "no config.json; accepted: a directory saved by save_pretrained")
+  raw = _read_json(directory, "config.json")
+  arch, fields, biases = layout.model_fields(directory, raw)
+  try:
+    cfg = ModelConfig(**fields, dtype=dtype, param_dtype=param_dtype, dropout_rate=0.0)
+  except GrowlmError as e:
+    raise _err(directory, f"config.json maps to an invalid growlm config ({e})") from e
+  return arch, cfg, raw, biases
+
+
+# ------------------------------------------------------------------------------ tensors
+
+
+def _tensor_index(directory: str) -> dict[str, tuple[str, tuple[int, ...], str]]:
+  """name -> (file, shape, safetensors dtype) from the files' headers (no data read)."""
+  index_path = os.path.join(directory, _INDEX)
+  if os.path.isfile(index_path):
+    weight_map = _read_json(directory, _INDEX).get("weight_map")
+    if not (isinstance(weight_map, dict) and weight_map
+            and all(isinstance(v, str) for v in weight_map.values())):
+      raise _err(directory, f"{_INDEX} has no weight_map of tensor name -> file name")
+    files = sorted(set(weight_map.values()))
+    for f in files:
+      if not os.path.isfile(os.path.join(directory, f)):
+        raise _err(directory, f"{_INDEX} names {f}, which is missing")
+  else:
+    weight_map = None
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not files:
+      others = [f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".h5", ".msgpack"))]
+      raise _err(directory, "no *.safetensors files" + (f" (found {others[:3]})" if others else "")
+                 + "; accepted: safetensors weights (save_pretrained(safe_serialization=True))")
+  out: dict[str, tuple[str, tuple[int, ...], str]] = {}
+  for f in files:
+    try:
+      with safe_open(os.path.join(directory, f), "np") as st:
+        for k in st.keys():
+          sl = st.get_slice(k)
+          if k in out:
+            raise _err(directory, f"tensor {k} is in both {out[k][0]} and {f}")
+          out[k] = (f, tuple(sl.get_shape()), sl.get_dtype())
+    except (SafetensorError, OSError) as e:
+      raise _err(directory, f"cannot read {f} ({str(e).splitlines()[0] if str(e) else e})") from e
+  for k, f in (weight_map or {}).items():
+    if out.get(k, (f,))[0] != f:
+      raise _err(directory, f"{_INDEX} puts {k} in {f}, but it is in {out[k][0]}")
+    if k not in out:
+      raise _err(directory, f"{_INDEX} lists {k} in {f}, which does not hold it")
+  return out
+
+
+def _prefix(arch: str, names) -> str:
+  """The model prefix (`transformer.` / `model.`), or '' for a checkpoint of the base model."""
+  p = layout.PREFIX[arch]
+  return p if any(n.startswith(p) for n in names) else ""
+
+
+def _check_tensors(directory, arch, cfg, raw, biases, index) -> tuple[list[layout.Spec], str]:
+  """Every expected tensor present with its shape and a float dtype; nothing unexplained."""
+  specs = layout.specs(arch, cfg, biases)
+  prefix = _prefix(arch, index)
+  expected = set()
+  for spec in specs:
+    for name in layout.names(spec, prefix, cfg.n_layers):
+      expected.add(name)
+      if name not in index:
+        raise _err(directory, f"tensor {name} is missing (config.json: {arch}, "
+                   f"{cfg.n_layers} layers, tie_word_embeddings={cfg.tie_embeddings})")
+      f, shape, dt = index[name]
+      if shape != spec.shape:
+        raise _err(directory, f"{f}: tensor {name} has shape {shape}, config.json implies "
+                   f"{spec.shape}")
+      if dt not in _FLOAT_DTYPES:
+        raise _err(directory, f"{f}: tensor {name} has dtype {dt}; accepted: {_FLOAT_DTYPES}")
+  extra = sorted(n for n in set(index) - expected if not _BUFFERS.search(n)
+                 and not (n == "lm_head.weight" and cfg.tie_embeddings))
+  if extra:
+    raise _err(directory, f"unexpected tensors {extra[:4]}{' ...' if len(extra) > 4 else ''} "
+               f"for a {arch} model with {cfg.n_layers} layers (config.json: {_fields_str(raw)})")
+  return specs, prefix
+
+
+def _fields_str(raw: dict) -> str:
+  keys = ("n_layer", "num_hidden_layers", "attention_bias", "mlp_bias", "tie_word_embeddings")
+  return ", ".join(f"{k}={raw[k]}" for k in keys if k in raw)
+
+
+def _set(tree: dict, path, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def _leaf(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _paths(tree) -> list[tuple[str, ...]]:
+  return [tuple(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def check_hf_dir(directory: str, **dtypes) -> tuple[str, ModelConfig, dict]:
+  """Validates config.json and the tensors' names, shapes and dtypes (headers only, no data):
+  (arch, growlm config, raw config.json). One GrowlmError for anything wrong."""
+  arch, cfg, raw, biases = read_hf_config(directory, **dtypes)
+  _check_tensors(directory, arch, cfg, raw, biases, _tensor_index(directory))
+  return arch, cfg, raw
+
+
+def import_hf(directory: str, *, param_dtype: str = "float32", dtype: str = "float32"
+              ) -> HFModel:
+  """Reads an HF GPT-2 or Llama directory into growlm params (numpy, `param_dtype`) and config
+  (compute `dtype`). Refuses, with one line naming the field, anything it cannot map exactly."""
+  arch, cfg, raw, biases = read_hf_config(directory, param_dtype=param_dtype, dtype=dtype)
+  index = _tensor_index(directory)
+  specs, prefix = _check_tensors(directory, arch, cfg, raw, biases, index)
+  np_dtype = jnp.dtype(param_dtype)
+  params: dict = {}
+  with contextlib.ExitStack() as stack:
+    handles: dict[str, Any] = {}
+
+    def read(name):
+      f = index[name][0]
+      if f not in handles:
+        handles[f] = stack.enter_context(safe_open(os.path.join(directory, f), "np"))
+      x = handles[f].get_tensor(name)
+      if not np.isfinite(x).all():
+        raise _err(directory, f"{f}: tensor {name} holds NaN or Inf values")
+      return x.astype(np_dtype)
+
+    for spec in specs:
+      per_layer = [spec.to_growlm(read(n)) for n in layout.names(spec, prefix, cfg.n_layers)]
+      for j, path in enumerate(spec.paths):
+        parts = [p[j] for p in per_layer]
+        _set(params, path, np.stack(parts) if path[0] == "layers" else parts[0])
+    if cfg.tie_embeddings and "lm_head.weight" in index:
+      if not np.array_equal(read("lm_head.weight"), params["embed"]):
+        raise _err(directory, "lm_head.weight differs from the token embeddings although "
+                   "tie_word_embeddings is true")
+  shapes, _ = model_lib.abstract_params(cfg)
+  for path in _paths(shapes):
+    # Biases the file does not hold (a Llama with only one of attention_bias / mlp_bias): zero
+    # computes what the HF model computes.
+    if path[-1].endswith("_bias"):
+      try:
+        _leaf(params, path)
+      except KeyError:
+        _set(params, path, np.zeros(_leaf(shapes, path).shape, np_dtype))
+  _check_params(params, cfg, f"import of {directory}")
+  return HFModel(cfg, params, arch, raw, directory)
+
+
+def _check_params(params, cfg: ModelConfig, what: str) -> None:
+  shapes, _ = model_lib.abstract_params(cfg)
+  want, got = set(_paths(shapes)), set(_paths(params))
+  if want != got:
+    raise GrowlmError(f"{what}: params do not match the config (missing "
+                      f"{sorted('/'.join(p) for p in want - got)[:4]}, unexpected "
+                      f"{sorted('/'.join(p) for p in got - want)[:4]})")
+  for p in sorted(want):
+    if tuple(_leaf(params, p).shape) != tuple(_leaf(shapes, p).shape):
+      raise GrowlmError(f"{what}: param {'/'.join(p)} has shape {tuple(_leaf(params, p).shape)}, "
+                        f"the config implies {tuple(_leaf(shapes, p).shape)}")
+
+
+# ------------------------------------------------------------------------------ export
+
+
+def _host(x) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
+
+
+def to_hf_tensors(params, cfg: ModelConfig, arch: str | None = None,
+                  dtype: str | None = None) -> dict[str, np.ndarray]:
+  """growlm params -> {HF tensor name: array} for `arch` (default: hf_architecture(cfg)).
+  Biases a GPT-2 needs but a use_bias=False model lacks are written as zeros."""
+  arch = arch or hf_architecture(cfg)
+  _check_params(params, cfg, "HF export")
+  np_dtype = None if dtype is None else jnp.dtype(dtype)
+  out = {}
+  # GPT-2 always has biases (zeros stand in for absent ones); Llama has them iff use_bias.
+  groups = {"attn", "mlp", "norm"} if arch == "gpt2" or cfg.use_bias else set()
+  for spec in layout.specs(arch, cfg, groups):
+    if spec.bias and not cfg.use_bias:
+      leaves = None
+    else:
+      leaves = [_host(_leaf(params, p)) for p in spec.paths]
+    for i, name in enumerate(layout.names(spec, layout.PREFIX[arch], cfg.n_layers)):
+      if leaves is None:
+        x = np.zeros(spec.shape, np.dtype(params["embed"].dtype))
+      else:
+        x = spec.to_hf(*[v[i] if p[0] == "layers" else v for v, p in zip(leaves, spec.paths)])
+      out[name] = np.ascontiguousarray(x if np_dtype is None else x.astype(np_dtype))
+  return out
+
+
+def _write_tensors(tensors: dict[str, np.ndarray], directory: str, max_shard_bytes: int):
+  shards, size = [[]], 0
+  for name, x in tensors.items():
+    if shards[-1] and size + x.nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(name)
+    size += x.nbytes
+  meta = {"format": "pt"}   # transformers refuses safetensors files without a known format
+  if len(shards) == 1:
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata=meta)
+    return
+  weight_map = {}
+  for k, names in enumerate(shards):
+    fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+    save_file({n: tensors[n] for n in names}, os.path.join(directory, fname), metadata=meta)
+    weight_map.update({n: fname for n in names})
+  index = {"metadata": {"total_size": int(sum(x.nbytes for x in tensors.values()))},
+           "weight_map": weight_map}
+  with open(os.path.join(directory, _INDEX), "w") as f:
+    json.dump(index, f, indent=2, sort_keys=True)
+
+
+def copy_tokenizer_files(src: str, dst: str) -> list[str]:
+  """Copies the tokenizer (and generation config) files `src` has into `dst`; returns them.
+  `src` may also be a tokenizer.json file."""
+  if os.path.isfile(src):
+    shutil.copy(src, os.path.join(dst, "tokenizer.json"))
+    return ["tokenizer.json"]
+  copied = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
+  for f in copied:
+    shutil.copy(os.path.join(src, f), os.path.join(dst, f))
+  return copied
+
+
+def export_hf(params, cfg: ModelConfig, out: str, *, tokenizer_from: str | None = None,
+              token_ids: dict | None = None, dtype: str | None = None,
+              extra_json: dict | None = None, max_shard_bytes: int = 4 << 30) -> str:
+  """Writes `out` (config.json, model.safetensors, tokenizer files of `tokenizer_from`, and
+  `extra_json` {filename: object}) for transformers; returns the architecture written.
+
+  Atomic: built under OUT.partial and renamed, so on any error nothing is left at `out`.
+  Special token ids come from `token_ids`, else from `tokenizer_from`'s config.json.
+  `dtype` (float32 | bfloat16 | float16 | float64) defaults to the params' own dtype.
+  """
+  arch = hf_architecture(cfg)
+  if dtype is not None and dtype not in DTYPES:
+    raise GrowlmError(f"HF export dtype={dtype!r}; accepted: {DTYPES}")
+  if os.path.exists(out):
+    raise GrowlmError(f"HF export: out={out} exists; accepted: a path that does not exist yet")
+  if tokenizer_from and not os.path.exists(tokenizer_from):
+    raise GrowlmError(f"HF export: tokenizer_from={tokenizer_from!r} does not exist")
+  if token_ids is None and tokenizer_from and os.path.isfile(
+      os.path.join(tokenizer_from, "config.json")):
+    src = _read_json(tokenizer_from, "config.json")
+    token_ids = {k: src.get(k) for k in layout.TOKEN_ID_FIELDS}
+  tensors = to_hf_tensors(params, cfg, arch, dtype)
+  written = str(next(iter(tensors.values())).dtype)
+  conf = hf_config(cfg, arch, token_ids=token_ids, dtype=written)
+  partial = out.rstrip("/") + ".partial"
+  if jax.process_index() != 0:
+    return arch
+  shutil.rmtree(partial, ignore_errors=True)
+  try:
+    os.makedirs(partial)
+    with open(os.path.join(partial, "config.json"), "w") as f:
+      json.dump(conf, f, indent=2, sort_keys=True)
+    _write_tensors(tensors, partial, max_shard_bytes)
+    if tokenizer_from:
+      copy_tokenizer_files(tokenizer_from, partial)
+    for name, obj in (extra_json or {}).items():
+      with open(os.path.join(partial, name), "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.rename(partial, out)
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  return arch
+
+
+# ------------------------------------------------------------------------------ commands
+# The library form of growlm.hf_main; the trainer and warmstart are imported late (they import
+# this module).
+
+# Fields growth keeps (growlm.grow.core), so they are the source's whatever the config says.
+SOURCE_FIELDS = ("vocab_size", "norm", "norm_eps", "positions", "rope_theta", "mlp", "use_bias",
+                 "tie_embeddings")
+SIZE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim", "max_len")
+
+
+def apply_source(config, source: str, *, as_is: bool = False) -> ModelConfig:
+  """Points `config` at the HF `source` (checked, headers only): init.source, and the model
+  fields that must be the source's (all sizes too with `as_is`), printing each one changed.
+  Returns the source's model config."""
+  _, src, _ = check_hf_dir(source)
+  with config.unlocked():
+    config.init.source = source
+    for f in SOURCE_FIELDS + (SIZE_FIELDS if as_is else ()):
+      if config.model[f] != getattr(src, f):
+        print(f"growlm: model.{f} {config.model[f]} -> {getattr(src, f)} (from the source)")
+      config.model[f] = getattr(src, f)
+  check_seq_len(src, config.data.seq_len)
+  return src
+
+
+def check_seq_len(src: ModelConfig, seq_len: int) -> None:
+  """The preservation report runs the source on the run's batches: a learned position table
+  must cover them."""
+  if src.positions == "learned" and seq_len > src.max_len:
+    raise GrowlmError(f"data.seq_len={seq_len} exceeds the source's max_len={src.max_len} "
+                      f"(learned positions; the preservation report runs the source on the same "
+                      f"batches); accepted: seq_len <= {src.max_len}")
+
+
+def _eval_batches(config, vocab_size: int) -> tuple[str, list[dict]]:
+  """The first eval dataset's batches, as the trainer's evaluator would take them."""
+  d = config.data
+  tokenizer = data_lib.make_tokenizer(d.tokenizer)
+  if tokenizer.vocab_size > vocab_size:
+    raise GrowlmError(f"data.tokenizer has {tokenizer.vocab_size} tokens, more than the source "
+                      f"model's vocab_size={vocab_size}; accepted: the source's own tokenizer")
+  name, spec = next(iter(d.eval.items()))
+  source, split = config_lib.parse_eval_spec(spec, d.train)
+  corpus = data_lib.load_corpus(source, split, eval_fraction=d.eval_fraction,
+                                max_bytes=d.max_bytes, data_dir=d.data_dir or None)
+  stream = data_lib.tokenize_corpus(corpus, tokenizer)
+  return name, data_lib.eval_batches(stream, d.seq_len, d.batch_size, config.eval.batches)
+
+
+def grow_to_hf(config, source: str, out: str, *, as_is: bool = False) -> dict:
+  """Library form of `grow --format=hf`: imports `source`, grows it to `config.model` (style
+  and vocabulary set from the source, see apply_source) by `config.init.plan`, measures the
+  preservation report on the first eval dataset, and writes the HF directory `out` (with
+  growth_report.json and the source's tokenizer files). Returns the report."""
+  if os.path.exists(out):
+    raise GrowlmError(f"--out={out} exists; accepted: a path that does not exist yet")
+  apply_source(config, source, as_is=as_is)
+  config_lib.validate(config)
+  if config.init.optimizer == "grow":
+    raise GrowlmError("init.optimizer='grow' with --format=hf: an HF directory holds no "
+                      "optimizer state; accepted: 'fresh'")
+  plan = GrowthPlan.from_dict(config.init.plan.to_dict())
+  src = import_hf(source, dtype=config.model.dtype)
+  target = config_lib.model_config(config)
+  grown_cfg = grow_core.grown_config(src.config, target, plan)   # refuses what growth cannot do
+  hf_architecture(grown_cfg)                                     # refuses what HF cannot hold
+  name, batches = _eval_batches(config, src.config.vocab_size)
+
+  def run(params, rng):
+    return grow_core.grow(params, src.config, target, plan, rng).params
+
+  params = jax.jit(run)(src.params, jax.random.PRNGKey(config.init.seed))
+  report = report_lib.preservation_report(
+      src.config, src.params, grown_cfg, params, batches, plan,
+      extra={"source": os.path.abspath(source), "source_step": 0, "source_flops": 0.0,
+             "eval_dataset": name})
+  print(report_lib.format_report(report), flush=True)
+  arch = export_hf(params, grown_cfg, out, tokenizer_from=source,
+                   extra_json={"growth_report.json": report})
+  report["hf_architecture"] = arch
+  return report
+
+
+def grow_to_run(config, source: str, out: str, *, as_is: bool = False) -> dict:
+  """Library form of `grow --format=run`: the run dir `out` at step 0 (checkpoint, report), grown
+  from the HF `source` as `train_from_hf` would start it."""
+  from growlm import train  # pylint: disable=g-import-not-at-top
+  apply_source(config, source, as_is=as_is)
+  return train.grow_into(config, source, out)
+
+
+def train_from_hf(config, source: str, workdir: str, *, as_is: bool = False) -> dict:
+  """Library form of `train`: trains (or resumes) `workdir` from the HF `source`, grown to the
+  config's sizes, or as it is with `as_is`. The same call resumes: the config it derives from
+  the source is the same each time."""
+  from growlm import train  # pylint: disable=g-import-not-at-top
+  apply_source(config, source, as_is=as_is)
+  return train.train(config, workdir)
+
+
+def _tokenizer_source(run_cfg: dict) -> str | None:
+  """Where a run's tokenizer files are: its HF source, else its data.tokenizer path."""
+  source = run_cfg.get("init", {}).get("source") or ""
+  if source and is_hf_dir(source):
+    return source
+  tok = run_cfg.get("data", {}).get("tokenizer", "bytes")
+  return tok if tok != "bytes" and os.path.exists(tok) else None
+
+
+def export_run(run: str, out: str, *, tokenizer_from: str | None = None,
+               dtype: str | None = None) -> str:
+  """Library form of `export`: the run's newest checkpoint -> HF directory `out`; returns the
+  architecture written (gpt2 | llama)."""
+  from growlm import warmstart  # pylint: disable=g-import-not-at-top
+  if is_hf_dir(run):
+    raise GrowlmError(f"--run={run} is a Hugging Face directory; accepted: a growlm run dir")
+  if os.path.exists(out):
+    raise GrowlmError(f"--out={out} exists; accepted: a path that does not exist yet")
+  src = warmstart.read_source(run)
+  hf_architecture(src.model)   # refuse before reading any arrays
+  run_cfg = src.config.to_dict()
+  tokenizer_from = tokenizer_from or _tokenizer_source(run_cfg)
+  token_ids = None
+  if not (tokenizer_from and os.path.isfile(os.path.join(tokenizer_from, "config.json"))):
+    try:
+      tok = data_lib.make_tokenizer(run_cfg.get("data", {}).get("tokenizer", "bytes"))
+      token_ids = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id,
+                   "pad_token_id": tok.pad_id}
+    except GrowlmError:
+      pass  # the run's tokenizer file is gone: the ids are left unset, the weights still export
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  src = warmstart.restore_source(src, mesh, sharding.DEFAULT_RULES)
+  return export_hf(src.state.params, src.model, out, tokenizer_from=tokenizer_from,
+                   token_ids=token_ids, dtype=dtype)
