@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from growlm.metrics import read_metrics
+from growlm.metrics import read_metrics, write_json_atomic
 
 _IGNORED_MODEL_FIELDS = ("norm_eps",)  # growth may rescale it; the architecture is the same
 
@@ -167,19 +167,12 @@ def analyze(sweep_dir: str, plot: bool = True) -> dict[str, Any]:
     base = find_baseline(run, runs)
     results["grown"].append(compare(run, base) if base else
                             {"run": run["name"], "baseline": None})
-  _write_json(os.path.join(sweep_dir, "results.json"), results)
+  write_json_atomic(os.path.join(sweep_dir, "results.json"), results)
   with open(os.path.join(sweep_dir, "results.md"), "w") as f:
     f.write(results_markdown(results))
   if plot and runs:
     plot_loss_curves(runs, os.path.join(sweep_dir, "loss_curves.png"))
   return results
-
-
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def _fmt(v, spec=".4f", missing="n/a") -> str:

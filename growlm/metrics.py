@@ -10,6 +10,14 @@ from typing import Any
 from tqdm import tqdm
 
 
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Writes JSON through a temporary file and a rename, so a crash never leaves half a file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
 def read_metrics(path: str) -> list[dict[str, Any]]:
   """All records of a metrics.jsonl file (a torn last line from a crash is ignored)."""
   out = []

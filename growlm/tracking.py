@@ -26,6 +26,7 @@ import jax
 
 from growlm import config as config_lib
 from growlm.errors import GrowlmError
+from growlm.metrics import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +161,7 @@ def _read_state(workdir: str) -> dict[str, Any] | None:
 def _write_state(workdir: str, state: dict[str, Any]) -> None:
   path = _state_path(workdir)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(state, f)
-  os.replace(tmp, path)
+  write_json_atomic(path, state)
 
 
 def run_id(workdir: str) -> str:

@@ -30,7 +30,7 @@ from growlm.checkpoint import Checkpoints
 from growlm.grow import core as grow_core
 from growlm.grow import report as report_lib
 from growlm.errors import GrowlmError
-from growlm.metrics import MetricsWriter, ProgressBar
+from growlm.metrics import MetricsWriter, ProgressBar, write_json_atomic
 from growlm.state import TrainState, init_state, state_shardings  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -135,13 +135,6 @@ def _check_run_dir(workdir: str, config_json: dict) -> None:
                         f"{', '.join(conflicts[:8])}); use a new --workdir or the same config")
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def _saved_config(workdir: str) -> dict | None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
@@ -239,8 +232,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     # Inputs are good and the state exists: now the run dir is written.
     os.makedirs(workdir, exist_ok=True)
     if is_main:
-      _write_json_atomic(os.path.join(workdir, "config.json"), config_json)
-      _write_json_atomic(os.path.join(workdir, "data_manifest.json"), manifests)
+      write_json_atomic(os.path.join(workdir, "config.json"), config_json)
+      write_json_atomic(os.path.join(workdir, "data_manifest.json"), manifests)
       if growth_report is not None:
         report_lib.save_report(growth_report, workdir)
     ckpt = Checkpoints(ckpt_dir, keep=config.checkpoint.keep,

@@ -6,7 +6,6 @@ per token, and both models' losses. Every growth prints it and saves it as growt
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Iterable
 
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 from growlm import model as model_lib
 from growlm.grow import core
 from growlm.grow.plan import GrowthPlan
+from growlm.metrics import write_json_atomic
 from growlm.model_config import ModelConfig
 
 
@@ -93,8 +93,5 @@ def save_report(report: dict[str, Any], directory: str, name: str = "growth_repo
   """Writes the report atomically; returns its path."""
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, name)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(report, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  write_json_atomic(path, report)
   return path
