@@ -36,12 +36,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from growlm import config as config_lib
-from growlm import flops as flops_lib
-from growlm import model as model_lib
-from growlm import optim, sharding
-from growlm import train as train_lib
-from growlm.model_config import make_model_config
+from growlm.config import defaults as config_lib
+from growlm.config.typed import resolve
+from growlm.model import flops as flops_lib
+from growlm.model import decoder as model_lib
+from growlm import optim
+from growlm import sharding
+from growlm.train import trainer as train_lib
+from growlm.train import evaluate as eval_lib
+from growlm.train import state as state_lib
+from growlm.model.config import make_model_config
 
 DEFAULT_OUT = os.path.join("runs", "bench", "throughput.json")
 
@@ -179,8 +183,8 @@ def bench_style(style: str, args: argparse.Namespace, mesh, reference: MatmulRef
   """One row: train and eval throughput and MFU for `style` at the requested size."""
   cfg = make_model_config(args.size, style, max_len=args.seq_len)
   # The trainer's own optimizer (AdamW, clipping, decay mask) with its default hyperparameters:
-  # the step benchmarked is the step `growlm.train.train` runs.
-  tcfg = config_lib.base_config(args.size, style).train
+  # the step benchmarked is the step `growlm.train.trainer.train` runs.
+  tcfg = resolve(config_lib.base_config(args.size, style)).train
   schedule = optim.make_schedule(tcfg.lr, tcfg.warmup_steps, tcfg.num_steps, tcfg.schedule,
                                  tcfg.final_lr_ratio)
   optimizer = optim.make_optimizer(tcfg, schedule)
@@ -191,9 +195,9 @@ def bench_style(style: str, args: argparse.Namespace, mesh, reference: MatmulRef
   fpt_eval = flops_lib.forward_flops_per_token(cfg, L)
 
   with jax.set_mesh(mesh):
-    abstract, shard = train_lib.state_shardings(cfg, optimizer, mesh, rules)
+    abstract, shard = state_lib.state_shardings(cfg, optimizer, mesh, rules)
     batch_shard = sharding.batch_sharding(mesh, rules)
-    state = train_lib.init_state(cfg, optimizer, shard, seed=0)
+    state = state_lib.init_state(cfg, optimizer, shard, seed=0)
     # Random tokens, made once: data loading is not part of what is timed.
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, size=(B, L + 1), dtype=np.int32)
@@ -222,7 +226,7 @@ def bench_style(style: str, args: argparse.Namespace, mesh, reference: MatmulRef
     final_loss = float(carry["metrics"]["train_loss"])
 
     # Eval step: forward and summed loss, the trainer's Evaluator step.
-    eval_jit = jax.jit(train_lib.make_eval_step(cfg), in_shardings=(shard.params, batch_shard))
+    eval_jit = jax.jit(eval_lib.make_eval_step(cfg), in_shardings=(shard.params, batch_shard))
     t0 = time.perf_counter()
     eval_compiled = eval_jit.lower(abstract.params, abstract_batch).compile()
     eval_compile_s = time.perf_counter() - t0

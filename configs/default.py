@@ -9,14 +9,14 @@ runlocal (a tiny, fast variant that tests reuse). Any field can also be set with
 --config.FIELD=VALUE, e.g. --config.train.num_steps=200.
 """
 
-from growlm import config as config_lib
+from growlm.config import defaults as config_lib
 
 
 def get_config(arg: str | None = None):
-  args = config_lib.parse_arg(arg)
-  c = config_lib.base_config(args.get("size", "tiny"), args.get("style", "gpt2"))
-  c.name = f"{args.get('size', 'tiny')}-{args.get('style', 'gpt2')}"
-  if args.get("runlocal"):
+  args = config_lib.parse_arg(arg, size="tiny", style="gpt2", runlocal=False)
+  c = config_lib.base_config(args.size, args.style)
+  c.name = f"{args.size}-{args.style}"
+  if args.runlocal:
     c.model.n_layers = 2
     c.data.seq_len = 32
     c.data.batch_size = 8

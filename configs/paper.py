@@ -14,14 +14,14 @@ on Tiny Shakespeare (last 10%) and WikiText-2 test. Other datasets: add
 
 import os
 
-from growlm import config as config_lib
+from growlm.config import defaults as config_lib
 
 _DATASETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
                          "datasets")
 
 
 def get_config(arg: str | None = None):
-  args = config_lib.parse_arg(arg)
+  args = config_lib.parse_arg(arg, runlocal=False)
   c = config_lib.base_config("nano", "gpt2")
   c.name = "paper"
   c.data.seq_len = 128
@@ -42,7 +42,7 @@ def get_config(arg: str | None = None):
       c.data.eval.shakespeare = f"file:{os.path.normpath(shakespeare)}@eval"
     if os.path.exists(wikitext):
       c.data.eval.wikitext2 = f"file:{os.path.normpath(wikitext)}@all"
-  if args.get("runlocal"):
+  if args.runlocal:
     c.data.seq_len = 32
     c.data.batch_size = 8
     c.data.max_bytes = 200_000

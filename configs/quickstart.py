@@ -12,11 +12,11 @@ The grown runs and the baseline share the token budget and schedule. `runlocal` 
 variant (seconds) that tests reuse.
 """
 
-from growlm import config as config_lib
+from growlm.config import defaults as config_lib
 
 
 def get_config(arg: str | None = None):
-  args = config_lib.parse_arg(arg)
+  args = config_lib.parse_arg(arg, runlocal=False)
   c = config_lib.base_config("nano", "gpt2")
   c.name = "quickstart"
   c.data.seq_len = 64
@@ -31,7 +31,7 @@ def get_config(arg: str | None = None):
   c.log.every_steps = 10
   c.log.progress_bar = True
   c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
-  if args.get("runlocal"):
+  if args.runlocal:
     c.data.seq_len = 32
     c.data.batch_size = 8
     c.data.max_bytes = 300_000

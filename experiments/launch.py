@@ -9,11 +9,10 @@ results.json and loss_curves.png in DIR. --dry_run prints the commands instead. 
 
 from __future__ import annotations
 
-import logging
-import sys
 
 from absl import app, flags
 
+from growlm.cli import flags as cli_flags
 from growlm.errors import GrowlmError
 
 _CONFIG = flags.DEFINE_string("config", None, "Sweep config file, configs/<file>.py[:arg].")
@@ -28,9 +27,8 @@ _ANALYZE = flags.DEFINE_bool("analyze", True, "Write results.md/json and loss_cu
 
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  from growlm import analysis, sweep  # pylint: disable=g-import-not-at-top
+  cli_flags.setup_logging()
+  from growlm.experiments import analysis, sweep  # pylint: disable=g-import-not-at-top
   try:
     if not _CONFIG.value or not _SWEEP_DIR.value:
       raise GrowlmError("--config=configs/FILE.py[:ARG] and --sweep_dir=DIR are both required")
@@ -40,8 +38,7 @@ def main(argv):
       analysis.analyze(_SWEEP_DIR.value)
       print(f"growlm: results in {_SWEEP_DIR.value}/results.md and loss_curves.png")
   except GrowlmError as e:
-    print(f"growlm: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli_flags.fail(e)
 
 
 if __name__ == "__main__":

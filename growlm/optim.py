@@ -54,7 +54,7 @@ def scale_by_multipliers() -> optax.GradientTransformation:
   """Multiplies the Adam direction entry by entry (ones at init; growth sets them).
 
   Placed before weight decay, so decay keeps its usual strength: a parameter stored as W/n
-  with multiplier 1/n then moves exactly as the small model's W does (DESIGN.md point 7).
+  with multiplier 1/n then moves exactly as the small model's W does (docs/design.md 5.11).
   """
   def init(params):
     return MultiplierState(jax.tree.map(jnp.ones_like, params))

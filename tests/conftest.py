@@ -26,11 +26,11 @@ def run_config(**overrides):
   if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
   from configs import default  # pylint: disable=g-import-not-at-top
-  from growlm import sweep  # pylint: disable=g-import-not-at-top
+  from growlm.config import files  # pylint: disable=g-import-not-at-top
   c = default.get_config("size=nano,runlocal")
   c.log.progress_bar = False
   c.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
   c.checkpoint.async_save = False
   for path, value in overrides.items():
-    sweep.set_path(c, path, value)
+    files.set_field(c, path, value, what="test")
   return c

@@ -16,8 +16,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from growlm import flops
-from growlm.model_config import ModelConfig
+from growlm.model import flops
+from growlm.model.config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "throughput.py"

@@ -1,4 +1,4 @@
-"""Tests for growlm.data and growlm.tfds_text: sources, splits, tokens, packing, resume."""
+"""Tests for growlm.data: tokenizers, sources, splits, tokens, packing, resume, tfds."""
 
 import hashlib
 import json
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from growlm import data
-from growlm import tfds_text
+from growlm.data import tokenizers as data_tokenizers
 from growlm.errors import GrowlmError
 
 DATASETS = Path(__file__).parents[1] / ".." / "shared" / "datasets"
@@ -89,8 +89,8 @@ def test_hf_tokenizer_chunked_encoding_matches_whole(hf_tokenizer_path, monkeypa
   tok = data.make_tokenizer(str(hf_tokenizer_path))
   text = "to be or not to be\nthe quick brown fox\n" * 50
   whole = tok.encode(text)
-  monkeypatch.setattr(data, "_ENCODE_CHUNK_CHARS", 64)
-  assert len(data._newline_chunks(text, 64)) > 10
+  monkeypatch.setattr(data_tokenizers, "_ENCODE_CHUNK_CHARS", 64)
+  assert len(data_tokenizers._newline_chunks(text, 64)) > 10
   np.testing.assert_array_equal(tok.encode(text), whole)
 
 
@@ -335,19 +335,19 @@ def test_tfds_prepare_and_read_round_trip(tmp_path):
   text_path.write_text("".join(f"verse {i}: ça va\n" for i in range(500)), encoding="utf-8")
   source = f"file:{text_path}"
   data_dir = tmp_path / "tfds"
-  spec = tfds_text.prepare_text_dataset(source, str(data_dir), name="growlm_test_text")
+  spec = data.prepare_text_dataset(source, str(data_dir), name="growlm_test_text")
   assert spec == "tfds:growlm_test_text"
   for split in ("train", "eval"):
     got = data.load_corpus(spec, split, data_dir=str(data_dir))
     assert got.documents == data.load_corpus(source, split).documents
   assert data.load_corpus(spec, "all", data_dir=str(data_dir)).n_bytes == text_path.stat().st_size
   # Same source again: reused; another source under the same name: refused.
-  assert tfds_text.prepare_text_dataset(source, str(data_dir), name="growlm_test_text") == spec
-  _raises_one_line(tfds_text.prepare_text_dataset, source, str(data_dir),
+  assert data.prepare_text_dataset(source, str(data_dir), name="growlm_test_text") == spec
+  _raises_one_line(data.prepare_text_dataset, source, str(data_dir),
                    name="growlm_test_text", eval_fraction=0.2, match="already holds")
-  _raises_one_line(tfds_text.prepare_text_dataset, source, str(data_dir), name="Bad-Name",
+  _raises_one_line(data.prepare_text_dataset, source, str(data_dir), name="Bad-Name",
                    match="snake_case")
-  _raises_one_line(tfds_text.prepare_text_dataset, source, str(data_dir), name="mnist",
+  _raises_one_line(data.prepare_text_dataset, source, str(data_dir), name="mnist",
                    match="catalogue")
   _raises_one_line(data.load_corpus, spec + ":validation", "eval", data_dir=str(data_dir),
                    match="available: eval, train")
@@ -355,7 +355,7 @@ def test_tfds_prepare_and_read_round_trip(tmp_path):
 
 def test_tfds_stdlib_read_in_fresh_process(tmp_path):
   data_dir = str(tmp_path / "tfds")
-  spec = tfds_text.prepare_text_dataset("stdlib", data_dir, max_bytes=400_000)
+  spec = data.prepare_text_dataset("stdlib", data_dir, max_bytes=400_000)
   expected = data.load_corpus("stdlib", "eval", max_bytes=400_000).documents
   # A process that imported only growlm.data, with no builder class defined.
   code = ("import hashlib, json, sys; from growlm import data; "

@@ -13,11 +13,14 @@ import optax
 import pytest
 
 from conftest import REPO, run_config
-from growlm import model, optim, train
+from growlm.model import decoder as model
+from growlm import optim
+from growlm import commands
+from growlm.train.loss import cross_entropy
 from growlm.grow import GrowthPlan, grow
 from growlm.grow.optimizer import grow_opt_state
-from growlm.metrics import read_metrics
-from growlm.model_config import make_model_config
+from growlm.rundir import read_metrics
+from growlm.model.config import make_model_config
 
 
 REPORT_KEYS = ("method", "max_abs_logit_diff", "mean_abs_logit_diff", "kl_src_dst", "loss_src",
@@ -32,7 +35,7 @@ def x64():
 
 
 def _loss(cfg, p, t):
-  return train.cross_entropy(model.apply(cfg, p, t[:, :-1]), t[:, 1:]).mean()
+  return cross_entropy(model.apply(cfg, p, t[:, :-1]), t[:, 1:]).mean()
 
 
 def _train_cfg(**kw):
@@ -77,7 +80,7 @@ def test_grown_optimizer_takes_the_small_models_step(x64, style, width, dims):
 
 
 def test_without_multipliers_tiled_readers_move_faster(x64):
-  """DESIGN.md point 7: with fresh LR multipliers (all 1) a tiled model does not take the small
+  """docs/design.md 5.11: with fresh LR multipliers (all 1) a tiled model does not take the small
   model's step, because input-tiled matrices move n times faster."""
   src = make_model_config("nano", "gpt2", dtype="float64", param_dtype="float64")
   dst = src.replace(d_model=128)
@@ -102,7 +105,7 @@ _config = run_config
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory):
   d = tmp_path_factory.mktemp("source")
-  train.train(_config(**{"train.num_steps": 30}), str(d))
+  commands.train(_config(**{"train.num_steps": 30}), str(d))
   return d
 
 
@@ -112,7 +115,7 @@ def test_training_config_grows_from_source(source_run, tmp_path):
   c = _config(**{"init.source": str(source_run), "model.d_model": 128, "model.n_layers": 4,
                  "init.plan.width": "tile", "init.plan.depth": "identity",
                  "init.optimizer": "grow", "train.num_steps": 30, "eval.every_steps": 10})
-  train.train(c, str(tmp_path))
+  commands.train(c, str(tmp_path))
   report = json.loads((tmp_path / "growth_report.json").read_text())
   for k in REPORT_KEYS:
     assert k in report
@@ -182,5 +185,5 @@ def test_growth_source_shorter_than_seq_len_is_refused(source_run, tmp_path):
   from growlm.errors import GrowlmError  # pylint: disable=g-import-not-at-top
   c = _config(**{"init.source": str(source_run), "model.max_len": 512, "data.seq_len": 300})
   with pytest.raises(GrowlmError, match="max_len=256") as e:
-    train.train(c, str(tmp_path / "run"))
+    commands.train(c, str(tmp_path / "run"))
   assert "\n" not in str(e.value) and not (tmp_path / "run").exists()

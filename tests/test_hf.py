@@ -23,7 +23,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from conftest import REPO  # noqa: E402
-from growlm import hf, model  # noqa: E402
+from growlm import commands  # noqa: E402
+from growlm.interop import hf  # noqa: E402
+from growlm.model import decoder as model  # noqa: E402
 from growlm.grow import GrowthPlan, grow, grown_config  # noqa: E402
 from growlm.grow.report import preservation_report  # noqa: E402
 from test_hf_layout import VOCAB, cli, random_tokens, tensors  # noqa: E402
@@ -247,18 +249,20 @@ def _run_config(**overrides):
 
 
 def test_grow_into_a_run_then_export_it(tt, hf_models, tmp_path):
-  """HF source -> grown orbax run dir (through warmstart) -> HF export: still the source's
+  """HF source -> grown orbax run dir (through the init seam) -> HF export: still the source's
   function in transformers."""
   d, m = hf_models["llama_gqa"]
   c = _run_config(**{"model.d_model": 128, "model.n_heads": 8, "model.n_kv_heads": 4,
                      "model.head_dim": 16, "model.mlp_dim": 256, "model.n_layers": 3,
                      "model.max_len": 64, "init.plan.width": "tile"})
-  hf.grow_to_run(c, d, str(tmp_path / "run"))
+  commands.grow_to_run(c, d, str(tmp_path / "run"))
   report = json.loads((tmp_path / "run" / "growth_report.json").read_text())
   assert report["exact_expected"] and report["max_abs_logit_diff"] < TOL
   assert report["source_flops"] == 0 and report["src_params"] < report["dst_params"]
-  assert c.model.vocab_size == VOCAB and c.model.norm == "rmsnorm"   # taken from the source
-  assert hf.export_run(str(tmp_path / "run"), str(tmp_path / "hf")) == "llama"
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
+  assert saved["vocab_size"] == VOCAB and saved["norm"] == "rmsnorm"   # taken from the source
+  assert c.model.vocab_size != VOCAB and c.model.norm == "layernorm"   # the caller's is unchanged
+  assert commands.export_run(str(tmp_path / "run"), str(tmp_path / "hf")) == "llama"
   assert json.loads((tmp_path / "hf" / "config.json").read_text())["bos_token_id"] == 0
   tokens = random_tokens()
   diff = _torch_logits(tt, _load(tt, tmp_path / "hf"), tokens) - _torch_logits(tt, m, tokens)
@@ -271,7 +275,7 @@ def test_grow_to_hf_reports_and_writes_a_directory(tt, hf_models, tmp_path, caps
   d, m = hf_models["gpt2"]
   c = _run_config(**{"model.d_model": 128, "model.n_heads": 4, "model.n_kv_heads": 4,
                      "model.mlp_dim": 512, "model.max_len": 64})
-  report = hf.grow_to_hf(c, d, str(tmp_path / "grown"))
+  report = commands.grow_to_hf(c, d, str(tmp_path / "grown"))
   out = capsys.readouterr().out
   assert "max |delta logits|" in out and "vocab_size 258 -> 300" in out
   assert sorted(os.listdir(tmp_path / "grown")) == [

@@ -17,10 +17,13 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from conftest import REPO
-from growlm import hf, model, warmstart
+from conftest import REPO, run_config
+from growlm.config.typed import resolve
+from growlm.interop import hf
+from growlm.model import decoder as model
+from growlm.init import source as warmstart
 from growlm.errors import GrowlmError
-from growlm.model_config import make_model_config
+from growlm.model.config import make_model_config
 
 VOCAB = 300
 
@@ -89,7 +92,7 @@ def test_bias_free_layernorm_model_exports_as_gpt2_with_zero_biases(tmp_path):
 
 def test_import_needs_no_torch(tmp_path):
   d, _, _ = _growlm_dir(tmp_path, "llama")
-  code = ("import sys; sys.modules['torch'] = None; from growlm import hf; "
+  code = ("import sys; sys.modules['torch'] = None; from growlm.interop import hf; "
           f"h = hf.import_hf({d!r}); hf.export_hf(h.params, h.config, {str(tmp_path / 'o')!r}); "
           "print(h.arch)")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -175,11 +178,10 @@ def test_export_refuses_what_hf_cannot_express(tmp_path, overrides, words):
 
 def test_hf_source_refuses_grown_optimizer_and_long_sequences(tmp_path):
   d, _, _ = _growlm_dir(tmp_path, "gpt2")
-  c = ml_collections.ConfigDict({"init": {"source": d, "optimizer": "grow"},
-                                 "data": {"seq_len": 32}})
+  c = resolve(run_config(**{"init.source": d, "init.optimizer": "grow", "data.seq_len": 32}))
   with pytest.raises(GrowlmError, match="no optimizer state"):
     warmstart.check_init(c)
-  c.init.optimizer, c.data.seq_len = "fresh", 128
+  c = resolve(run_config(**{"init.source": d, "data.seq_len": 128}))
   with pytest.raises(GrowlmError, match="seq_len=128 exceeds the source's max_len=64"):
     warmstart.check_init(c)
   src = warmstart.read_source(d)

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from growlm import flops, model
+from growlm.model import flops
+from growlm.model import decoder as model
 from growlm.errors import GrowlmError
-from growlm.model_config import ModelConfig, make_model_config
+from growlm.model.config import ModelConfig, make_model_config
 
 STYLES = ("gpt2", "llama")
 

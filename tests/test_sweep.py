@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from growlm import analysis, sweep
+from growlm.experiments import analysis
+from growlm.experiments import sweep
 from growlm.errors import GrowlmError
 
 QUICK = str(REPO / "configs" / "quickstart.py")
@@ -71,7 +72,7 @@ def test_tpu_commands_run_every_host(tmp_path):
 
 def test_bad_sweeps_are_refused(tmp_path):
   bad = tmp_path / "bad.py"
-  bad.write_text("from growlm import config as c\n"
+  bad.write_text("from growlm.config import defaults as c\n"
                  "def get_config(arg=None):\n  return c.base_config('nano')\n"
                  "def sweep(add):\n  add(name='a', **{'init.source': '@missing'})\n")
   with pytest.raises(GrowlmError, match="missing"):

@@ -14,8 +14,9 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
 
-from growlm import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
-from growlm import tracking  # noqa: E402  pylint: disable=wrong-import-position
+from growlm.config import defaults as config_lib  # noqa: E402  pylint: disable=wrong-import-position
+from growlm.config.typed import resolve  # noqa: E402  pylint: disable=wrong-import-position
+from growlm.train import tracking  # noqa: E402  pylint: disable=wrong-import-position
 from growlm.errors import GrowlmError  # noqa: E402  pylint: disable=wrong-import-position
 
 
@@ -60,7 +61,7 @@ def _wandb_files(workdir):
 
 def test_offline_run_logs_records_report_and_image(tmp_path):
   workdir = tmp_path / "run"
-  tracker = tracking.make_tracker(_config(tags=("mine",)), str(workdir))
+  tracker = tracking.make_tracker(resolve(_config(tags=("mine",))), str(workdir))
   assert isinstance(tracker, tracking.WandbTracker)
   assert tracker.run.id == tracker.run_id == tracking.run_id(str(workdir))
   assert list(tracker.run.tags) == ["mine", "scratch", "d64-L2"]
@@ -95,11 +96,11 @@ def test_offline_run_logs_records_report_and_image(tmp_path):
 
 def test_resume_appends_to_same_run_and_skips_logged_steps(tmp_path, capfd):
   workdir = str(tmp_path / "run")
-  with tracking.make_tracker(_config(), workdir) as first:
+  with tracking.make_tracker(resolve(_config()), workdir) as first:
     for r in _records(range(6)):
       first.log(r)
     rid = first.run_id
-  second = tracking.make_tracker(_config(), workdir)
+  second = tracking.make_tracker(resolve(_config()), workdir)
   assert second.run_id == rid
   for r in _records(range(3, 9)):
     second.log(r)
@@ -127,20 +128,20 @@ def test_growth_run_tags_and_sweep_group(tmp_path):
   c.init.source = "/runs/small"
   c.init.plan.width, c.init.plan.depth = "noise", "stack"
   c.sweep_name = "grow-sweep"
-  fields = tracking.wandb_fields(c)
-  assert tracking.run_tags(c, fields) == ["x", "y", "noise+stack", "d64-L2"]
-  with tracking.make_tracker(c, str(tmp_path / "run")) as t:
+  fields = tracking.wandb_fields(resolve(c))
+  assert tracking.run_tags(resolve(c), fields) == ["x", "y", "noise+stack", "d64-L2"]
+  with tracking.make_tracker(resolve(c), str(tmp_path / "run")) as t:
     assert t.run.group == "grow-sweep"
 
 
 def test_disabled_gives_noop_tracker(tmp_path, monkeypatch):
   workdir = tmp_path / "run"
   c = config_lib.base_config("nano")
-  tracker = tracking.make_tracker(c, str(workdir))
+  tracker = tracking.make_tracker(resolve(c), str(workdir))
   assert type(tracker) is tracking.Tracker  # pylint: disable=unidiomatic-typecheck
   monkeypatch.setenv("WANDB_MODE", "disabled")
-  assert type(tracking.make_tracker(_config(), str(workdir))) is tracking.Tracker
-  tracking.check_wandb(c)
+  assert type(tracking.make_tracker(resolve(_config()), str(workdir))) is tracking.Tracker
+  tracking.check_wandb(resolve(c))
   assert not os.path.exists(workdir)  # nothing written, not even the wandb dir
 
 
@@ -169,26 +170,26 @@ def test_online_without_api_key_fails_fast(tmp_path, no_credentials):
   workdir = tmp_path / "run"
   for fn in (tracking.check_wandb, lambda cfg: tracking.make_tracker(cfg, str(workdir))):
     with pytest.raises(GrowlmError) as e:
-      fn(c)
+      fn(resolve(c))
     msg = str(e.value)
     assert "\n" not in msg
     assert "WANDB_API_KEY" in msg and "wandb.mode=offline" in msg and "wandb.enabled=False" in msg
   assert not os.path.exists(workdir)
   c.wandb.mode = "offline"
-  tracking.check_wandb(c)  # offline needs no key
+  tracking.check_wandb(resolve(c))  # offline needs no key
 
 
 def test_online_credentials_found_without_network(no_credentials, monkeypatch):
   c = _config(mode="online")
   (no_credentials / ".netrc").write_text(
       "machine api.wandb.ai\n  login user\n  password " + "a" * 40 + "\n")
-  tracking.check_wandb(c)  # the netrc entry `wandb login` writes is enough
+  tracking.check_wandb(resolve(c))  # the netrc entry `wandb login` writes is enough
   (no_credentials / ".netrc").unlink()
   monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
-  tracking.check_wandb(c)
+  tracking.check_wandb(resolve(c))
   monkeypatch.setenv("WANDB_API_KEY", "short")
   with pytest.raises(GrowlmError, match="WANDB_API_KEY is malformed"):
-    tracking.check_wandb(c)
+    tracking.check_wandb(resolve(c))
 
 
 @pytest.mark.parametrize("field,value", [("mode", "cloud"), ("project", ""), ("tags", ("x" * 65,)),
@@ -197,13 +198,13 @@ def test_bad_wandb_fields_name_the_field(field, value):
   c = _config()
   c.wandb[field] = value
   with pytest.raises(GrowlmError, match=f"wandb.{field}"):
-    tracking.check_wandb(c)
+    tracking.check_wandb(resolve(c))
 
 
 def test_bad_wandb_mode_env(monkeypatch):
   monkeypatch.setenv("WANDB_MODE", "cloud")
   with pytest.raises(GrowlmError, match="WANDB_MODE='cloud'"):
-    tracking.check_wandb(_config())
+    tracking.check_wandb(resolve(_config()))
 
 
 def _train_config(**wandb_fields):
@@ -212,20 +213,20 @@ def _train_config(**wandb_fields):
 
 
 def test_trainer_logs_to_wandb_offline(tmp_path, monkeypatch):
-  from growlm import train  # pylint: disable=g-import-not-at-top
+  from growlm import commands  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("WANDB_MODE", "offline")
-  train.train(_train_config(enabled=True), str(tmp_path))
+  commands.train(_train_config(enabled=True), str(tmp_path))
   runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
   assert len(runs) == 1 and runs[0].stat().st_size > 0
   assert (tmp_path / "loss_curve.png").exists()   # the run's plot, logged as an image
 
 
 def test_trainer_refuses_online_wandb_without_key_before_writing(tmp_path, monkeypatch):
-  from growlm import train  # pylint: disable=g-import-not-at-top
+  from growlm import commands  # pylint: disable=g-import-not-at-top
   monkeypatch.delenv("WANDB_API_KEY", raising=False)
   monkeypatch.setenv("WANDB_MODE", "online")
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
   monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
   with pytest.raises(GrowlmError, match="WANDB_API_KEY") as e:
-    train.train(_train_config(enabled=True), str(tmp_path / "run"))
+    commands.train(_train_config(enabled=True), str(tmp_path / "run"))
   assert "\n" not in str(e.value) and not (tmp_path / "run").exists()

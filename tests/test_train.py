@@ -12,11 +12,17 @@ import numpy as np
 import pytest
 
 from conftest import DATASETS, REPO, run_config
-from growlm import config as config_lib
-from growlm import flops, model, optim, sharding, train
+from growlm import commands
+from growlm.config.typed import resolve
+from growlm.model import flops
+from growlm.model import decoder as model
+from growlm import optim
+from growlm import sharding
+from growlm.train import trainer as train
+from growlm.train import state as state_lib
 from growlm.errors import GrowlmError
-from growlm.metrics import read_metrics
-from growlm.model_config import make_model_config
+from growlm.rundir import read_metrics
+from growlm.model.config import make_model_config
 
 
 
@@ -28,10 +34,10 @@ def _step_setup(cfg, mesh_shape, train_cfg, grad_accum=1):
   rules = sharding.DEFAULT_RULES
   schedule = optim.make_schedule(1e-2, 2, 10)
   opt = optim.make_optimizer(train_cfg, schedule)
-  abstract, shard = train.state_shardings(cfg, opt, mesh, rules)
+  abstract, shard = state_lib.state_shardings(cfg, opt, mesh, rules)
   bs = sharding.batch_sharding(mesh, rules)
   with jax.set_mesh(mesh):
-    state = train.init_state(cfg, opt, shard, seed=0)
+    state = state_lib.init_state(cfg, opt, shard, seed=0)
   step = jax.jit(train.make_train_step(cfg, opt, schedule, grad_accum),
                  in_shardings=(shard, bs), out_shardings=(shard, None))
   return mesh, state, step, bs
@@ -121,7 +127,7 @@ def _train_lines(path):
 
 def test_run_dir_contents_and_flops(tmp_path):
   c = _config()
-  out = train.train(c, str(tmp_path))
+  out = commands.train(c, str(tmp_path))
   for name in ("config.json", "data_manifest.json", "metrics.jsonl"):
     assert (tmp_path / name).exists()
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "20"]
@@ -129,7 +135,7 @@ def test_run_dir_contents_and_flops(tmp_path):
   lines = _train_lines(str(tmp_path / "metrics.jsonl"))
   for key in ("step", "tokens", "flops", "train_loss", "lr", "grad_norm", "tokens_per_sec"):
     assert key in lines[-1]
-  fpt = flops.flops_per_token(config_lib.model_config(c), c.data.seq_len)
+  fpt = flops.flops_per_token(resolve(c).model, c.data.seq_len)
   last = lines[-1]
   assert last["tokens"] == last["step"] * c.data.batch_size * c.data.seq_len
   assert last["flops"] == pytest.approx(last["tokens"] * fpt)
@@ -144,11 +150,11 @@ def test_run_dir_contents_and_flops(tmp_path):
 def test_resume_gives_the_same_losses(tmp_path):
   """Stopped at step 10 and relaunched, a run logs what an uninterrupted run logs."""
   c = _config(**{"log.every_steps": 1})
-  train.train(c, str(tmp_path / "full"))
+  commands.train(c, str(tmp_path / "full"))
   stop = _config(**{"log.every_steps": 1, "train.stop_at": 10})
-  train.train(stop, str(tmp_path / "resumed"))
+  commands.train(stop, str(tmp_path / "resumed"))
   assert max(r["step"] for r in _train_lines(str(tmp_path / "resumed" / "metrics.jsonl"))) == 10
-  train.train(c, str(tmp_path / "resumed"))
+  commands.train(c, str(tmp_path / "resumed"))
   full = _train_lines(str(tmp_path / "full" / "metrics.jsonl"))
   resumed = _train_lines(str(tmp_path / "resumed" / "metrics.jsonl"))
   assert [r["step"] for r in resumed] == list(range(1, 21))
@@ -159,11 +165,11 @@ def test_restore_onto_another_mesh(tmp_path):
   """A checkpoint written on a (2, 2, 2) mesh resumes on (8, 1, 1) with matching losses."""
   base = {"log.every_steps": 1, "model.n_heads": 4, "model.head_dim": 16,
           "mesh": {"data": 2, "fsdp": 2, "tensor": 2}}
-  train.train(_config(**base), str(tmp_path / "ref"))
-  train.train(_config(**{**base, "train.stop_at": 10}), str(tmp_path / "moved"))
+  commands.train(_config(**base), str(tmp_path / "ref"))
+  commands.train(_config(**{**base, "train.stop_at": 10}), str(tmp_path / "moved"))
   # The mesh is not part of the computation, so a resumed run may change it.
   moved = _config(**{**base, "mesh": {"data": 8, "fsdp": 1, "tensor": 1}})
-  train.train(moved, str(tmp_path / "moved"))
+  commands.train(moved, str(tmp_path / "moved"))
   ref = _train_lines(str(tmp_path / "ref" / "metrics.jsonl"))
   got = _train_lines(str(tmp_path / "moved" / "metrics.jsonl"))
   np.testing.assert_allclose([r["train_loss"] for r in got], [r["train_loss"] for r in ref],
@@ -171,19 +177,19 @@ def test_restore_onto_another_mesh(tmp_path):
 
 
 def test_resume_refuses_another_config(tmp_path):
-  train.train(_config(**{"train.stop_at": 10}), str(tmp_path))
+  commands.train(_config(**{"train.stop_at": 10}), str(tmp_path))
   with pytest.raises(GrowlmError, match="model.d_model") as e:
-    train.train(_config(**{"model.d_model": 96}), str(tmp_path))
+    commands.train(_config(**{"model.d_model": 96}), str(tmp_path))
   assert "\n" not in str(e.value)
 
 
 def test_damaged_latest_checkpoint_falls_back(tmp_path):
-  train.train(_config(**{"train.stop_at": 20, "train.num_steps": 30}), str(tmp_path))
+  commands.train(_config(**{"train.stop_at": 20, "train.num_steps": 30}), str(tmp_path))
   for root, _, files in os.walk(tmp_path / "checkpoints" / "20" / "state"):
     for f in files:
       if f == "_METADATA":
         os.remove(os.path.join(root, f))
-  out = train.train(_config(**{"train.num_steps": 30}), str(tmp_path))
+  out = commands.train(_config(**{"train.num_steps": 30}), str(tmp_path))
   assert out["step"] == 30
   steps = [r["step"] for r in _train_lines(str(tmp_path / "metrics.jsonl"))]
   assert steps == sorted(set(steps)) and steps[-1] == 30  # resumed from 10, no duplicates
@@ -200,17 +206,17 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path):
 ])
 def test_bad_config_one_line_and_nothing_written(tmp_path, override, words):
   with pytest.raises(GrowlmError, match=words) as e:
-    train.train(_config(**override), str(tmp_path / "run"))
+    commands.train(_config(**override), str(tmp_path / "run"))
   assert "\n" not in str(e.value)
   assert not (tmp_path / "run").exists()
 
 
 def test_divergence_stops_without_checkpoint(tmp_path):
   def nan_params(shardings):
-    p = model.init_params(config_lib.model_config(_config()), jax.random.key(0))
+    p = model.init_params(resolve(_config()).model, jax.random.key(0))
     return jax.tree.map(lambda x: x * jnp.nan, p)
   with pytest.raises(FloatingPointError, match="non-finite"):
-    train.train(_config(), str(tmp_path), init_params_fn=nan_params)
+    commands.train(_config(), str(tmp_path), params_fn=nan_params)
   ckpts = tmp_path / "checkpoints"
   assert not ckpts.exists() or not [d for d in os.listdir(ckpts) if d.isdigit()]
 
@@ -246,7 +252,7 @@ def test_bits_per_byte_falls_on_tiny_shakespeare(tmp_path):
                  "train.num_steps": 300, "train.warmup_steps": 30, "train.lr": 3e-3,
                  "eval.every_steps": 300, "eval.batches": 8,
                  "checkpoint.every_steps": 300, "log.every_steps": 50})
-  train.train(c, str(tmp_path))
+  commands.train(c, str(tmp_path))
   evals = [r for r in read_metrics(str(tmp_path / "metrics.jsonl")) if "eval_bpb/heldout" in r]
   start, end = evals[0]["eval_bpb/heldout"], evals[-1]["eval_bpb/heldout"]
   assert start == pytest.approx(math.log2(258), abs=0.3)  # uniform over the vocabulary

@@ -9,14 +9,13 @@ New entries are filled by kind, in priority order: zero (readers of a new unit: 
 silent), mean (mean_fill writers of new residual coordinates), noise (fresh weights of the
 target's own initialiser, times a scale) and free (entries whose input is exactly zero, so any
 value keeps the function: symmetry noise or zero). Then layers are placed (depth growth).
-DESIGN.md, "Growth: what makes it exact", gives the mathematics; tests prove each rule.
+docs/design.md, section 5, gives the mathematics; tests prove each rule.
 
 Dimension letters as in growlm.model: D d_model, F mlp_dim, H heads, K kv heads, E head_dim.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import zlib
 from typing import Any, NamedTuple
@@ -25,15 +24,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from growlm import model as model_lib
+from growlm import trees
 from growlm.errors import GrowlmError
 from growlm.grow.plan import EXACT_WIDTH, GrowthPlan, layer_sources
-from growlm.model_config import ModelConfig
+from growlm.model import decoder as model_lib
+from growlm.model.config import ModelConfig
 
 ZERO, MEAN, NOISE, FREE = 4, 3, 2, 1   # fill kinds of new entries; the highest wins
 _RESIDUAL_WRITERS = {"embed", "pos_embed", "out", "out_bias", "wo", "wo_bias"}
 _NORM_LEAVES = {"scale", "bias"}
-_STYLE_FIELDS = ("norm", "positions", "mlp", "use_bias", "tie_embeddings", "vocab_size")
+
+# Every ModelConfig field, by what growth does with it (tests check that none is left out, so a
+# new field has to be decided here):
+# - sizes growth may increase, never shrink;
+_SIZE_FIELDS = ("d_model", "mlp_dim", "n_heads", "n_kv_heads", "head_dim", "n_layers", "max_len")
+# - kept: the target's must equal the source's, since each one changes the function the copied
+#   weights compute (rope_theta only where positions='rope'; learned positions never read it);
+_KEPT_FIELDS = ("vocab_size", "norm", "positions", "rope_theta", "mlp", "use_bias",
+                "tie_embeddings")
+# - computed by growth (grown_config): the target's own value is replaced;
+_COMPUTED_FIELDS = ("norm_eps",)
+# - the target's own: they set precision (dtype, param_dtype: is_exact speaks of exact
+#   arithmetic), training only (dropout_rate: eval runs without dropout; remat: memory), or the
+#   scale of fresh entries (init_std: new entries are readers' zeros, free entries, or writers
+#   of silent units in exact plans; `noise` is approximate anyway), never the grown function.
+_TARGET_FIELDS = ("dtype", "param_dtype", "dropout_rate", "init_std", "remat")
 
 
 class AxisMap(NamedTuple):
@@ -54,8 +69,10 @@ class Grown(NamedTuple):
 
 
 def grown_config(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan) -> ModelConfig:
-  """The target config growth produces: `dst` with norm_eps rescaled by D/D' where the method
-  pads the residual stream (zeros, noise, mean_fill), so norm statistics are preserved."""
+  """The target config growth produces: `dst` (validated against `src`) with norm_eps set by
+  growth, whatever `dst.norm_eps` says: the source's norm_eps * D/D' where the method pads a
+  growing residual stream (zeros, noise, mean_fill), so norm statistics are preserved, else the
+  source's norm_eps unchanged. `grow` builds and returns its params for this config."""
   validate(src, dst, plan)
   if plan.width in ("zeros", "noise", "mean_fill") and dst.d_model != src.d_model:
     return dst.replace(norm_eps=src.norm_eps * src.d_model / dst.d_model)
@@ -63,11 +80,21 @@ def grown_config(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan) -> ModelC
 
 
 def is_exact(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan) -> bool:
-  """Whether the plan is function preserving for these configs (in exact arithmetic)."""
+  """Whether growing `src` into `dst` by `plan` is function preserving (in exact arithmetic).
+
+  Runs `validate` first and raises its GrowlmError for a growth that `grow` refuses: asking
+  whether an impossible growth is exact is itself a mistake, so such a growth is never answered
+  True (nor False). A plan with require_exact=True that is not exact is refused the same way."""
+  validate(src, dst, plan)
+  return _exact(src, dst, plan)
+
+
+def _exact(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan) -> bool:
+  """is_exact without validation (validate itself asks it for require_exact)."""
   width_grows = any(getattr(dst, f) != getattr(src, f)
                     for f in ("d_model", "mlp_dim", "n_heads", "n_kv_heads", "head_dim"))
   # Zero padding keeps new units silent; only a padded residual stream under LayerNorm shifts
-  # the norm's mean (DESIGN.md point 2).
+  # the norm's mean (docs/design.md 5.3).
   width_ok = not width_grows or plan.width in EXACT_WIDTH or (
       plan.width == "zeros" and (src.norm == "rmsnorm" or dst.d_model == src.d_model))
   depth_ok = dst.n_layers == src.n_layers or plan.depth == "identity" or (
@@ -77,12 +104,14 @@ def is_exact(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan) -> bool:
 
 
 def validate(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan) -> None:
-  """Refuses plans growth cannot honour, with one line naming the field."""
-  for f in _STYLE_FIELDS:
+  """Refuses plans growth cannot honour, with one line naming the field and both values."""
+  for f in _KEPT_FIELDS:
+    if f == "rope_theta" and src.positions != "rope":
+      continue  # unused by learned positions (positions itself must match, checked first)
     if getattr(src, f) != getattr(dst, f):
-      raise GrowlmError(f"growth: {f} {getattr(src, f)!r} -> {getattr(dst, f)!r}; growth keeps "
-                        "vocabulary and style (norm, positions, mlp, use_bias, tie_embeddings)")
-  for f in ("d_model", "mlp_dim", "n_heads", "n_kv_heads", "head_dim", "n_layers", "max_len"):
+      raise GrowlmError(f"growth: {f} {getattr(src, f)!r} -> {getattr(dst, f)!r}; accepted: "
+                        f"the source's {f} (growth keeps {', '.join(_KEPT_FIELDS)})")
+  for f in _SIZE_FIELDS:
     if getattr(dst, f) < getattr(src, f):
       raise GrowlmError(f"growth: {f} {getattr(src, f)} -> {getattr(dst, f)}; shrinking is not "
                         "growth (accepted: target >= source)")
@@ -101,7 +130,7 @@ def validate(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan) -> None:
                       "only for an integer ratio; accepted: a multiple of the source head_dim")
   # Layer placement (new_layer_indices count and range) fails here, before any array work.
   layer_sources(src.n_layers, dst.n_layers, plan)
-  if plan.require_exact and not is_exact(src, dst, plan):
+  if plan.require_exact and not _exact(src, dst, plan):
     raise GrowlmError(f"growth: plan {plan.name} is not function preserving for "
                       f"{src.norm} ({src.d_model}->{dst.d_model}); require_exact=True refuses it")
 
@@ -231,9 +260,8 @@ def grow_leaf(x: jax.Array, path: tuple[str, ...], names: tuple[str, ...], targe
   if leaf in _NORM_LEAVES:
     # New norm gains: mean_fill makes the new coordinates read as zero (gain 0); the padding
     # methods give them the old gains' rescaled unit value. New norm biases are zero.
+    # (tile has no new norm entries: its embed map copies every target coordinate.)
     new_gain = 0.0 if plan.width == "mean_fill" else math.sqrt(src.d_model / dst.d_model)
-    if path[0] == "final_norm" and dst.tie_embeddings and plan.width == "tile":
-      new_gain = 1.0
     new_value = jnp.full(value.shape, new_gain if leaf == "scale" else 0.0, dt)
   else:
     new_value = jnp.zeros(value.shape, dt)
@@ -256,36 +284,6 @@ def grow_leaf(x: jax.Array, path: tuple[str, ...], names: tuple[str, ...], targe
   return value, a_full, b_full
 
 
-def _paths(tree) -> list[tuple[str, ...]]:
-  return [tuple(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
-
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _set(tree: dict, path, value):
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
-
-
-def _check_tree(params, cfg: ModelConfig, what: str):
-  shapes, _ = model_lib.abstract_params(cfg)
-  want, got = set(_paths(shapes)), set(_paths(params))
-  if want != got:
-    missing = ["/".join(p) for p in sorted(want - got)][:5]
-    extra = ["/".join(p) for p in sorted(got - want)][:5]
-    raise GrowlmError(f"growth: {what} params do not match its config (missing {missing}, "
-                      f"unexpected {extra})")
-  for p in want:
-    if tuple(_get(shapes, p).shape) != tuple(_get(params, p).shape):
-      raise GrowlmError(f"growth: {what} param {'/'.join(p)} has shape "
-                        f"{tuple(_get(params, p).shape)}, config says {_get(shapes, p).shape}")
-
-
 _DEPTH_WRITERS = ("out", "out_bias", "wo", "wo_bias")
 
 
@@ -295,23 +293,24 @@ def grow(params: Any, src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, rng:
   (configs and plan static); returns the target params, the config they need (norm_eps may be
   rescaled), the per-entry value and gradient multipliers, and the layer map."""
   cfg = grown_config(src, dst, plan)
-  _check_tree(params, src, "source")
+  # A missing leaf or a wrong shape would otherwise surface as a gather error deep in the map.
+  trees.check_like(params, model_lib.abstract_params(src)[0], "growth: source")
   fresh_all = model_lib.init_params(cfg, _fold(rng, ("fresh",)))
   _, axes = model_lib.abstract_params(cfg)
   sources = layer_sources(src.n_layers, dst.n_layers, plan)
   out, a_tree, b_tree = {}, {}, {}
-  for path in _paths(fresh_all):
-    fresh = _get(fresh_all, path)
-    names = _get(axes, path)
+  for path in trees.paths(fresh_all):
+    fresh = trees.get(fresh_all, path)
+    names = trees.get(axes, path)
     # Width first, on the source's layers; then depth places them among the target's layers.
     fresh_w = fresh[:src.n_layers] if path[0] == "layers" else fresh
-    value, a, b = grow_leaf(_get(params, path), path, names, fresh_w.shape, fresh_w, src, cfg,
-                            plan, rng)
+    value, a, b = grow_leaf(trees.get(params, path), path, names, fresh_w.shape, fresh_w, src,
+                            cfg, plan, rng)
     if path[0] == "layers":
       value, a, b = _grow_depth(value, a, b, fresh, path, sources, plan)
-    _set(out, path, value.astype(fresh.dtype))
-    _set(a_tree, path, a.astype(fresh.dtype))
-    _set(b_tree, path, b.astype(fresh.dtype))
+    trees.put(out, path, value.astype(fresh.dtype))
+    trees.put(a_tree, path, a.astype(fresh.dtype))
+    trees.put(b_tree, path, b.astype(fresh.dtype))
   return Grown(out, cfg, a_tree, b_tree, tuple(sources))
 
 
@@ -336,16 +335,7 @@ def _grow_depth(value, a, b, fresh, path, sources, plan: GrowthPlan):
   return v, a, b
 
 
-def count(params) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
 def describe(src: ModelConfig, dst: ModelConfig) -> dict[str, Any]:
   """Which dimensions change: {'d_model': [128, 256], ...}."""
-  fields = ("d_model", "mlp_dim", "n_heads", "n_kv_heads", "head_dim", "n_layers", "max_len")
-  return {f: [getattr(src, f), getattr(dst, f)] for f in fields
+  return {f: [getattr(src, f), getattr(dst, f)] for f in _SIZE_FIELDS
           if getattr(src, f) != getattr(dst, f)}
-
-
-def replace_plan(plan: GrowthPlan, **changes) -> GrowthPlan:
-  return dataclasses.replace(plan, **changes)

@@ -1,4 +1,4 @@
-"""Growing the optimizer state with the parameters (DESIGN.md point 7).
+"""Growing the optimizer state with the parameters (docs/design.md 5.11).
 
 Adam's moments are mapped by the same index maps as the parameters. A copied entry whose
 gradient in the grown model is b times the source's (b from `Grown.grad_scale`: 1/n for tiled
@@ -17,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from growlm import model as model_lib
+from growlm import trees
 from growlm.grow import core
 from growlm.grow.plan import GrowthPlan
-from growlm.model_config import ModelConfig
+from growlm.model import decoder as model_lib
+from growlm.model.config import ModelConfig
 from growlm.optim import MultiplierState
 
 
@@ -28,15 +29,15 @@ def _gather(x, path, names, src: ModelConfig, dst: ModelConfig, plan: GrowthPlan
   """Source-shaped leaf -> target-shaped leaf by the index maps alone (no fills)."""
   for i, name in enumerate(names):
     s = x.shape[i]
-    t = dst.n_layers if name == "layers" else None
     if name == "layers":
       x = jnp.take(x, jnp.asarray([j for j, _ in sources]), axis=0)
       continue
     t = _target_size(dst, name, s)
     if s == t:
       continue
-    m = core._axis_map(core._leaf_role(path, name, dst.tie_embeddings), name, s, t, src, dst,  # pylint: disable=protected-access
-                       plan, is_bias=path[-1] == "bias")
+    role = core._leaf_role(path, name, dst.tie_embeddings)  # pylint: disable=protected-access
+    m = core._axis_map(role, name, s, t, src, dst, plan,  # pylint: disable=protected-access
+                       is_bias=path[-1] == "bias")
     x = jnp.take(x, jnp.asarray(np.maximum(m.index, 0)), axis=i)
   return x
 
@@ -54,8 +55,8 @@ def grow_moments(tree: Any, grown: core.Grown, src: ModelConfig, plan: GrowthPla
   _, axes = model_lib.abstract_params(grown.config)
   def one(path, x):
     keys = tuple(k.key for k in path)
-    names = core._get(axes, keys)  # pylint: disable=protected-access
-    b = core._get(grown.grad_scale, keys)  # pylint: disable=protected-access
+    names = trees.get(axes, keys)
+    b = trees.get(grown.grad_scale, keys)
     g = _gather(x, keys, names, src, grown.config, plan, grown.layer_map)
     return (g * b.astype(g.dtype) ** power).astype(x.dtype)
   return jax.tree_util.tree_map_with_path(one, tree)

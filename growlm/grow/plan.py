@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+import math
+import numbers
+from typing import Any, Mapping
 
 from growlm.errors import GrowlmError, strict_fields
 
@@ -12,6 +14,27 @@ DEPTH_METHODS = ("identity", "copy", "stack")
 DEPTH_POSITIONS = ("append", "prepend", "interleave")
 # Methods whose grown model computes the source's function (where the model allows it).
 EXACT_WIDTH = ("mean_fill", "tile")
+
+
+def _show(v: Any) -> str:
+  """repr(v) on one line: an array's repr spans lines, and messages must stay one line."""
+  return " ".join(repr(v).split())
+
+
+def _layer_indices(v: Any) -> tuple[int, ...]:
+  """`new_layer_indices` as a tuple of distinct non-negative ints, or GrowlmError. A tuple (not
+  a list) keeps the plan hashable: jit takes it as a static argument. The upper bound needs the
+  target's n_layers, so layer_sources checks it."""
+  accepted = "a list of distinct integers >= 0 (target layer indices)"
+  if not isinstance(v, (list, tuple)):
+    raise GrowlmError(f"growth plan: new_layer_indices={_show(v)}; accepted: {accepted}")
+  # bool is an int subclass (True would mean layer 1); 1.5 would be truncated by int().
+  if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in v):
+    raise GrowlmError(f"growth plan: new_layer_indices={_show(list(v))}; accepted: {accepted}")
+  if len(set(v)) != len(v):
+    raise GrowlmError(f"growth plan: new_layer_indices={_show(list(v))} repeats an index; "
+                      f"accepted: {accepted}")
+  return tuple(int(i) for i in v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,28 +58,41 @@ class GrowthPlan:
   require_exact: bool = False    # refuse any growth that cannot be function preserving
 
   def __post_init__(self):
-    if self.width not in WIDTH_METHODS:
-      raise GrowlmError(f"growth plan: width={self.width!r}; accepted: {WIDTH_METHODS}")
-    if self.depth not in DEPTH_METHODS:
-      raise GrowlmError(f"growth plan: depth={self.depth!r}; accepted: {DEPTH_METHODS}")
-    if self.depth_position not in DEPTH_POSITIONS:
-      raise GrowlmError(f"growth plan: depth_position={self.depth_position!r}; accepted: "
-                        f"{DEPTH_POSITIONS}")
+    # Plans also come from Python (tests, notebooks, library callers), not only from flags:
+    # every field is checked here by type and value, so a bad one never reaches growth.
+    for name, accepted in (("width", WIDTH_METHODS), ("depth", DEPTH_METHODS),
+                           ("depth_position", DEPTH_POSITIONS)):
+      v = getattr(self, name)
+      # isinstance first: `in` on an array or other odd value would not give a clean answer.
+      if not isinstance(v, str) or v not in accepted:
+        raise GrowlmError(f"growth plan: {name}={_show(v)}; accepted: {accepted}")
     for name in ("noise_scale", "symmetry_noise"):
       v = getattr(self, name)
-      if not v >= 0:  # also refuses NaN
-        raise GrowlmError(f"growth plan: {name}={v!r}; accepted: a float >= 0")
-    object.__setattr__(self, "new_layer_indices", tuple(int(i) for i in self.new_layer_indices))
+      # bool is an int subclass: True would silently mean 1.0. inf and NaN would poison every
+      # new entry (NaN also compares False, so test finiteness, not just the sign).
+      if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+              and v >= 0):
+        raise GrowlmError(f"growth plan: {name}={_show(v)}; accepted: a finite number >= 0")
+      object.__setattr__(self, name, float(v))
+    for name in ("copy_zero_out", "require_exact"):
+      v = getattr(self, name)
+      # Only real bools: the string 'false' is truthy and would flip the meaning.
+      if not isinstance(v, bool):
+        raise GrowlmError(f"growth plan: {name}={_show(v)}; accepted: True or False")
+    object.__setattr__(self, "new_layer_indices", _layer_indices(self.new_layer_indices))
 
   def to_dict(self) -> dict[str, Any]:
+    """The plan as a plain dict (what configs and growth reports hold)."""
     return dataclasses.asdict(self)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "GrowthPlan":
+    """Builds a plan from a mapping; unknown keys are an error, not silently dropped."""
     return cls(**strict_fields("growth plan", d, {f.name for f in dataclasses.fields(cls)}))
 
   @property
   def name(self) -> str:
+    """'width+depth', e.g. 'tile+identity'."""
     return f"{self.width}+{self.depth}"
 
 
@@ -90,8 +126,3 @@ def layer_sources(n_src: int, n_dst: int, plan: GrowthPlan) -> list[tuple[int, b
       j += 1
     out.append((max(j, 0) if new else j, new))
   return out
-
-
-def check_layer_sources(sources: Sequence[tuple[int, bool]], n_src: int) -> None:
-  olds = [s for s, new in sources if not new]
-  assert olds == list(range(n_src)) or not olds, (olds, n_src)

@@ -12,11 +12,12 @@ from typing import Any, Iterable
 import jax
 import jax.numpy as jnp
 
-from growlm import model as model_lib
+from growlm import trees
+from growlm.fs import write_json_atomic
 from growlm.grow import core
 from growlm.grow.plan import GrowthPlan
-from growlm.metrics import write_json_atomic
-from growlm.model_config import ModelConfig
+from growlm.model import decoder as model_lib
+from growlm.model.config import ModelConfig
 
 
 def _stats(src_cfg, dst_cfg, src_params, dst_params, batch):
@@ -67,8 +68,8 @@ def preservation_report(src_cfg: ModelConfig, src_params: Any, dst_cfg: ModelCon
       "loss_dst": totals["nll_dst"] / n_tok,
       "loss_delta": (totals["nll_dst"] - totals["nll_src"]) / n_tok,
       "n_tokens": int(n_tok),
-      "src_params": core.count(src_params),
-      "dst_params": core.count(dst_params),
+      "src_params": trees.count(src_params),
+      "dst_params": trees.count(dst_params),
       "dims": core.describe(src_cfg, dst_cfg),
       "dtype": dst_cfg.dtype,
       "norm_eps": [src_cfg.norm_eps, dst_cfg.norm_eps],

@@ -1,18 +1,15 @@
-"""tensorflow-datasets text: read "tfds:" sources, prepare local text as one.
-
-Reading (`tfds_documents`, called by `growlm.data.load_corpus`) needs only a
-dataset prepared in array_record format: no TensorFlow is installed, so
-`as_dataset` / `tfds.as_numpy` are out and `as_data_source` is the way in.
+"""Prepare: write any source's documents as a tensorflow-datasets text dataset.
 
 The dataset has one feature, {"text": Text}, and splits "train" and "eval" made
-by the same rule as `growlm.data.load_corpus`, so
+by the same rule as `growlm.data.sources.load_corpus`, so
 
   spec = prepare_text_dataset("file:input.txt", data_dir)   # -> "tfds:growlm_text"
   load_corpus(spec, "train", data_dir=data_dir)
 
 gives the same documents, in the same order, as load_corpus("file:input.txt",
 "train"). It is written as array_record (readable without TensorFlow through
-`as_data_source` / grain) with shuffling disabled to keep document order.
+`as_data_source` / grain, see tfds_text.py) with shuffling disabled to keep
+document order.
 
 Names: tfds names a dataset after its builder class, so one builder class is
 made per dataset name at call time, kept out of tfds's global registry. Readers
@@ -25,76 +22,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from growlm import data
+from growlm.data import documents
+from growlm.data import sources
 from growlm.errors import GrowlmError
 
 VERSION = "1.0.0"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _SPLITS = ("train", "eval")
-_EVAL_SPLITS = ("validation", "eval", "test")  # Tried in this order for split="eval".
-_TFDS_SPEC = re.compile(r"^([A-Za-z0-9_./-]+(?::\d+\.\d+\.\d+)?)(?::(.+))?$")
-_READ_BATCH = 1024
 
 
-def tfds_documents(rest: str, split: str, data_dir: str | None,
-                   max_bytes: int) -> list[tuple[str, str]]:
-  """(id, text) of each record's "text" for "tfds:" + `rest`; see `growlm.data.load_corpus`.
-
-  `rest` is NAME[:SPLIT], NAME possibly with ":X.Y.Z". Without SPLIT, train ->
-  "train", eval -> the first of validation/eval/test, all -> every split
-  (sorted by name). `max_bytes` caps the documents read, cutting the last one.
-  """
-  match = _TFDS_SPEC.match(rest)
-  if not match:
-    raise GrowlmError(f"tfds source 'tfds:{rest}' not understood (accepted: 'tfds:NAME[:SPLIT]', "
-                      "NAME may carry ':VERSION')")
-  name, tfds_split = match.group(1), match.group(2)
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    # Falls back to the files under data_dir when no builder class is
-    # registered, so a fresh process needs no growlm builder.
-    builder = tfds.builder(name, data_dir=data_dir)
-    available = list(builder.info.splits.keys())
-  except Exception as e:  # tfds raises many types for "not there".
-    raise GrowlmError(f"tfds dataset {name!r} is not prepared under data_dir={data_dir!r} "
-                      f"({type(e).__name__})") from e
-  if not available:
-    raise GrowlmError(f"tfds dataset {name!r} has no prepared splits under data_dir={data_dir!r}")
-  if tfds_split is not None:
-    chosen = [tfds_split]
-  elif split == "train":
-    chosen = ["train"]
-  elif split == "eval":
-    chosen = [s for s in _EVAL_SPLITS if s in available][:1]
-  else:
-    chosen = sorted(available)
-  if not chosen or chosen[0].split("[")[0] not in available:
-    wanted = repr(tfds_split) if tfds_split else f"for {split!r}"
-    raise GrowlmError(f"tfds dataset {name!r} has no split {wanted} (available: "
-                      f"{', '.join(sorted(available))})")
-  try:
-    sources = builder.as_data_source(split=chosen)
-  except Exception as e:
-    raise GrowlmError(f"tfds dataset {name!r} cannot be read without TensorFlow; prepare it "
-                      f"with file_format='array_record' ({type(e).__name__})") from e
-  docs, total = [], 0
-  for split_name, source in zip(chosen, sources):
-    for start in range(0, len(source), _READ_BATCH):
-      keys = list(range(start, min(start + _READ_BATCH, len(source))))
-      for i, record in zip(keys, source.__getitems__(keys)):
-        text = record["text"]
-        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-        if max_bytes:
-          if total >= max_bytes:
-            return docs
-          text = data.truncate_utf8(text, max_bytes - total)
-        total += len(text.encode("utf-8"))
-        docs.append((f"{split_name}/{i}", text))
-  return docs
-
-
-def _builder_class(name: str, documents: dict, source_meta: dict):
-  """A GeneratorBasedBuilder subclass named `name` that writes the given documents."""
+def _builder_class(name: str, docs_by_split: dict, source_meta: dict):
+  """A GeneratorBasedBuilder subclass named `name` that writes `docs_by_split`."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from tensorflow_datasets.core import registered  # pylint: disable=g-import-not-at-top
 
@@ -126,7 +64,7 @@ def _builder_class(name: str, documents: dict, source_meta: dict):
         return {split: self._generate_examples(split) for split in _SPLITS}
 
       def _generate_examples(self, split):
-        for i, (_, text) in enumerate(documents[split]):
+        for i, (_, text) in enumerate(docs_by_split[split]):
           yield f"{i:09d}", {"text": text}
 
     # The dataset name (and so its folder) comes from the class attribute.
@@ -139,7 +77,7 @@ def prepare_text_dataset(source_spec: str, data_dir: str, *, name: str = "growlm
   """Writes `source_spec` as tfds dataset `name` under `data_dir`; returns its "tfds:" spec.
 
   Args:
-    source_spec: any spec `load_corpus` accepts ("stdlib", "file:...").
+    source_spec: any spec `sources.load_corpus` accepts ("stdlib", "file:...").
     data_dir: tfds data dir; the dataset lands in data_dir/name/1.0.0.
     name: dataset name, snake_case, not a tfds catalogue name.
     eval_fraction: as in `load_corpus`.
@@ -157,18 +95,19 @@ def prepare_text_dataset(source_spec: str, data_dir: str, *, name: str = "growlm
                       "[a-z][a-z0-9_]*)")
   if name in tfds.list_builders(with_community_datasets=False):
     raise GrowlmError(f"tfds dataset name {name!r} is a tfds catalogue dataset: pick another name")
-  documents = {
-      split: data.load_documents(source_spec, split, eval_fraction=eval_fraction,
-                                 max_bytes=max_bytes)
+  docs_by_split = {
+      split: sources.load_documents(source_spec, split, eval_fraction=eval_fraction,
+                                    max_bytes=max_bytes)
       for split in _SPLITS
   }
   for split in _SPLITS:
-    if not documents[split]:
+    if not docs_by_split[split]:
       raise GrowlmError(f"source {source_spec!r} has an empty {split!r} split "
                         f"(eval_fraction={eval_fraction}, max_bytes={max_bytes})")
   source_meta = {
       "source_spec": source_spec, "eval_fraction": eval_fraction, "max_bytes": max_bytes,
-      **{f"{split}_sha256": data.documents_sha256(documents[split])[0] for split in _SPLITS},
+      **{f"{split}_sha256": documents.documents_sha256(docs_by_split[split])[0]
+         for split in _SPLITS},
   }
   version_dir = Path(data_dir) / name / VERSION
   if (version_dir / "dataset_info.json").exists():
@@ -178,6 +117,6 @@ def prepare_text_dataset(source_spec: str, data_dir: str, *, name: str = "growlm
                         f"{existing.get('source_spec')!r}): choose another name or data_dir")
     return f"tfds:{name}"
   tfds.disable_progress_bar()
-  builder = _builder_class(name, documents, source_meta)(data_dir=str(data_dir))
+  builder = _builder_class(name, docs_by_split, source_meta)(data_dir=str(data_dir))
   builder.download_and_prepare(file_format="array_record")
   return f"tfds:{name}"

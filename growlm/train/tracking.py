@@ -13,6 +13,7 @@ any step below one it has seen, so the tracker skips those itself.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,47 +25,22 @@ from typing import Any
 
 import jax
 
-from growlm import config as config_lib
+from growlm import curves
+from growlm.config.typed import RunConfig
 from growlm.errors import GrowlmError
-from growlm.metrics import write_json_atomic
+from growlm.fs import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-MODES = ("online", "offline", "disabled")
 # WANDB_MODE values wandb accepts and what they mean here ('run' and 'dryrun' are old names).
 ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
              "disabled": "disabled"}
-# config.wandb fields and their defaults: a config saved before a field existed still loads.
-DEFAULTS: dict[str, Any] = {"enabled": False, "project": "growlm", "entity": "",
-                            "mode": "online", "group": "", "tags": ()}
 STATE_FILE = "growlm_wandb.json"
-MAX_TAG_LEN = 64  # W&B rejects longer tags at init, after the run has started
 
 
-def wandb_fields(config) -> dict[str, Any]:
-  """config.wandb with defaults filled in; raises GrowlmError naming the first bad field."""
-  section = config.get("wandb", None) or {}
-  unknown = sorted(set(section.keys()) - set(DEFAULTS))
-  if unknown:
-    raise GrowlmError(f"config wandb.{unknown[0]}: unknown field; accepted: {sorted(DEFAULTS)}")
-  f = {k: section.get(k, v) for k, v in DEFAULTS.items()}
-  if not isinstance(f["enabled"], bool):
-    raise GrowlmError(f"config wandb.enabled={f['enabled']!r}; accepted: True or False")
-  for k in ("project", "entity", "group"):
-    if not isinstance(f[k], str):
-      raise GrowlmError(f"config wandb.{k}={f[k]!r}; accepted: a string")
-  if not f["project"]:
-    raise GrowlmError("config wandb.project is empty; accepted: a W&B project name")
-  if f["mode"] not in MODES:
-    raise GrowlmError(f"config wandb.mode={f['mode']!r}; accepted: {MODES}")
-  tags = f["tags"]
-  if isinstance(tags, str):  # a comma-separated flag value
-    tags = [t.strip() for t in tags.split(",") if t.strip()]
-  if not all(isinstance(t, str) and 0 < len(t) <= MAX_TAG_LEN for t in tags):
-    raise GrowlmError(f"config wandb.tags={f['tags']!r}; accepted: a tuple of non-empty "
-                      f"strings of at most {MAX_TAG_LEN} characters")
-  f["tags"] = tuple(tags)
-  return f
+def wandb_fields(config: RunConfig) -> dict[str, Any]:
+  """config.wandb as a dict (validated when the RunConfig was resolved)."""
+  return dataclasses.asdict(config.wandb) | {"tags": tuple(config.wandb.tags)}
 
 
 def resolve_mode(fields: dict[str, Any]) -> tuple[str, str]:
@@ -123,7 +99,7 @@ def _credentials_source() -> str | None:
                       "`wandb login --relogin`, or wandb.mode=offline") from None
 
 
-def check_wandb(config) -> None:
+def check_wandb(config: RunConfig) -> None:
   """Fails fast, before a run writes anything, if the config asks for W&B logging that
   cannot work: a bad config.wandb field, no wandb package, or online mode without an API
   key. Checked on every process, so all fail alike instead of process 0 alone."""
@@ -207,6 +183,10 @@ class Tracker:
   def log_image(self, name: str, path: str) -> None:
     """A PNG file, such as the loss curves plot."""
 
+  def log_loss_curve(self, workdir: str) -> None:
+    """Plots the run's eval loss against FLOPs (RUN/loss_curve.png) and logs it; the no-op
+    tracker draws nothing."""
+
   def close(self) -> None:
     """Flushes and ends the run; safe to call twice."""
 
@@ -287,6 +267,14 @@ class WandbTracker(Tracker):
     self.run.log({name: self._wandb.Image(path)}, step=self._min_step)
     self._advance(self._min_step)
 
+  def log_loss_curve(self, workdir: str) -> None:
+    """Plots the run's eval loss against FLOPs (RUN/loss_curve.png) and logs it."""
+    if self.run is None:
+      return
+    run = curves.load_run(workdir)
+    self.log_image("loss_curve", curves.plot_loss_curves([run], os.path.join(workdir,
+                                                                              "loss_curve.png")))
+
   def close(self, exit_code: int = 0) -> None:
     """Ends the W&B run; exit_code 1 marks it failed in the UI."""
     if self.run is None:
@@ -301,11 +289,10 @@ class WandbTracker(Tracker):
     self.close(exit_code=0 if exc_type is None else 1)
 
 
-def run_tags(config, fields: dict[str, Any]) -> list[str]:
+def run_tags(config: RunConfig, fields: dict[str, Any]) -> list[str]:
   """The configured tags, then the growth method (or 'scratch') and the model size."""
-  init = config.get("init", None)
-  if init is not None and init.get("source", ""):
-    method = f"{init.plan.width}+{init.plan.depth}"
+  if config.init.source:
+    method = config.init.plan.name
   else:
     method = "scratch"
   size = f"d{config.model.d_model}-L{config.model.n_layers}"
@@ -316,7 +303,7 @@ def run_tags(config, fields: dict[str, Any]) -> list[str]:
   return out
 
 
-def make_tracker(config, workdir: str) -> Tracker:
+def make_tracker(config: RunConfig, workdir: str) -> Tracker:
   """The run's tracker: W&B when config.wandb asks for it on process 0, else a no-op."""
   fields = wandb_fields(config)
   if not fields["enabled"] or jax.process_index() != 0:
@@ -325,8 +312,8 @@ def make_tracker(config, workdir: str) -> Tracker:
   mode, _ = resolve_mode(fields)
   if mode == "disabled":
     return Tracker()
-  group = fields["group"] or config.get("sweep_name", "") or config.get("name", "")
+  group = fields["group"] or config.sweep_name or config.name
   return WandbTracker(workdir, project=fields["project"], entity=fields["entity"],
-                      name=config.get("name", "") or os.path.basename(workdir.rstrip("/")),
+                      name=config.name or os.path.basename(workdir.rstrip("/")),
                       group=group, tags=tuple(run_tags(config, fields)),
-                      config=config_lib.to_json_dict(config), mode=mode)
+                      config=config.to_json(), mode=mode)

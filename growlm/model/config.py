@@ -31,7 +31,7 @@ class ModelConfig:
   mlp_dim: int = 512           # hidden width of the MLP
   max_len: int = 256           # longest sequence (size of the learned position table)
   norm: str = "layernorm"      # layernorm | rmsnorm
-  norm_eps: float = 1e-5       # epsilon inside the norm (growth may rescale it, see DESIGN.md)
+  norm_eps: float = 1e-5       # epsilon inside the norm (growth may rescale it, docs/design.md 5.2)
   positions: str = "learned"   # learned (absolute table) | rope (rotary, half-split pairs)
   rope_theta: float = 10000.0  # rotary base frequency
   mlp: str = "gelu"            # gelu (tanh approximation, GPT-2) | swiglu (Llama)
@@ -90,7 +90,7 @@ def validate(cfg: ModelConfig):
   _check(0.0 <= cfg.dropout_rate < 1.0, f"dropout_rate={cfg.dropout_rate!r}; accepted: [0, 1)")
 
 
-# Styles fix the architecture family (DESIGN.md, "One model family, two styles").
+# Styles fix the architecture family (docs/design.md, section 2).
 STYLES: dict[str, dict[str, Any]] = {
     "gpt2": dict(norm="layernorm", norm_eps=1e-5, positions="learned", mlp="gelu",
                  use_bias=True, tie_embeddings=True),

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from growlm import model as model_lib
+from growlm.model import decoder as model_lib
 from growlm import sharding
 
 

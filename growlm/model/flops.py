@@ -4,12 +4,12 @@ FLOPs per token = 6 * N + 12 * n_layers * (n_heads * head_dim) * seq_len, where 
 parameters that take part in matrix products: attention and MLP matrices and the output
 projection (the tied embedding counts once, as the output projection), not the embedding
 lookup, learned positions, norms or biases. The attention term is PaLM's 12*L*H*Q*T; with the
-usual n_heads * head_dim == d_model it is DESIGN.md's 12 * n_layers * d_model * seq_len.
+usual n_heads * head_dim == d_model it is docs/design.md's 12 * n_layers * d_model * seq_len.
 """
 
 from __future__ import annotations
 
-from growlm.model_config import ModelConfig
+from growlm.model.config import ModelConfig
 
 
 def matmul_params(cfg: ModelConfig) -> int:

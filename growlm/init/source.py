@@ -1,73 +1,85 @@
-"""Starting a run from another run: load its checkpoint, grow it, report, hand a TrainState over.
+"""A growth source: read it, restore it onto the mesh, grow it into the target's first TrainState.
 
 A source is a run directory (config.json + checkpoints/), as the trainer and the grow command
-write them, or a Hugging Face directory (config.json + *.safetensors, growlm.hf). Its parameters
-(and, for a run, Adam state if asked) are restored onto the current mesh, grown under jit with
-the target's shardings, so a big target is built shard by shard on its devices.
+write them, or a Hugging Face directory (config.json + *.safetensors, growlm.interop.hf). Its
+parameters (and, for a run, Adam state if asked) are restored onto the current mesh and grown
+under jit with the target's shardings, so a big target is built shard by shard on its devices.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from growlm import config as config_lib
-from growlm import hf as hf_lib
-from growlm import model as model_lib
-from growlm import optim, sharding
-from growlm.checkpoint import Checkpoints
+from growlm import rundir, sharding
+from growlm.config.typed import RunConfig, TrainConfig
 from growlm.errors import GrowlmError
 from growlm.grow import core as grow_core
 from growlm.grow.optimizer import grow_opt_state, set_multipliers
 from growlm.grow.plan import GrowthPlan
-from growlm.model_config import ModelConfig
-from growlm.state import TrainState, state_shardings
+from growlm.interop import hf as hf_lib
+from growlm.model import decoder as model_lib
+from growlm.model.config import ModelConfig
+from growlm import optim
+from growlm.train.checkpoint import Checkpoints
+from growlm.train.state import TrainState, state_shardings
 
-OPTIMIZER_INIT = ("fresh", "grow")
 
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Source:
+  """A source model: where it is, its config, and (once restored) its state."""
   directory: str
-  config: ml_collections.ConfigDict   # the source run's full config
+  config: dict[str, Any]               # the source run's config.json (or {"model", "hf_config"})
   model: ModelConfig
   step: int = 0
   state: TrainState | None = None
   meta: dict | None = None
   hf: bool = False                     # a Hugging Face directory (no optimizer state)
 
+  @property
+  def flops(self) -> float:
+    """Training FLOPs that produced this source (its own and its sources'); 0 for HF models."""
+    meta = self.meta or {}
+    return float(meta.get("flops_with_source", meta.get("flops", 0.0)))
 
-def read_source(directory: str) -> Source:
+
+def check_seq_len(src: ModelConfig, seq_len: int) -> None:
+  """The preservation report runs the source on the run's batches: a learned position table
+  must cover them."""
+  if src.positions == "learned" and seq_len > src.max_len:
+    raise GrowlmError(f"data.seq_len={seq_len} exceeds the source's max_len={src.max_len} "
+                      f"(learned positions; the preservation report runs the source on the same "
+                      f"batches); accepted: seq_len <= {src.max_len}")
+
+
+def read_source(directory: str, *, what: str = "init.source") -> Source:
   """The source's config (no arrays read yet): a run dir, or a Hugging Face directory whose
   config and tensor headers are checked here; one clear error if it is neither."""
   if hf_lib.is_hf_dir(directory):
     _, model, raw = hf_lib.check_hf_dir(directory)
-    cfg = ml_collections.ConfigDict({"model": model.to_dict(), "hf_config": raw})
-    return Source(directory, cfg, model, meta={"flops": 0}, hf=True)
-  path = os.path.join(directory, "config.json")
-  if not os.path.isfile(path):
-    raise GrowlmError(f"init.source={directory!r} has no config.json; accepted: a run directory "
-                      "written by growlm.main or the grow command")
-  ckpt_dir = os.path.join(directory, "checkpoints")
-  if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
-    raise GrowlmError(f"init.source={directory!r} has no checkpoint under checkpoints/")
-  with open(path) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
-  if "model" not in cfg:
-    raise GrowlmError(f"init.source={directory!r}: config.json is neither a growlm run's (no "
+    return Source(directory, {"model": model.to_dict(), "hf_config": raw}, model,
+                  meta={"flops": 0}, hf=True)
+  saved = rundir.read_config(directory)
+  if saved is None:
+    raise GrowlmError(f"{what}={directory!r} has no config.json; accepted: a run directory "
+                      "written by growlm.main or the grow command, or a Hugging Face directory")
+  if not rundir.has_checkpoint(directory):
+    raise GrowlmError(f"{what}={directory!r} has no checkpoint under checkpoints/")
+  if not isinstance(saved.get("model"), dict):
+    raise GrowlmError(f"{what}={directory!r}: config.json is neither a growlm run's (no "
                       "model section) nor a Hugging Face model's (no model_type)")
-  return Source(directory, cfg, config_lib.model_config(cfg))
+  return Source(directory, saved, ModelConfig.from_dict(saved["model"]))
 
 
 def source_optimizer(src: Source):
+  """The optimizer the source run trained with (its state's structure depends on it)."""
+  known = {f.name for f in dataclasses.fields(TrainConfig)}
+  train_cfg = TrainConfig(**{k: v for k, v in src.config.get("train", {}).items() if k in known})
   lr_mult = bool(src.config.get("init", {}).get("lr_multipliers", False))
-  return optim.make_optimizer(src.config.train, lr_multipliers=lr_mult)
+  return optim.make_optimizer(train_cfg, lr_multipliers=lr_mult)
 
 
 def _restore_hf(src: Source, mesh, rules) -> Source:
@@ -89,7 +101,7 @@ def restore_source(src: Source, mesh, rules) -> Source:
   if src.hf:
     return _restore_hf(src, mesh, rules)
   abstract, _ = state_shardings(src.model, source_optimizer(src), mesh, rules)
-  ckpt = Checkpoints(os.path.join(src.directory, "checkpoints"), async_save=False)
+  ckpt = Checkpoints(rundir.checkpoints_dir(src.directory), async_save=False)
   try:
     restored = ckpt.restore_latest(abstract, set_aside=False)
   finally:
@@ -98,21 +110,16 @@ def restore_source(src: Source, mesh, rules) -> Source:
   return dataclasses.replace(src, step=step, state=state, meta=meta)
 
 
-def plan_from_config(config) -> GrowthPlan:
-  return GrowthPlan.from_dict(config.init.plan.to_dict())
-
-
-def check_init(config) -> None:
-  if config.init.optimizer not in OPTIMIZER_INIT:
-    raise GrowlmError(f"config init.optimizer={config.init.optimizer!r}; accepted: "
-                      f"{OPTIMIZER_INIT}")
-  if hf_lib.is_hf_dir(config.init.source):
+def check_init(config: RunConfig) -> None:
+  """Checks what init.source asks for against the source, reading headers only."""
+  source = config.init.source
+  if hf_lib.is_hf_dir(source):
     if config.init.optimizer == "grow":
-      raise GrowlmError(f"config init.optimizer='grow' with init.source={config.init.source!r}: "
+      raise GrowlmError(f"config init.optimizer='grow' with init.source={source!r}: "
                         "Hugging Face checkpoints carry no optimizer state; accepted: 'fresh'")
-    hf_lib.check_seq_len(hf_lib.read_hf_config(config.init.source)[1], config.data.seq_len)
-  elif os.path.isfile(os.path.join(config.init.source, "config.json")):
-    hf_lib.check_seq_len(read_source(config.init.source).model, config.data.seq_len)
+    check_seq_len(hf_lib.read_hf_config(source)[1], config.data.seq_len)
+  else:
+    check_seq_len(read_source(source).model, config.data.seq_len)
 
 
 def grow_state(src: Source, target: ModelConfig, plan: GrowthPlan, optimizer, shard: TrainState,

@@ -5,37 +5,22 @@ grown run it finds the from-scratch run of the same model and reports, per eval 
 the loss right after growth against the scratch run's loss at step 0 and at the same FLOPs,
 final losses, the FLOPs the grown run needed to reach the scratch run's final eval loss, and
 the savings 1 - FLOPs(grown to target) / FLOPs(scratch), without and with the source model's
-own training FLOPs (DESIGN.md, "Compute accounting").
+own training FLOPs (docs/design.md, "Compute accounting").
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
 
 import numpy as np
 
-from growlm.metrics import read_metrics, write_json_atomic
+from growlm.curves import eval_curve, eval_datasets, is_grown, load_run, plot_loss_curves
+from growlm.curves import train_curve  # noqa: F401  (public: notebooks read curves here too)
+from growlm.fs import write_json_atomic
 
 _IGNORED_MODEL_FIELDS = ("norm_eps",)  # growth may rescale it; the architecture is the same
-
-
-def load_run(run_dir: str) -> dict[str, Any] | None:
-  """{'name', 'dir', 'config', 'rows', 'report'} or None if the dir holds no run."""
-  path = os.path.join(run_dir, "config.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    config = json.load(f)
-  report_path = os.path.join(run_dir, "growth_report.json")
-  report = None
-  if os.path.exists(report_path):
-    with open(report_path) as f:
-      report = json.load(f)
-  return {"name": os.path.basename(os.path.normpath(run_dir)), "dir": run_dir, "config": config,
-          "rows": read_metrics(os.path.join(run_dir, "metrics.jsonl")), "report": report}
 
 
 def load_sweep(sweep_dir: str) -> list[dict[str, Any]]:
@@ -47,32 +32,6 @@ def load_sweep(sweep_dir: str) -> list[dict[str, Any]]:
       if run is not None:
         runs.append(run)
   return runs
-
-
-def eval_datasets(run: dict) -> list[str]:
-  names = []
-  for r in run["rows"]:
-    for k in r:
-      if k.startswith("eval_loss/") and k[10:] not in names:
-        names.append(k[10:])
-  return names
-
-
-def eval_curve(run: dict, dataset: str, with_source: bool = False) -> tuple[np.ndarray, ...]:
-  """(flops, loss, step) at each evaluation of `dataset`, FLOPs optionally including the
-  source model's training FLOPs."""
-  key = f"eval_loss/{dataset}"
-  rows = [r for r in run["rows"] if key in r]
-  fkey = "flops_with_source" if with_source else "flops"
-  flops = np.array([r.get(fkey, r["flops"]) for r in rows], float)
-  return flops, np.array([r[key] for r in rows], float), np.array([r["step"] for r in rows])
-
-
-def train_curve(run: dict, with_source: bool = False) -> tuple[np.ndarray, np.ndarray]:
-  rows = [r for r in run["rows"] if "train_loss" in r]
-  fkey = "flops_with_source" if with_source else "flops"
-  return (np.array([r.get(fkey, r["flops"]) for r in rows], float),
-          np.array([r["train_loss"] for r in rows], float))
 
 
 def flops_to_reach(flops: np.ndarray, loss: np.ndarray, target: float) -> float | None:
@@ -97,13 +56,9 @@ def _arch(run: dict) -> dict:
   return {k: v for k, v in run["config"]["model"].items() if k not in _IGNORED_MODEL_FIELDS}
 
 
-def _is_grown(run: dict) -> bool:
-  return bool(run["config"].get("init", {}).get("source"))
-
-
 def find_baseline(run: dict, runs: list[dict]) -> dict | None:
   """The from-scratch run of the same architecture (same data and token budget preferred)."""
-  cands = [r for r in runs if not _is_grown(r) and _arch(r) == _arch(run) and r is not run]
+  cands = [r for r in runs if not is_grown(r) and _arch(r) == _arch(run) and r is not run]
   same_budget = [r for r in cands if r["config"]["train"]["num_steps"] ==
                  run["config"]["train"]["num_steps"]]
   return (same_budget or cands or [None])[0]
@@ -149,10 +104,10 @@ def analyze(sweep_dir: str, plot: bool = True) -> dict[str, Any]:
   """Writes results.json, results.md (and loss_curves.png) in `sweep_dir`; returns results."""
   runs = load_sweep(sweep_dir)
   results: dict[str, Any] = {"sweep_dir": os.path.abspath(sweep_dir), "runs": {}, "grown": []}
-  sources = {os.path.abspath(r["config"]["init"]["source"]) for r in runs if _is_grown(r)}
+  sources = {os.path.abspath(r["config"]["init"]["source"]) for r in runs if is_grown(r)}
   for run in runs:
     final = {ds: _final(run, ds)[0] for ds in eval_datasets(run)}
-    kind = ("grown" if _is_grown(run) else
+    kind = ("grown" if is_grown(run) else
             "source" if os.path.abspath(run["dir"]) in sources else "scratch")
     f = [r["flops"] for r in run["rows"] if "flops" in r]
     results["runs"][run["name"]] = {
@@ -162,7 +117,7 @@ def analyze(sweep_dir: str, plot: bool = True) -> dict[str, Any]:
         "steps": max((r["step"] for r in run["rows"]), default=0),
         "flops": max(f, default=0.0), "final_eval_loss": final}
   for run in runs:
-    if not _is_grown(run):
+    if not is_grown(run):
       continue
     base = find_baseline(run, runs)
     results["grown"].append(compare(run, base) if base else
@@ -206,36 +161,3 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines.append(f"| {name} | {r['kind']} | {r['model']['d_model']} | {r['model']['n_layers']} "
                  f"| {r['steps']} | {r['flops']:.3e} |")
   return "\n".join(lines) + "\n"
-
-
-def plot_loss_curves(runs: list[dict], path: str) -> str:
-  """Eval loss against FLOPs (grown runs include their source's FLOPs), one panel per dataset;
-  the growth point of each grown run is marked."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  datasets = []
-  for run in runs:
-    datasets += [d for d in eval_datasets(run) if d not in datasets]
-  fig, axes = plt.subplots(1, max(len(datasets), 1), figsize=(6 * max(len(datasets), 1), 4.5),
-                           squeeze=False)
-  for ax, ds in zip(axes[0], datasets):
-    for run in runs:
-      f, l, _ = eval_curve(run, ds, with_source=True)
-      if not len(f):
-        continue
-      style = "-" if _is_grown(run) else "--"
-      (line,) = ax.plot(f, l, style, marker=".", label=run["name"])
-      if _is_grown(run):
-        ax.plot(f[:1], l[:1], marker="*", markersize=14, color=line.get_color(),
-                linestyle="none")
-    ax.set_xlabel("training FLOPs (grown runs: + source FLOPs)")
-    ax.set_ylabel(f"eval loss ({ds}), nats/token")
-    ax.set_title(ds)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.suptitle("loss vs compute (star: growth point)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from growlm.model_config import ModelConfig
+from growlm.model.config import ModelConfig
 
 # The logical axis vocabulary. `pos` is the learned position table's row axis.
 AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "pos")

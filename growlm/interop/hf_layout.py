@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from growlm.errors import GrowlmError
-from growlm.model_config import ModelConfig
+from growlm.model.config import ModelConfig
 
 ARCHITECTURES = {"gpt2": ("GPT2LMHeadModel", "GPT2Model"),
                  "llama": ("LlamaForCausalLM", "LlamaModel")}

@@ -1,4 +1,4 @@
-"""Run-dir metrics (one JSON object per line) and the terminal progress bar."""
+"""The run's metrics.jsonl writer (one JSON object per line) and the terminal progress bar."""
 
 from __future__ import annotations
 
@@ -9,27 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-
-def write_json_atomic(path: str, obj: Any) -> None:
-  """Writes JSON through a temporary file and a rename, so a crash never leaves half a file."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
-def read_metrics(path: str) -> list[dict[str, Any]]:
-  """All records of a metrics.jsonl file (a torn last line from a crash is ignored)."""
-  out = []
-  if not os.path.exists(path):
-    return out
-  with open(path) as f:
-    for line in f:
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return out
+from growlm.rundir import read_metrics
 
 
 class MetricsWriter:

@@ -1,12 +1,13 @@
-"""The run configuration (ml_collections): sections, defaults, validation, comparison.
+"""The run configuration as people write it: an ml_collections ConfigDict with defaults.
 
-Config files in configs/ start from `base_config()` and change what they need; the trainer
-reads only validated values. Every field has a one-line comment.
+Config files in configs/ start from `base_config()` and change what they need; the command line
+changes single fields (--config.FIELD=VALUE). Every field has a one-line comment. The code never
+reads a ConfigDict: growlm.config.typed.resolve() turns it into a validated, frozen RunConfig.
 """
 
 from __future__ import annotations
 
-import json
+import types
 from typing import Any
 
 import ml_collections
@@ -14,15 +15,7 @@ import ml_collections
 from growlm import sharding
 from growlm.errors import GrowlmError
 from growlm.grow.plan import GrowthPlan
-from growlm.model_config import ModelConfig, make_model_config
-
-# Fields that may differ between a run and its resumption (they do not change what is computed
-# up to the resumed step).
-RESUMABLE_FIELDS = ("name", "sweep_name", "train.num_steps", "train.stop_at", "eval.every_steps", "log.every_steps",
-                    "log.progress_bar", "checkpoint.every_steps", "checkpoint.keep",
-                    "checkpoint.async_save", "wandb", "mesh", "sharding_rules")
-
-SPLITS = ("train", "eval", "all")
+from growlm.model.config import make_model_config
 
 
 def base_config(size: str = "tiny", style: str = "gpt2") -> ml_collections.ConfigDict:
@@ -90,89 +83,34 @@ def base_config(size: str = "tiny", style: str = "gpt2") -> ml_collections.Confi
   return c
 
 
-def parse_arg(arg: str | None) -> dict[str, Any]:
-  """'size=tiny,style=llama,runlocal' -> {'size': 'tiny', 'style': 'llama', 'runlocal': True}."""
-  out: dict[str, Any] = {}
+def parse_arg(arg: str | None, **defaults: Any) -> types.SimpleNamespace:
+  """The config argument with typed defaults (big_vision style): 'size=tiny,runlocal' with
+  defaults size='nano', runlocal=False -> namespace(size='tiny', runlocal=True). A bare word is
+  True; values take the type of their default; an unknown key is refused naming the accepted."""
+  out = dict(defaults)
   for part in (arg or "").split(","):
     part = part.strip()
     if not part:
       continue
-    if "=" in part:
-      k, v = part.split("=", 1)
-      out[k.strip()] = v.strip()
+    key, has_value, value = part.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise GrowlmError(f"config argument {key!r} unknown; accepted: "
+                        f"{', '.join(sorted(defaults)) or 'none'}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      words = {"": True, "true": True, "1": True, "false": False, "0": False}
+      if value.strip().lower() not in words or (has_value and not value.strip()):
+        raise GrowlmError(f"config argument {part!r}; accepted: {key}, {key}=true or "
+                          f"{key}=false")
+      out[key] = words[value.strip().lower()]
+    elif not has_value:
+      raise GrowlmError(f"config argument {part!r} needs a value; accepted: {key}=VALUE")
+    elif isinstance(default, int):
+      try:
+        out[key] = int(value)
+      except ValueError:
+        raise GrowlmError(f"config argument {part!r}; accepted: an integer") from None
     else:
-      out[part] = True
-  return out
-
-
-def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-  return ModelConfig.from_dict(config.model.to_dict())
-
-
-def parse_eval_spec(spec: str, train_spec: str) -> tuple[str, str]:
-  """'SOURCE[@SPLIT]' -> (source, split); the source 'train' means the training source."""
-  source, split = spec, "eval"
-  if "@" in spec:
-    source, split = spec.rsplit("@", 1)
-  if split not in SPLITS:
-    raise GrowlmError(f"data.eval entry {spec!r}: split {split!r}; accepted: {SPLITS}")
-  return (train_spec if source == "train" else source), split
-
-
-def _positive(config, path: str, allow_zero: bool = False):
-  section, field = path.split(".")
-  v = config[section][field]
-  ok = isinstance(v, int) and not isinstance(v, bool) and (v >= 0 if allow_zero else v > 0)
-  if not ok:
-    accepted = "an integer >= 0" if allow_zero else "a positive integer"
-    raise GrowlmError(f"config {path}={v!r}; accepted: {accepted}")
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks the fields the trainer reads; raises GrowlmError naming the first bad one."""
-  for section in ("model", "data", "train", "eval", "checkpoint", "log", "mesh", "init"):
-    if section not in config:
-      raise GrowlmError(f"config: missing section {section!r}")
-  cfg = model_config(config)
-  for p in ("data.seq_len", "data.batch_size", "train.num_steps", "train.grad_accum",
-            "eval.every_steps", "eval.batches", "checkpoint.every_steps", "checkpoint.keep",
-            "log.every_steps"):
-    _positive(config, p)
-  for p in ("train.warmup_steps", "train.stop_at", "data.max_bytes", "data.seed", "train.seed"):
-    _positive(config, p, allow_zero=True)
-  if config.data.seq_len > cfg.max_len and cfg.positions == "learned":
-    raise GrowlmError(f"config data.seq_len={config.data.seq_len} exceeds model.max_len="
-                      f"{cfg.max_len} (learned positions); accepted: seq_len <= max_len")
-  if config.data.batch_size % config.train.grad_accum:
-    raise GrowlmError(f"config data.batch_size={config.data.batch_size} is not a multiple of "
-                      f"train.grad_accum={config.train.grad_accum}")
-  if not 0.0 < config.data.eval_fraction < 1.0:
-    raise GrowlmError(f"config data.eval_fraction={config.data.eval_fraction}; accepted: (0, 1)")
-  if not config.train.lr > 0:
-    raise GrowlmError(f"config train.lr={config.train.lr}; accepted: a positive float")
-  for name, spec in config.data.eval.items():
-    parse_eval_spec(spec, config.data.train)
-  sharding.normalize_rules(config.sharding_rules)
-  GrowthPlan.from_dict(config.init.plan.to_dict())
-
-
-def to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The resolved config as plain JSON types (tuples become lists)."""
-  return json.loads(config.to_json())
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(d, dict):
-    out = {}
-    for k, v in d.items():
-      out.update(_flatten(v, f"{prefix}{k}."))
-    return out
-  return {prefix[:-1]: d}
-
-
-def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """Fields whose values differ between a run dir's config.json and the new config."""
-  a, b = _flatten(saved), _flatten(current)
-  def ignored(k):
-    return any(k == f or k.startswith(f + ".") for f in RESUMABLE_FIELDS)
-  return sorted(k for k in set(a) | set(b) if not ignored(k) and a.get(k) != b.get(k))
+      out[key] = value.strip()
+  return types.SimpleNamespace(**out)

@@ -1,12 +1,12 @@
 """Hugging Face interop: a local `config.json` + `*.safetensors` directory <-> growlm config and
-params, and the library form of the `growlm.hf_main` commands. No torch: tensors are read and
-written with `safetensors` in numpy.
+params (the codec; the commands built on it are in growlm.commands). No torch: tensors are read
+and written with `safetensors` in numpy.
 
 Import (`import_hf`) accepts GPT-2 and Llama checkpoints, single-file or sharded with
 `model.safetensors.index.json`, in float32/float16/bfloat16/float64. Export (`export_hf`) writes
 `config.json` + `model.safetensors` that `transformers.AutoModelForCausalLM.from_pretrained`
 loads: GPT-2 when the growlm config is expressible as GPT-2, Llama otherwise. Anything either
-side cannot express is refused with one line naming the field; layouts are in growlm.hf_layout.
+side cannot express is refused with one line naming the field; layouts are in growlm.interop.hf_layout.
 growlm has one `use_bias` flag: a Llama with only one of attention_bias / mlp_bias is imported
 with the other biases set to zero (the same function) and exported with both.
 """
@@ -28,17 +28,12 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from growlm import config as config_lib
-from growlm import data as data_lib
-from growlm import hf_layout as layout
-from growlm import model as model_lib
-from growlm import sharding
+from growlm.interop import hf_layout as layout
+from growlm.model import decoder as model_lib
+from growlm import trees
 from growlm.errors import GrowlmError
-from growlm.grow import core as grow_core
-from growlm.grow import report as report_lib
-from growlm.grow.plan import GrowthPlan
-from growlm.hf_layout import hf_architecture, hf_config  # noqa: F401  (public API)
-from growlm.model_config import DTYPES, ModelConfig
+from growlm.interop.hf_layout import hf_architecture, hf_config  # noqa: F401  (public API)
+from growlm.model.config import DTYPES, ModelConfig
 
 _err = layout.err
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -184,22 +179,6 @@ def _fields_str(raw: dict) -> str:
   return ", ".join(f"{k}={raw[k]}" for k in keys if k in raw)
 
 
-def _set(tree: dict, path, value):
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
-
-
-def _leaf(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _paths(tree) -> list[tuple[str, ...]]:
-  return [tuple(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
-
-
 def check_hf_dir(directory: str, **dtypes) -> tuple[str, ModelConfig, dict]:
   """Validates config.json and the tensors' names, shapes and dtypes (headers only, no data):
   (arch, growlm config, raw config.json). One GrowlmError for anything wrong."""
@@ -233,35 +212,26 @@ def import_hf(directory: str, *, param_dtype: str = "float32", dtype: str = "flo
       per_layer = [spec.to_growlm(read(n)) for n in layout.names(spec, prefix, cfg.n_layers)]
       for j, path in enumerate(spec.paths):
         parts = [p[j] for p in per_layer]
-        _set(params, path, np.stack(parts) if path[0] == "layers" else parts[0])
+        trees.put(params, path, np.stack(parts) if path[0] == "layers" else parts[0])
     if cfg.tie_embeddings and "lm_head.weight" in index:
       if not np.array_equal(read("lm_head.weight"), params["embed"]):
         raise _err(directory, "lm_head.weight differs from the token embeddings although "
                    "tie_word_embeddings is true")
   shapes, _ = model_lib.abstract_params(cfg)
-  for path in _paths(shapes):
+  for path in trees.paths(shapes):
     # Biases the file does not hold (a Llama with only one of attention_bias / mlp_bias): zero
     # computes what the HF model computes.
     if path[-1].endswith("_bias"):
       try:
-        _leaf(params, path)
+        trees.get(params, path)
       except KeyError:
-        _set(params, path, np.zeros(_leaf(shapes, path).shape, np_dtype))
+        trees.put(params, path, np.zeros(trees.get(shapes, path).shape, np_dtype))
   _check_params(params, cfg, f"import of {directory}")
   return HFModel(cfg, params, arch, raw, directory)
 
 
 def _check_params(params, cfg: ModelConfig, what: str) -> None:
-  shapes, _ = model_lib.abstract_params(cfg)
-  want, got = set(_paths(shapes)), set(_paths(params))
-  if want != got:
-    raise GrowlmError(f"{what}: params do not match the config (missing "
-                      f"{sorted('/'.join(p) for p in want - got)[:4]}, unexpected "
-                      f"{sorted('/'.join(p) for p in got - want)[:4]})")
-  for p in sorted(want):
-    if tuple(_leaf(params, p).shape) != tuple(_leaf(shapes, p).shape):
-      raise GrowlmError(f"{what}: param {'/'.join(p)} has shape {tuple(_leaf(params, p).shape)}, "
-                        f"the config implies {tuple(_leaf(shapes, p).shape)}")
+  trees.check_like(params, model_lib.abstract_params(cfg)[0], what)
 
 
 # ------------------------------------------------------------------------------ export
@@ -288,7 +258,7 @@ def to_hf_tensors(params, cfg: ModelConfig, arch: str | None = None,
     if spec.bias and not cfg.use_bias:
       leaves = None
     else:
-      leaves = [_host(_leaf(params, p)) for p in spec.paths]
+      leaves = [_host(trees.get(params, p)) for p in spec.paths]
     for i, name in enumerate(layout.names(spec, layout.PREFIX[arch], cfg.n_layers)):
       if leaves is None:
         x = np.zeros(spec.shape, np.dtype(params["embed"].dtype))
@@ -376,139 +346,3 @@ def export_hf(params, cfg: ModelConfig, out: str, *, tokenizer_from: str | None 
     shutil.rmtree(partial, ignore_errors=True)
     raise
   return arch
-
-
-# ------------------------------------------------------------------------------ commands
-# The library form of growlm.hf_main; the trainer and warmstart are imported late (they import
-# this module).
-
-# Fields growth keeps (growlm.grow.core), so they are the source's whatever the config says.
-SOURCE_FIELDS = ("vocab_size", "norm", "norm_eps", "positions", "rope_theta", "mlp", "use_bias",
-                 "tie_embeddings")
-SIZE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim", "max_len")
-
-
-def apply_source(config, source: str, *, as_is: bool = False) -> ModelConfig:
-  """Points `config` at the HF `source` (checked, headers only): init.source, and the model
-  fields that must be the source's (all sizes too with `as_is`), printing each one changed.
-  Returns the source's model config."""
-  _, src, _ = check_hf_dir(source)
-  with config.unlocked():
-    config.init.source = source
-    for f in SOURCE_FIELDS + (SIZE_FIELDS if as_is else ()):
-      if config.model[f] != getattr(src, f):
-        print(f"growlm: model.{f} {config.model[f]} -> {getattr(src, f)} (from the source)")
-      config.model[f] = getattr(src, f)
-  check_seq_len(src, config.data.seq_len)
-  return src
-
-
-def check_seq_len(src: ModelConfig, seq_len: int) -> None:
-  """The preservation report runs the source on the run's batches: a learned position table
-  must cover them."""
-  if src.positions == "learned" and seq_len > src.max_len:
-    raise GrowlmError(f"data.seq_len={seq_len} exceeds the source's max_len={src.max_len} "
-                      f"(learned positions; the preservation report runs the source on the same "
-                      f"batches); accepted: seq_len <= {src.max_len}")
-
-
-def _eval_batches(config, vocab_size: int) -> tuple[str, list[dict]]:
-  """The first eval dataset's batches, as the trainer's evaluator would take them."""
-  d = config.data
-  tokenizer = data_lib.make_tokenizer(d.tokenizer)
-  if tokenizer.vocab_size > vocab_size:
-    raise GrowlmError(f"data.tokenizer has {tokenizer.vocab_size} tokens, more than the source "
-                      f"model's vocab_size={vocab_size}; accepted: the source's own tokenizer")
-  name, spec = next(iter(d.eval.items()))
-  source, split = config_lib.parse_eval_spec(spec, d.train)
-  corpus = data_lib.load_corpus(source, split, eval_fraction=d.eval_fraction,
-                                max_bytes=d.max_bytes, data_dir=d.data_dir or None)
-  stream = data_lib.tokenize_corpus(corpus, tokenizer)
-  return name, data_lib.eval_batches(stream, d.seq_len, d.batch_size, config.eval.batches)
-
-
-def grow_to_hf(config, source: str, out: str, *, as_is: bool = False) -> dict:
-  """Library form of `grow --format=hf`: imports `source`, grows it to `config.model` (style
-  and vocabulary set from the source, see apply_source) by `config.init.plan`, measures the
-  preservation report on the first eval dataset, and writes the HF directory `out` (with
-  growth_report.json and the source's tokenizer files). Returns the report."""
-  if os.path.exists(out):
-    raise GrowlmError(f"--out={out} exists; accepted: a path that does not exist yet")
-  apply_source(config, source, as_is=as_is)
-  config_lib.validate(config)
-  if config.init.optimizer == "grow":
-    raise GrowlmError("init.optimizer='grow' with --format=hf: an HF directory holds no "
-                      "optimizer state; accepted: 'fresh'")
-  plan = GrowthPlan.from_dict(config.init.plan.to_dict())
-  src = import_hf(source, dtype=config.model.dtype)
-  target = config_lib.model_config(config)
-  grown_cfg = grow_core.grown_config(src.config, target, plan)   # refuses what growth cannot do
-  hf_architecture(grown_cfg)                                     # refuses what HF cannot hold
-  name, batches = _eval_batches(config, src.config.vocab_size)
-
-  def run(params, rng):
-    return grow_core.grow(params, src.config, target, plan, rng).params
-
-  params = jax.jit(run)(src.params, jax.random.PRNGKey(config.init.seed))
-  report = report_lib.preservation_report(
-      src.config, src.params, grown_cfg, params, batches, plan,
-      extra={"source": os.path.abspath(source), "source_step": 0, "source_flops": 0.0,
-             "eval_dataset": name})
-  print(report_lib.format_report(report), flush=True)
-  arch = export_hf(params, grown_cfg, out, tokenizer_from=source,
-                   extra_json={"growth_report.json": report})
-  report["hf_architecture"] = arch
-  return report
-
-
-def grow_to_run(config, source: str, out: str, *, as_is: bool = False) -> dict:
-  """Library form of `grow --format=run`: the run dir `out` at step 0 (checkpoint, report), grown
-  from the HF `source` as `train_from_hf` would start it."""
-  from growlm import train  # pylint: disable=g-import-not-at-top
-  apply_source(config, source, as_is=as_is)
-  return train.grow_into(config, source, out)
-
-
-def train_from_hf(config, source: str, workdir: str, *, as_is: bool = False) -> dict:
-  """Library form of `train`: trains (or resumes) `workdir` from the HF `source`, grown to the
-  config's sizes, or as it is with `as_is`. The same call resumes: the config it derives from
-  the source is the same each time."""
-  from growlm import train  # pylint: disable=g-import-not-at-top
-  apply_source(config, source, as_is=as_is)
-  return train.train(config, workdir)
-
-
-def _tokenizer_source(run_cfg: dict) -> str | None:
-  """Where a run's tokenizer files are: its HF source, else its data.tokenizer path."""
-  source = run_cfg.get("init", {}).get("source") or ""
-  if source and is_hf_dir(source):
-    return source
-  tok = run_cfg.get("data", {}).get("tokenizer", "bytes")
-  return tok if tok != "bytes" and os.path.exists(tok) else None
-
-
-def export_run(run: str, out: str, *, tokenizer_from: str | None = None,
-               dtype: str | None = None) -> str:
-  """Library form of `export`: the run's newest checkpoint -> HF directory `out`; returns the
-  architecture written (gpt2 | llama)."""
-  from growlm import warmstart  # pylint: disable=g-import-not-at-top
-  if is_hf_dir(run):
-    raise GrowlmError(f"--run={run} is a Hugging Face directory; accepted: a growlm run dir")
-  if os.path.exists(out):
-    raise GrowlmError(f"--out={out} exists; accepted: a path that does not exist yet")
-  src = warmstart.read_source(run)
-  hf_architecture(src.model)   # refuse before reading any arrays
-  run_cfg = src.config.to_dict()
-  tokenizer_from = tokenizer_from or _tokenizer_source(run_cfg)
-  token_ids = None
-  if not (tokenizer_from and os.path.isfile(os.path.join(tokenizer_from, "config.json"))):
-    try:
-      tok = data_lib.make_tokenizer(run_cfg.get("data", {}).get("tokenizer", "bytes"))
-      token_ids = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id,
-                   "pad_token_id": tok.pad_id}
-    except GrowlmError:
-      pass  # the run's tokenizer file is gone: the ids are left unset, the weights still export
-  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  src = warmstart.restore_source(src, mesh, sharding.DEFAULT_RULES)
-  return export_hf(src.state.params, src.model, out, tokenizer_from=tokenizer_from,
-                   token_ids=token_ids, dtype=dtype)

@@ -8,13 +8,14 @@ names another run of the same sweep: that run goes first and its final checkpoin
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import shlex
 from typing import Any, Callable
 
 import ml_collections
 
+from growlm import rundir
+from growlm.config import files
 from growlm.errors import GrowlmError
 
 
@@ -27,41 +28,10 @@ class Run:
   workdir: str
 
 
-def load_config_module(path: str):
-  """Imports a config file by path (the part before ':' of a --config value)."""
-  if not os.path.isfile(path):
-    raise GrowlmError(f"--config={path}: no such file; accepted: a configs/*.py path")
-  spec = importlib.util.spec_from_file_location(f"growlm_cfg_{abs(hash(path))}", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  if not hasattr(mod, "get_config"):
-    raise GrowlmError(f"--config={path} defines no get_config(arg)")
-  return mod
-
-
-def split_config_arg(config: str) -> tuple[str, str | None]:
-  path, _, arg = config.partition(":")
-  return path, (arg or None)
-
-
-def set_path(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
-  """cfg.a.b.c = value, failing clearly on a field the config does not have."""
-  node = cfg
-  *parents, last = dotted.split(".")
-  for p in parents:
-    if p not in node:
-      raise GrowlmError(f"sweep override {dotted!r}: config has no section {p!r}")
-    node = node[p]
-  if last not in node:
-    raise GrowlmError(f"sweep override {dotted!r}: config has no field {last!r}")
-  with cfg.unlocked():
-    node[last] = value
-
-
 def expand(config: str, sweep_dir: str) -> list[Run]:
   """The sweep's runs, each with its resolved config, in dependency order."""
-  path, arg = split_config_arg(config)
-  mod = load_config_module(path)
+  path, _ = files.split_spec(config)
+  mod = files.load_module(path)
   if not hasattr(mod, "sweep"):
     raise GrowlmError(f"--config={path} defines no sweep(add); accepted: a sweep config file")
   specs: list[tuple[str, dict]] = []
@@ -76,7 +46,7 @@ def expand(config: str, sweep_dir: str) -> list[Run]:
   sweep_name = os.path.basename(os.path.normpath(sweep_dir))
   runs = []
   for name, overrides in specs:
-    cfg = mod.get_config(arg)
+    cfg = files.load(config)
     depends = []
     for key, value in overrides.items():
       if key == "init.source" and isinstance(value, str) and value.startswith("@"):
@@ -85,7 +55,7 @@ def expand(config: str, sweep_dir: str) -> list[Run]:
                             f"accepted: one of {sorted(names)}")
         depends.append(value[1:])
         value = os.path.join(sweep_dir, value[1:])
-      set_path(cfg, key, value)
+      files.set_field(cfg, key, value, what=f"sweep run {name!r}")
     with cfg.unlocked():
       cfg.name = name
       cfg.sweep_name = sweep_name
@@ -108,8 +78,7 @@ def order(runs: list[Run]) -> list[Run]:
 
 def is_done(run: Run) -> bool:
   """Finished = a checkpoint at the run's last step exists."""
-  ckpts = os.path.join(run.workdir, "checkpoints")
-  return os.path.isdir(ckpts) and str(run.config.train.num_steps) in os.listdir(ckpts)
+  return run.config.train.num_steps in rundir.checkpoint_steps(run.workdir)
 
 
 def _flag_value(v: Any) -> str:
@@ -169,8 +138,8 @@ def launch(config: str, sweep_dir: str, *, dry_run: bool = False, tpu: str | Non
       subprocess.run(cmd, check=True)
     else:
       if run_fn is None:
-        from growlm import train  # pylint: disable=g-import-not-at-top
-        run_fn = train.train
+        from growlm import commands  # pylint: disable=g-import-not-at-top
+        run_fn = commands.train
       os.makedirs(sweep_dir, exist_ok=True)
       run_fn(run.config, run.workdir)
   return runs

@@ -1,0 +1,156 @@
+"""The absl side of config files: `--config=PATH[:ARG]` and `--config.FIELD=VALUE`.
+
+Use `app.run(main, flags_parser=config_flags_parser)` and read the config with `config()`.
+The parser takes the --config arguments out of argv before absl sees them, so that a bad
+config file, an unknown field or a bad value is one `growlm: error:` line with exit status 2
+(not an absl traceback), and so that free-form sections (data.eval) accept new names.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import NoReturn
+
+from absl import flags
+import ml_collections
+
+from growlm.config import files
+from growlm.errors import GrowlmError
+
+_SPEC = re.compile(r"^--?config(?:=(.*))?$", re.S)
+_FIELD = re.compile(r"^--?(no)?config\.([^=]+)(?:=(.*))?$", re.S)
+_HELP = ("-h", "-?", "--help", "-help", "--helpshort", "--helpfull", "--helpxml")
+_HELP_TEXT = ("Config file PATH[:ARG] (configs/*.py); set any field with --config.FIELD=VALUE, "
+              "e.g. --config.train.num_steps=200")
+
+_LOADED: dict[str, ml_collections.ConfigDict | None] = {"config": None}
+
+
+def config() -> ml_collections.ConfigDict | None:
+  """The config that --config (and --config.FIELD=VALUE) gave; None when --config was not given."""
+  return _LOADED["config"]
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+  """Log lines with time and module; absl's own INFO lines (orbax logs every file it writes)
+  are kept out."""
+  logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def fail(e: GrowlmError) -> NoReturn:
+  """Prints `growlm: error: MESSAGE` as one line on stderr and exits with status 2."""
+  print("growlm: error: " + " ".join(str(e).split("\n")), file=sys.stderr)
+  sys.exit(2)
+
+
+def _find_spec(argv: list[str]) -> str | None:
+  """The last --config=SPEC (or --config SPEC) before '--'."""
+  spec = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == "--":
+      break
+    m = _SPEC.match(arg)
+    if m:
+      if m.group(1) is None and i + 1 >= len(argv):
+        raise GrowlmError("--config needs a value; accepted: --config=configs/FILE.py[:ARG]")
+      spec = argv[i + 1] if m.group(1) is None else m.group(1)
+  return spec
+
+
+_MISSING = object()
+
+
+def _value(cfg: ml_collections.ConfigDict | None, dotted: str):
+  """The value at `dotted` in `cfg`; _MISSING when there is no config or no such field."""
+  node = cfg
+  for p in dotted.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+      return _MISSING
+    node = node[p]
+  return node
+
+
+def _split(argv: list[str], cfg: ml_collections.ConfigDict | None
+           ) -> tuple[dict[str, str | bool], list[str]]:
+  """(--config.FIELD overrides in order, the argv left for absl); --config itself is dropped.
+
+  As absl does for flags: a bare `--config.FIELD` of a bool field is True (`--noconfig.FIELD`
+  False), and of another field takes the next argument as its value.
+  """
+  overrides: dict[str, str | bool] = {}
+  rest, i = [argv[0]], 1
+  while i < len(argv):
+    arg = argv[i]
+    if arg == "--":
+      rest += argv[i:]
+      break
+    m, f = _SPEC.match(arg), _FIELD.match(arg)
+    if m:
+      i += 1 if m.group(1) is not None else 2
+      continue
+    if not f:
+      rest.append(arg)
+      i += 1
+      continue
+    no, dotted, value = f.groups()
+    if no and value is not None:
+      raise GrowlmError(f"{arg}: a value after --noconfig.{dotted}; accepted: "
+                        f"--config.{dotted}=VALUE or --noconfig.{dotted}")
+    existing = _value(cfg, dotted)
+    if value is None:
+      # An unknown field consumes nothing: apply_overrides reports it with a close match.
+      if no or existing is _MISSING or isinstance(existing, bool):
+        value = not no
+      elif i + 1 < len(argv):
+        value, i = argv[i + 1], i + 1
+      else:
+        raise GrowlmError(f"--config.{dotted} needs a value; accepted: --config.{dotted}=VALUE")
+    if dotted in overrides and isinstance(existing, (tuple, list)):
+      # config_flags joined repeated tuple flags into one tuple; say so instead of dropping one.
+      raise GrowlmError(f"--config.{dotted} given twice; accepted: once, as "
+                        f"--config.{dotted}=(a,b,...)")
+    overrides.pop(dotted, None)  # the last one wins, as for absl flags
+    overrides[dotted] = value
+    i += 1
+  return overrides, rest
+
+
+def _parse_absl(rest: list[str]) -> list[str]:
+  """flags.FLAGS(rest), an absl flag error as one `growlm: error:` line (absl: 'FATAL ...')."""
+  try:
+    return flags.FLAGS(rest)
+  except flags.Error as e:
+    fail(GrowlmError(f"{str(e).strip()}; accepted: the flags that --helpfull lists"))
+
+
+def config_flags_parser(argv: list[str]) -> list[str]:
+  """absl `flags_parser`: --config and --config.FIELD=VALUE here, every other flag by absl.
+
+  Returns absl's remaining argv (program name and positional arguments) for `main`.
+  """
+  if "config" not in flags.FLAGS:
+    # Listed by --help only: the value never reaches absl (the config comes from config()).
+    flags.DEFINE_string("config", None, _HELP_TEXT)
+  try:
+    argv = [argv[0]] + flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+  except flags.Error as e:  # a --flagfile that cannot be read
+    fail(GrowlmError(str(e).strip().removeprefix("ERROR::").strip()))
+  try:
+    if any(a.split("=", 1)[0] in _HELP for a in argv[1:]):
+      _parse_absl(_split(argv, None)[1])  # prints help and exits, even if the config is broken
+    spec = _find_spec(argv)
+    cfg = files.load(spec) if spec is not None else None
+    overrides, rest = _split(argv, cfg)
+    if overrides and cfg is None:
+      raise GrowlmError(f"--config.{next(iter(overrides))} given without --config=FILE; "
+                        "accepted: --config=configs/FILE.py[:ARG] --config.FIELD=VALUE")
+    positional = _parse_absl(rest)
+    if cfg is not None:
+      files.apply_overrides(cfg, overrides)
+  except GrowlmError as e:
+    fail(e)
+  _LOADED["config"] = cfg
+  return positional

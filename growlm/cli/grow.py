@@ -1,0 +1,42 @@
+"""Grow command: a source run's checkpoint -> a new run dir holding the grown model at step 0.
+
+  python -m growlm.grow_main --source=runs/small --config=configs/default.py:size=tiny \\
+      --config.init.plan.width=tile --out=runs/tiny-grown
+
+The output is a complete run directory (config.json, checkpoints/0, growth_report.json,
+metrics.jsonl): `python -m growlm.main --config=<same config> --workdir=<out>` trains it on.
+It is written under OUT.partial and renamed at the end, so on any error nothing is left at OUT.
+"""
+
+from __future__ import annotations
+
+
+from absl import app, flags
+
+from growlm.cli import flags as cli_flags
+from growlm.errors import GrowlmError
+
+_SOURCE = flags.DEFINE_string("source", None, "Source run directory (config.json + checkpoints/).")
+_OUT = flags.DEFINE_string("out", None, "Output run directory (must not exist).")
+
+
+def main(argv):
+  del argv
+  cli_flags.setup_logging()
+  try:
+    if cli_flags.config() is None or not _SOURCE.value or not _OUT.value:
+      raise GrowlmError("--config=TARGET_CONFIG, --source=RUN_DIR and --out=DIR are all required")
+    from growlm import commands  # pylint: disable=g-import-not-at-top
+    commands.grow_into(cli_flags.config(), _SOURCE.value, _OUT.value)
+  except GrowlmError as e:
+    cli_flags.fail(e)
+  print(f"growlm: grown model written to {_OUT.value}")
+
+
+def run() -> None:
+  """The console entry point."""
+  app.run(main, flags_parser=cli_flags.config_flags_parser)
+
+
+if __name__ == "__main__":
+  run()

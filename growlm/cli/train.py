@@ -1,0 +1,67 @@
+"""Command line: `python -m growlm.main --config=configs/default.py[:ARG] --workdir=DIR`.
+
+Thin by design: flags in, one library call (growlm.commands.train) out. Bad input exits with one
+line naming the field and the accepted values.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from growlm.cli import flags as cli_flags
+from growlm.errors import GrowlmError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for a multi-process run (jax.distributed)"
+    "; on Cloud TPU VMs use --distributed instead.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (0-based).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() with no arguments (TPU VMs).")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None,
+                                    "Number of CPU devices per process (testing sharding on CPU).")
+
+
+def init_distributed() -> None:
+  """Starts jax.distributed when the flags ask for it (before any other JAX call)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if _CPU_DEVICES.value:
+    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+  if _COORDINATOR.value:
+    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+      raise GrowlmError("--coordinator_address needs --num_processes and --process_id")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value, initialization_timeout=120)
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
+
+
+def main(argv):
+  del argv
+  cli_flags.setup_logging()
+  try:
+    if cli_flags.config() is None or not _WORKDIR.value:
+      raise GrowlmError("--config=configs/FILE.py[:ARG] and --workdir=DIR are both required")
+    init_distributed()
+    from growlm import commands  # pylint: disable=g-import-not-at-top  (after jax.distributed)
+    summary = commands.train(cli_flags.config(), _WORKDIR.value)
+  except GrowlmError as e:
+    cli_flags.fail(e)
+  except FloatingPointError as e:  # training diverged; the last good checkpoint is kept
+    print(f"growlm: diverged: {e}", file=sys.stderr)
+    sys.exit(3)
+  print("growlm: done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                     for k, v in summary.items()))
+
+
+def run() -> None:
+  """The console entry point."""
+  app.run(main, flags_parser=cli_flags.config_flags_parser)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,184 @@
+"""The library form of every command: what the command line does, callable from a notebook.
+
+  train(config, workdir)                 python -m growlm.main
+  grow_into(config, source, out)         python -m growlm.grow_main
+  grow_to_hf / grow_to_run / train_from_hf / export_run
+                                         python -m growlm.hf_main grow | train | export
+
+Each takes a ConfigDict or a RunConfig (resolved here, once; the caller's config is never
+changed) and composes the stages: the initialisation seam (resume | grow | fresh) in front of
+the trainer, or growth and the Hugging Face codec. Outputs are built under OUT.partial and
+renamed at the end, so on any error nothing is left at OUT.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Callable
+
+import jax
+
+from growlm import data as data_lib
+from growlm import sharding
+from growlm.config.typed import InitConfig, RunConfig, resolve
+from growlm.errors import GrowlmError
+from growlm.grow import core as grow_core
+from growlm.grow import report as report_lib
+from growlm.init import seam
+from growlm.init import source as source_lib
+from growlm.interop import hf as hf_lib
+from growlm.train import trainer
+
+# Fields growth keeps (growlm.grow.core), so they are the source's whatever the config says.
+SOURCE_FIELDS = ("vocab_size", "norm", "norm_eps", "positions", "rope_theta", "mlp", "use_bias",
+                 "tie_embeddings")
+SIZE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim", "max_len")
+
+
+def train(config: Any, workdir: str, *, params_fn: Callable[[Any], Any] | None = None,
+          stop_after_init: bool = False) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the last train and eval metrics.
+
+  With `init.source` set, a fresh run starts from that source grown to this config's model by
+  `init.plan` (the preservation report is printed, saved as growth_report.json and logged).
+  `params_fn(param_shardings)` supplies the starting parameters of a fresh run instead (tests).
+  """
+  config, source = seam.prepare(resolve(config), workdir)
+  return trainer.train(config, workdir, seam.initializer(source, params_fn=params_fn),
+                       stop_after_init=stop_after_init)
+
+
+def _check_out(out: str) -> None:
+  if os.path.exists(out):
+    raise GrowlmError(f"--out={out} exists; accepted: a path that does not exist yet")
+
+
+def grow_into(config: Any, source: str, out: str) -> dict[str, Any]:
+  """The grow command: `source` grown to `config`'s model, written as the run dir `out` at
+  step 0 (checkpoint, growth report, step-0 eval). Built under OUT.partial, renamed at the end."""
+  _check_out(out)
+  config = resolve(config)
+  config = config.replace(init=InitConfig(**{**config.init.__dict__, "source": source}))
+  partial = out.rstrip("/") + ".partial"
+  if jax.process_index() == 0 and os.path.exists(partial):
+    shutil.rmtree(partial)
+  try:
+    summary = train(config, partial, stop_after_init=True)
+  except BaseException:
+    if jax.process_index() == 0:
+      shutil.rmtree(partial, ignore_errors=True)
+    raise
+  if jax.process_index() == 0:
+    os.rename(partial, out)
+  return summary
+
+
+def apply_source(config: Any, source: str, *, as_is: bool = False) -> RunConfig:
+  """The config pointed at the HF `source` (checked, headers only): init.source, and the model
+  fields that must be the source's (all sizes too with `as_is`), printing each one changed."""
+  config = resolve(config)
+  _, src, _ = hf_lib.check_hf_dir(source)
+  changes = {}
+  for f in SOURCE_FIELDS + (SIZE_FIELDS if as_is else ()):
+    if getattr(config.model, f) != getattr(src, f):
+      print(f"growlm: model.{f} {getattr(config.model, f)} -> {getattr(src, f)} (from the source)")
+      changes[f] = getattr(src, f)
+  config = config.replace(model=config.model.replace(**changes),
+                          init=InitConfig(**{**config.init.__dict__, "source": source}))
+  source_lib.check_seq_len(src, config.data.seq_len)
+  return config
+
+
+def _first_eval_batches(config: RunConfig, vocab_size: int) -> tuple[str, list[dict]]:
+  """The first eval dataset's batches, as the trainer's evaluator would take them."""
+  d = config.data
+  tokenizer = data_lib.make_tokenizer(d.tokenizer)
+  if tokenizer.vocab_size > vocab_size:
+    raise GrowlmError(f"data.tokenizer has {tokenizer.vocab_size} tokens, more than the source "
+                      f"model's vocab_size={vocab_size}; accepted: the source's own tokenizer")
+  name, source, split = d.eval_sources()[0]
+  corpus = data_lib.load_corpus(source, split, eval_fraction=d.eval_fraction,
+                                max_bytes=d.max_bytes, data_dir=d.data_dir or None)
+  stream = data_lib.tokenize_corpus(corpus, tokenizer)
+  return name, data_lib.eval_batches(stream, d.seq_len, d.batch_size, config.eval.batches)
+
+
+def grow_to_hf(config: Any, source: str, out: str, *, as_is: bool = False) -> dict:
+  """`grow --format=hf`: imports `source`, grows it to the config's model (style and vocabulary
+  from the source, see apply_source) by `init.plan`, measures the preservation report on the
+  first eval dataset, and writes the HF directory `out` (with growth_report.json and the
+  source's tokenizer files). Returns the report."""
+  _check_out(out)
+  config = apply_source(config, source, as_is=as_is)
+  if config.init.optimizer == "grow":
+    raise GrowlmError("init.optimizer='grow' with --format=hf: an HF directory holds no "
+                      "optimizer state; accepted: 'fresh'")
+  plan = config.init.plan
+  src = hf_lib.import_hf(source, dtype=config.model.dtype)
+  target = config.model
+  grown_cfg = grow_core.grown_config(src.config, target, plan)   # refuses what growth cannot do
+  hf_lib.hf_architecture(grown_cfg)                              # refuses what HF cannot hold
+  name, batches = _first_eval_batches(config, src.config.vocab_size)
+
+  def run(params, rng):
+    return grow_core.grow(params, src.config, target, plan, rng).params
+
+  params = jax.jit(run)(src.params, jax.random.PRNGKey(config.init.seed))
+  report = report_lib.preservation_report(
+      src.config, src.params, grown_cfg, params, batches, plan,
+      extra={"source": os.path.abspath(source), "source_step": 0, "source_flops": 0.0,
+             "eval_dataset": name})
+  print(report_lib.format_report(report), flush=True)
+  arch = hf_lib.export_hf(params, grown_cfg, out, tokenizer_from=source,
+                          extra_json={"growth_report.json": report})
+  report["hf_architecture"] = arch
+  return report
+
+
+def grow_to_run(config: Any, source: str, out: str, *, as_is: bool = False) -> dict:
+  """`grow --format=run`: the run dir `out` at step 0 (checkpoint, report), grown from the HF
+  `source` as `train_from_hf` would start it."""
+  return grow_into(apply_source(config, source, as_is=as_is), source, out)
+
+
+def train_from_hf(config: Any, source: str, workdir: str, *, as_is: bool = False) -> dict:
+  """`train`: trains (or resumes) `workdir` from the HF `source`, grown to the config's sizes,
+  or as it is with `as_is`. The same call resumes: the config derived from the source is the
+  same each time."""
+  return train(apply_source(config, source, as_is=as_is), workdir)
+
+
+def _tokenizer_source(run_cfg: dict) -> str | None:
+  """Where a run's tokenizer files are: its HF source, else its data.tokenizer path."""
+  source = (run_cfg.get("init") or {}).get("source") or ""
+  if source and hf_lib.is_hf_dir(source):
+    return source
+  tok = (run_cfg.get("data") or {}).get("tokenizer", "bytes")
+  return tok if tok != "bytes" and os.path.exists(tok) else None
+
+
+def export_run(run: str, out: str, *, tokenizer_from: str | None = None,
+               dtype: str | None = None) -> str:
+  """`export`: the run's newest checkpoint -> HF directory `out`; returns the architecture
+  written (gpt2 | llama)."""
+  if hf_lib.is_hf_dir(run):
+    raise GrowlmError(f"--run={run} is a Hugging Face directory; accepted: a growlm run dir")
+  _check_out(out)
+  src = source_lib.read_source(run, what="--run")
+  hf_lib.hf_architecture(src.model)   # refuse before reading any arrays
+  tokenizer_from = tokenizer_from or _tokenizer_source(src.config)
+  token_ids = None
+  if not (tokenizer_from and os.path.isfile(os.path.join(tokenizer_from, "config.json"))):
+    try:
+      tok = data_lib.make_tokenizer((src.config.get("data") or {}).get("tokenizer", "bytes"))
+      token_ids = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id,
+                   "pad_token_id": tok.pad_id}
+    except GrowlmError:
+      pass  # the run's tokenizer file is gone: the ids are left unset, the weights still export
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  src = source_lib.restore_source(src, mesh, sharding.DEFAULT_RULES)
+  return hf_lib.export_hf(src.state.params, src.model, out, tokenizer_from=tokenizer_from,
+                          token_ids=token_ids, dtype=dtype)
+
+

@@ -1,0 +1,95 @@
+"""One run's curves, read from its run dir, and the loss-vs-FLOPs plot.
+
+Shared by the sweep analysis (growlm.experiments.analysis) and the W&B tracker, which logs the
+same plot for each run; only reads files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from growlm import rundir
+
+
+def load_run(run_dir: str) -> dict[str, Any] | None:
+  """{'name', 'dir', 'config', 'rows', 'report'} or None if the dir holds no run."""
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    config = json.load(f)
+  report_path = os.path.join(run_dir, "growth_report.json")
+  report = None
+  if os.path.exists(report_path):
+    with open(report_path) as f:
+      report = json.load(f)
+  return {"name": os.path.basename(os.path.normpath(run_dir)), "dir": run_dir, "config": config,
+          "rows": rundir.read_metrics(rundir.metrics_path(run_dir)), "report": report}
+
+
+def eval_datasets(run: dict) -> list[str]:
+  names = []
+  for r in run["rows"]:
+    for k in r:
+      if k.startswith("eval_loss/") and k[10:] not in names:
+        names.append(k[10:])
+  return names
+
+
+def eval_curve(run: dict, dataset: str, with_source: bool = False) -> tuple[np.ndarray, ...]:
+  """(flops, loss, step) at each evaluation of `dataset`, FLOPs optionally including the
+  source model's training FLOPs."""
+  key = f"eval_loss/{dataset}"
+  rows = [r for r in run["rows"] if key in r]
+  fkey = "flops_with_source" if with_source else "flops"
+  flops = np.array([r.get(fkey, r["flops"]) for r in rows], float)
+  return flops, np.array([r[key] for r in rows], float), np.array([r["step"] for r in rows])
+
+
+def train_curve(run: dict, with_source: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  rows = [r for r in run["rows"] if "train_loss" in r]
+  fkey = "flops_with_source" if with_source else "flops"
+  return (np.array([r.get(fkey, r["flops"]) for r in rows], float),
+          np.array([r["train_loss"] for r in rows], float))
+
+
+def is_grown(run: dict) -> bool:
+  """True for a run that started from a grown source."""
+  return bool(run["config"].get("init", {}).get("source"))
+
+
+def plot_loss_curves(runs: list[dict], path: str) -> str:
+  """Eval loss against FLOPs (grown runs include their source's FLOPs), one panel per dataset;
+  the growth point of each grown run is marked."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  datasets = []
+  for run in runs:
+    datasets += [d for d in eval_datasets(run) if d not in datasets]
+  fig, axes = plt.subplots(1, max(len(datasets), 1), figsize=(6 * max(len(datasets), 1), 4.5),
+                           squeeze=False)
+  for ax, ds in zip(axes[0], datasets):
+    for run in runs:
+      f, l, _ = eval_curve(run, ds, with_source=True)
+      if not len(f):
+        continue
+      style = "-" if is_grown(run) else "--"
+      (line,) = ax.plot(f, l, style, marker=".", label=run["name"])
+      if is_grown(run):
+        ax.plot(f[:1], l[:1], marker="*", markersize=14, color=line.get_color(),
+                linestyle="none")
+    ax.set_xlabel("training FLOPs (grown runs: + source FLOPs)")
+    ax.set_ylabel(f"eval loss ({ds}), nats/token")
+    ax.set_title(ds)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle("loss vs compute (star: growth point)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

@@ -1,0 +1,130 @@
+"""Tokenizers: text <-> int32 token ids, with an end-of-text id to separate documents.
+
+  "bytes"                    ByteTokenizer: UTF-8 bytes are ids 0..255, 256 ends a
+                             document, 257 pads; needs nothing installed.
+  a tokenizer.json path      HFTokenizer: a local Hugging Face tokenizer (or a folder
+                             holding tokenizer.json), through the `tokenizers` library.
+
+Both have `name`, `vocab_size`, `eot_id`, `pad_id`, `encode`, `encode_batch` and
+`decode`; `make_tokenizer(spec)` picks one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from growlm.errors import GrowlmError
+
+_EOT_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+_PAD_TOKENS = ("<pad>",)
+# Chunks cut just after a newline: byte-level BPE pre-tokenizers split at
+# newlines anyway, so chunked encoding equals whole-text encoding there.
+_ENCODE_CHUNK_CHARS = 1 << 16
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as tokens: ids 0..255 are bytes, 256 ends a document, 257 pads."""
+
+  name = "bytes"
+  eot_id = 256
+  pad_id = 257
+  vocab_size = 258
+
+  def encode(self, text: str) -> np.ndarray:
+    """Returns the UTF-8 bytes of `text` as int32 ids."""
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    """Encodes each text; same as `encode` on each."""
+    return [self.encode(t) for t in texts]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Bytes back to text; special ids are dropped, bad UTF-8 is replaced."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    ids = ids[(ids >= 0) & (ids < 256)]
+    return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+  """A local Hugging Face `tokenizer.json`, through the `tokenizers` library."""
+
+  def __init__(self, path: str):
+    """Loads `path`; its end-of-text token must be one of `_EOT_TOKENS`."""
+    import tokenizers  # pylint: disable=g-import-not-at-top
+    self.name = str(path)
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # The Rust error text can span lines.
+      first = str(e).splitlines()[0] if str(e) else type(e).__name__
+      raise GrowlmError(
+          f"tokenizer {str(path)!r} is not a readable Hugging Face tokenizer.json ({first})"
+      ) from e
+    self.vocab_size = self._tok.get_vocab_size()
+    eot = self._find(_EOT_TOKENS)
+    if eot is None:
+      raise GrowlmError(
+          f"tokenizer {str(path)!r} has no end-of-text token (accepted: {', '.join(_EOT_TOKENS)})")
+    self.eot_id = eot
+    pad = self._find(_PAD_TOKENS)
+    self.pad_id = eot if pad is None else pad
+
+  def _find(self, candidates: Sequence[str]) -> int | None:
+    """The id of the first of `candidates` in the vocabulary, or None."""
+    for token in candidates:
+      token_id = self._tok.token_to_id(token)
+      if token_id is not None:
+        return int(token_id)
+    return None
+
+  def encode(self, text: str) -> np.ndarray:
+    """Token ids of `text` as int32, no special tokens added."""
+    return self.encode_batch([text])[0]
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    """Encodes each text, in newline-aligned chunks across the library's threads."""
+    pieces, owner = [], []
+    for i, text in enumerate(texts):
+      for chunk in _newline_chunks(text, _ENCODE_CHUNK_CHARS):
+        pieces.append(chunk)
+        owner.append(i)
+    encodings = self._tok.encode_batch(pieces, add_special_tokens=False) if pieces else []
+    per_text: list[list[np.ndarray]] = [[] for _ in texts]
+    for i, enc in zip(owner, encodings):
+      per_text[i].append(np.asarray(enc.ids, dtype=np.int32))
+    return [np.concatenate(p) if p else np.zeros((0,), np.int32) for p in per_text]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Ids back to text, special tokens dropped."""
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    return self._tok.decode(ids, skip_special_tokens=True)
+
+
+def _newline_chunks(text: str, size: int) -> list[str]:
+  """Splits `text` into pieces of about `size` characters, each cut after a newline."""
+  out, start = [], 0
+  while len(text) - start > size:
+    cut = text.find("\n", start + size)
+    if cut < 0:
+      break
+    out.append(text[start:cut + 1])
+    start = cut + 1
+  if start < len(text):
+    out.append(text[start:])
+  return out
+
+
+def make_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
+  """'bytes' -> ByteTokenizer; a tokenizer.json path (or a folder holding one) -> HFTokenizer."""
+  if spec == "bytes":
+    return ByteTokenizer()
+  path = Path(spec) if isinstance(spec, str) and spec else None
+  if path is not None and path.is_dir() and (path / "tokenizer.json").is_file():
+    path = path / "tokenizer.json"
+  if path is None or not path.is_file():
+    raise GrowlmError(
+        f"tokenizer {spec!r} not found (accepted: 'bytes', a path to a Hugging Face "
+        "tokenizer.json, or a folder holding one)")
+  return HFTokenizer(str(path))

@@ -1,0 +1,124 @@
+"""The initialisation seam: where a run's first state comes from, decided in one place.
+
+In big_vision's order:
+  1. resume: the run dir holds a checkpoint -> restore the newest one that restores;
+  2. grow:   config.init.source names a growlm run dir or a Hugging Face directory -> restore it
+             onto the mesh and grow it to the config's model by config.init.plan, print and
+             return the preservation report;
+  3. fresh:  a random init (or parameters a test hands in).
+
+`prepare(config, workdir)` returns the run's effective config (a grown run dir remembers its
+init section; growth may rescale model.norm_eps, which is announced) and the source to grow, if
+any. `initializer(...)` returns the callable the trainer calls once its mesh and shardings exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+
+from growlm import rundir
+from growlm.config.typed import InitConfig, RunConfig, resolve_section
+from growlm.grow import core as grow_core
+from growlm.grow import report as report_lib
+from growlm.init import source as source_lib
+from growlm.init.source import Source
+from growlm.model import decoder as model_lib
+from growlm.train.checkpoint import Checkpoints
+from growlm.train.state import init_state
+from growlm.train.trainer import Initializer, Setup, Start
+
+log = logging.getLogger(__name__)
+
+
+def _say(line: str) -> None:
+  if jax.process_index() == 0:
+    print(line, flush=True)
+
+
+def prepare(config: RunConfig, workdir: str) -> tuple[RunConfig, Source | None]:
+  """(the run's effective config, the source to grow or None). Reads headers only.
+
+  A grown run dir remembers its `init` section, so relaunching it (to resume, or to train on
+  what the grow command wrote) needs no init flags. A fresh grown run takes model.norm_eps from
+  growth (zeros/mean_fill rescale it), saying so when it differs from the config's; a resumed
+  one takes it from the run dir.
+  """
+  saved = rundir.read_config(workdir)
+  if saved and (saved.get("init") or {}).get("source") and not config.init.source:
+    config = config.replace(init=resolve_section("init", saved["init"], InitConfig))
+  if not config.init.source:
+    return config, None
+  source_lib.check_init(config)
+  if saved and rundir.has_checkpoint(workdir):
+    norm_eps = (saved.get("model") or {}).get("norm_eps", config.model.norm_eps)
+    return config.replace_model(norm_eps=norm_eps), None   # resuming: growth already happened
+  src = source_lib.read_source(config.init.source)
+  grown = grow_core.grown_config(src.model, config.model, config.init.plan)
+  if grown.norm_eps != config.model.norm_eps:
+    _say(f"growlm: model.norm_eps {config.model.norm_eps:g} -> {grown.norm_eps:g} (set by "
+         f"growth: {config.init.plan.width} keeps the norms exact at d_model "
+         f"{src.model.d_model} -> {config.model.d_model})")
+  return config.replace_model(norm_eps=grown.norm_eps), src
+
+
+def resume(setup: Setup) -> Start | None:
+  """The newest restorable checkpoint of the run dir, or None if it holds none."""
+  if not os.path.isdir(rundir.checkpoints_dir(setup.workdir)):
+    return None
+  ckpt = Checkpoints(rundir.checkpoints_dir(setup.workdir), keep=setup.config.checkpoint.keep,
+                     async_save=False)
+  try:
+    restored = ckpt.restore_latest(setup.abstract)
+  finally:
+    ckpt.close()
+  if restored is None:
+    return None
+  step, state, data_state, meta = restored
+  log.info("resumed from step %d", step)
+  return Start(state, data_state=data_state, source_flops=float(meta.get("source_flops", 0.0)))
+
+
+def grow(setup: Setup, src: Source) -> Start:
+  """Restores `src` onto the mesh and grows it into the first state; prints the report."""
+  config = setup.config
+  src = source_lib.restore_source(src, setup.mesh, config.sharding_rules)
+  plan = config.init.plan
+  state, grown = source_lib.grow_state(
+      src, config.model, plan, setup.optimizer, setup.shard, seed=config.init.seed,
+      train_seed=config.train.seed, grow_optimizer=config.init.optimizer == "grow")
+  eval_name, batches = next(iter(setup.eval_batches.items()))
+  report = report_lib.preservation_report(
+      src.model, src.state.params, grown.config, state.params, batches, plan,
+      extra={"source": os.path.abspath(src.directory), "source_step": src.step,
+             "source_flops": src.flops, "optimizer_init": config.init.optimizer,
+             "lr_multipliers": bool(config.init.lr_multipliers), "eval_dataset": eval_name})
+  _say(report_lib.format_report(report))
+  return Start(state, report=report, source_flops=src.flops)
+
+
+def fresh(setup: Setup, params_fn: Callable[[Any], Any] | None = None) -> Start:
+  """A random init, born sharded; `params_fn(param_shardings)` may supply the parameters."""
+  config = setup.config
+  params = params_fn(setup.shard.params) if params_fn else None
+  state = init_state(config.model, setup.optimizer, setup.shard, config.train.seed, params)
+  log.info("initialised %s parameters", f"{model_lib.count_params(state.params):,}")
+  return Start(state)
+
+
+def initializer(source: Source | None = None, *,
+                params_fn: Callable[[Any], Any] | None = None) -> Initializer:
+  """The trainer's initialiser: resume, else grow `source`, else a fresh init."""
+  def initialize(setup: Setup) -> Start:
+    start = resume(setup)
+    if start is not None:
+      return start
+    if source is not None:
+      return grow(setup, source)
+    return fresh(setup, params_fn)
+  return initialize
+
+

@@ -1,0 +1,72 @@
+"""The run directory: what lives where, and the questions asked of it in several places.
+
+  RUN/config.json          the full resolved config (a relaunch must match it)
+  RUN/data_manifest.json   what data the run saw
+  RUN/metrics.jsonl        one JSON object per line
+  RUN/growth_report.json   grown runs only: the preservation report
+  RUN/checkpoints/N/       orbax: state, data (iterator state), meta
+
+Only names and reads live here (no JAX): the trainer, the initialisation seam, the sweep launcher
+and the analysis all ask "does this run dir hold a checkpoint" through `checkpoint_steps`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from growlm import fs
+
+CONFIG = "config.json"
+DATA_MANIFEST = "data_manifest.json"
+METRICS = "metrics.jsonl"
+GROWTH_REPORT = "growth_report.json"
+CHECKPOINTS = "checkpoints"
+
+
+def config_path(workdir: str) -> str:
+  return os.path.join(workdir, CONFIG)
+
+
+def checkpoints_dir(workdir: str) -> str:
+  return os.path.join(workdir, CHECKPOINTS)
+
+
+def metrics_path(workdir: str) -> str:
+  return os.path.join(workdir, METRICS)
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Step numbers of the checkpoints listed under RUN/checkpoints (sorted; damaged steps set
+  aside as N.damaged-K and unfinished N.orbax-checkpoint-tmp-* saves are not listed)."""
+  d = checkpoints_dir(workdir)
+  if not os.path.isdir(d):
+    return []
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+def has_checkpoint(workdir: str) -> bool:
+  return bool(checkpoint_steps(workdir))
+
+
+def read_config(workdir: str) -> dict[str, Any] | None:
+  """The run's saved config.json as a dict, None if there is none; GrowlmError if unreadable."""
+  path = config_path(workdir)
+  if not os.path.exists(path):
+    return None
+  return fs.read_json_object(path, "run config")
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+  """All records of a metrics.jsonl file (a torn last line from a crash is ignored)."""
+  out = []
+  if not os.path.exists(path):
+    return out
+  with open(path) as f:
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return out

@@ -1,0 +1,47 @@
+"""Evaluation: held-out loss (nats per token) and bits per byte on each eval dataset."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from growlm import data as data_lib
+from growlm import sharding
+from growlm.model import decoder as model_lib
+from growlm.model.config import ModelConfig
+from growlm.train.loss import cross_entropy
+
+
+def make_eval_step(cfg: ModelConfig) -> Callable:
+  """(params, batch) -> summed loss (nats) and token count."""
+  def step(params, batch):
+    nll = cross_entropy(model_lib.apply(cfg, params, batch["inputs"]), batch["targets"])
+    return nll.sum(), jnp.asarray(nll.size, jnp.float32)
+  return step
+
+
+class Evaluator:
+  """Held-out datasets, kept on device as global batches; reports loss and bits per byte."""
+
+  def __init__(self, cfg: ModelConfig, streams: dict[str, data_lib.TokenStream], seq_len: int,
+               global_batch: int, n_batches: int, batch_shard, p_shard):
+    self.bytes_per_token = {n: s.bytes_per_token for n, s in streams.items()}
+    self.batches = {
+        n: [sharding.global_batch_from_local(b, batch_shard) for b in data_lib.eval_batches(
+            s, seq_len, global_batch, n_batches, process_index=jax.process_index(),
+            process_count=jax.process_count())]
+        for n, s in streams.items()}
+    self._step = jax.jit(make_eval_step(cfg), in_shardings=(p_shard, batch_shard))
+
+  def __call__(self, params) -> dict[str, float]:
+    out = {}
+    for name, batches in self.batches.items():
+      sums = [self._step(params, b) for b in batches]
+      total, count = (float(sum(x)) for x in zip(*jax.device_get(sums)))
+      loss = total / count
+      out[f"eval_loss/{name}"] = loss
+      out[f"eval_bpb/{name}"] = loss / math.log(2) / self.bytes_per_token[name]
+    return out

@@ -1,0 +1,263 @@
+"""The sharded trainer: a jitted step over a (data, fsdp, tensor) mesh, the loop around it.
+
+`train(config, workdir, initialize)` trains the run in `workdir` from the state that
+`initialize(setup)` returns: it knows nothing of where that state came from (a resumed
+checkpoint, a grown source, a fresh init: growlm.init.seam decides). It evaluates, checkpoints,
+writes metrics.jsonl and logs to the tracker. Bad input fails before any file is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from growlm import data as data_lib
+from growlm import rundir, sharding
+from growlm.config.typed import RunConfig, resume_conflicts
+from growlm.errors import GrowlmError
+from growlm.fs import write_json_atomic
+from growlm.model import decoder as model_lib
+from growlm.model import flops as flops_lib
+from growlm import optim
+from growlm.train import tracking
+from growlm.train.checkpoint import Checkpoints
+from growlm.train.evaluate import Evaluator
+from growlm.train.loss import cross_entropy
+from growlm.train.metrics import MetricsWriter, ProgressBar
+from growlm.train.state import TrainState, state_shardings
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What an initialiser is handed: everything needed to build the first state on the mesh."""
+  config: RunConfig
+  workdir: str
+  mesh: Mesh
+  optimizer: optax.GradientTransformation
+  abstract: TrainState                     # ShapeDtypeStructs carrying the target shardings
+  shard: TrainState                        # NamedShardings of every leaf
+  eval_batches: dict[str, list[dict]]      # global eval batches on device, per dataset
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+  """The first state and what the trainer should log about it."""
+  state: TrainState
+  data_state: dict | None = None           # iterator state of a resumed run
+  report: dict | None = None               # growth preservation report (a grown start)
+  source_flops: float = 0.0                # training FLOPs of the source model(s)
+
+
+Initializer = Callable[[Setup], Start]
+
+
+def make_train_step(cfg, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    grad_accum: int = 1) -> Callable:
+  """(state, batch) -> (state, metrics); the batch is split into `grad_accum` microbatches."""
+
+  def loss_fn(params, batch, rng):
+    logits = model_lib.apply(cfg, params, batch["inputs"], dropout_rng=rng)
+    return cross_entropy(logits, batch["targets"]).mean()
+
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    rng, sub = jax.random.split(state.rng)
+    if grad_accum == 1:
+      loss, grads = grad_fn(state.params, batch, sub)
+    else:
+      # Microbatch a takes rows a, a + A, a + 2A, ...: each stays spread over the batch shards.
+      micro = jax.tree.map(
+          lambda x: jnp.swapaxes(x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]),
+                                 0, 1), batch)
+
+      def body(carry, xs):
+        mb, r = xs
+        l, g = grad_fn(state.params, mb, r)
+        return jax.tree.map(jnp.add, carry, (l, g)), None
+
+      zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+      (loss, grads), _ = jax.lax.scan(body, zero, (micro, jax.random.split(sub, grad_accum)))
+      loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads),
+               "lr": schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+
+  return step
+
+
+def load_streams(config: RunConfig, tokenizer) -> tuple[data_lib.TokenStream, dict, dict]:
+  """(train stream, eval streams by name, data manifests) of the run's data section."""
+  d = config.data
+  kw = dict(eval_fraction=d.eval_fraction, max_bytes=d.max_bytes, data_dir=d.data_dir or None)
+  train = data_lib.tokenize_corpus(data_lib.load_corpus(d.train, "train", **kw), tokenizer)
+  evals, manifests = {}, {"train": train.manifest}
+  for name, source, split in d.eval_sources():
+    evals[name] = data_lib.tokenize_corpus(data_lib.load_corpus(source, split, **kw), tokenizer)
+    manifests[f"eval/{name}"] = evals[name].manifest
+  return train, evals, manifests
+
+
+def check_run_dir(workdir: str, config_json: dict) -> None:
+  """Refuses a run dir that holds a run with another config (fields that do not change what is
+  computed may differ, growlm.config.typed.RESUMABLE_FIELDS)."""
+  saved = rundir.read_config(workdir)
+  if saved is not None:
+    conflicts = resume_conflicts(saved, config_json)
+    if conflicts:
+      raise GrowlmError(f"run dir {workdir} holds a run with another config (differs in "
+                        f"{', '.join(conflicts[:8])}); use a new --workdir or the same config")
+
+
+def train(config: RunConfig, workdir: str, initialize: Initializer, *,
+          stop_after_init: bool = False) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the last train and eval metrics.
+
+  `initialize(setup)` builds the first state (growlm.init.seam.initializer). With
+  `stop_after_init` the run dir is written at the start state's step (step-0 eval, checkpoint)
+  and nothing is trained: the grow command.
+  """
+  tracking.check_wandb(config)
+  cfg, d, t = config.model, config.data, config.train
+  config_json = config.to_json()
+  is_main = jax.process_index() == 0
+
+  # Everything that can fail on bad input happens before any file is written.
+  check_run_dir(workdir, config_json)
+  tokenizer = data_lib.make_tokenizer(d.tokenizer)
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise GrowlmError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+                      f"vocabulary ({tokenizer.vocab_size}); accepted: >= {tokenizer.vocab_size}")
+  rules = config.sharding_rules
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  if d.batch_size % sharding.batch_shards(mesh, rules):
+    raise GrowlmError(f"data.batch_size={d.batch_size} is not a multiple of the batch shards "
+                      f"({sharding.batch_shards(mesh, rules)} = mesh data x fsdp)")
+  train_stream, eval_streams, manifests = load_streams(config, tokenizer)
+  iterator = data_lib.DataIterator(train_stream, d.seq_len, d.batch_size, d.seed,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+
+  schedule = optim.make_schedule(t.lr, t.warmup_steps, t.num_steps, t.schedule, t.final_lr_ratio)
+  optimizer = optim.make_optimizer(t, schedule, lr_multipliers=config.init.lr_multipliers)
+  abstract, shard = state_shardings(cfg, optimizer, mesh, rules)
+  batch_shard = sharding.batch_sharding(mesh, rules)
+  tokens_per_step = d.batch_size * d.seq_len
+  fpt = flops_lib.flops_per_token(cfg, d.seq_len)
+
+  with jax.set_mesh(mesh):
+    evaluator = Evaluator(cfg, eval_streams, d.seq_len, d.batch_size, config.eval.batches,
+                          batch_shard, shard.params)
+    start = initialize(Setup(config, workdir, mesh, optimizer, abstract, shard,
+                             evaluator.batches))
+    state = start.state
+    if start.data_state is not None:
+      iterator.set_state(start.data_state)
+    growth_report = start.report
+
+    # Inputs are good and the state exists: now the run dir is written.
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+      write_json_atomic(rundir.config_path(workdir), config_json)
+      write_json_atomic(os.path.join(workdir, rundir.DATA_MANIFEST), manifests)
+      if growth_report is not None:
+        write_json_atomic(os.path.join(workdir, rundir.GROWTH_REPORT), growth_report)
+    ckpt = Checkpoints(rundir.checkpoints_dir(workdir), keep=config.checkpoint.keep,
+                       async_save=config.checkpoint.async_save)
+    first = int(jax.device_get(state.step))
+    source_flops = float(start.source_flops)
+    writer = MetricsWriter(rundir.metrics_path(workdir), enabled=is_main,
+                           truncate_after_step=first)
+    tracker = tracking.make_tracker(config, workdir)
+    if growth_report is not None:
+      tracker.log_report(growth_report)
+
+    def record(rec: dict[str, Any]) -> None:
+      writer.write(rec)
+      tracker.log(rec)
+    step_fn = jax.jit(make_train_step(cfg, optimizer, schedule, t.grad_accum),
+                      in_shardings=(shard, batch_shard), out_shardings=(shard, None),
+                      donate_argnums=0)
+
+    def counters(step: int) -> dict[str, Any]:
+      out = {"step": step, "tokens": step * tokens_per_step, "flops": step * tokens_per_step * fpt}
+      if source_flops:
+        out["flops_with_source"] = out["flops"] + source_flops
+      return out
+
+    def meta(step: int) -> dict[str, Any]:
+      return {**counters(step), "source_flops": source_flops, "model": cfg.to_dict()}
+
+    last_eval: dict[str, float] = {}
+    if first == 0:
+      if growth_report is not None:
+        record({**counters(0), "event": "growth",
+                **{k: v for k, v in growth_report.items() if not isinstance(v, dict)}})
+      last_eval = evaluator(state.params)
+      record({**counters(0), **last_eval})
+      if stop_after_init:
+        ckpt.save(0, state, iterator.get_state(), meta(0))
+        ckpt.close()
+        writer.close()
+        tracker.close()
+        return {**counters(0), **last_eval}
+
+    end = min(t.num_steps, t.stop_at) if t.stop_at else t.num_steps
+    bar = ProgressBar(first, end, enabled=is_main and config.log.progress_bar)
+    pending = None  # (step, device metrics) of the step dispatched before the current one
+    window_t, window_steps = time.perf_counter(), 0
+    last_train: dict[str, float] = {}
+
+    def read_back(item):
+      nonlocal window_t, window_steps, last_train
+      s, m = item
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      if not all(math.isfinite(v) for v in m.values()):
+        raise FloatingPointError(f"non-finite metrics at step {s}: {m}; no checkpoint written "
+                                 "for this step (lower train.lr or raise train.warmup_steps)")
+      bar.update(s, m["train_loss"])
+      last_train = m
+      if s % config.log.every_steps == 0 or s == end:
+        now = time.perf_counter()
+        m["tokens_per_sec"] = window_steps * tokens_per_step / max(now - window_t, 1e-9)
+        window_t, window_steps = now, 0
+        record({**counters(s), **m})
+
+    with tracker:  # closes the W&B run, marked failed on an exception
+      for step in range(first + 1, end + 1):
+        batch = sharding.global_batch_from_local(next(iterator), batch_shard)
+        state, metrics = step_fn(state, batch)
+        window_steps += 1
+        if pending is not None:
+          read_back(pending)   # the step just dispatched runs while we read the previous one
+        pending = (step, metrics)
+        if step % config.eval.every_steps == 0 or step == t.num_steps:
+          read_back(pending)
+          pending = None
+          last_eval = evaluator(state.params)
+          record({**counters(step), **last_eval})
+        if step % config.checkpoint.every_steps == 0 or step == end:
+          if pending is not None:
+            read_back(pending)   # never checkpoint a state whose loss was not checked
+            pending = None
+          ckpt.save(step, state, iterator.get_state(), meta(step))
+      if pending is not None:
+        read_back(pending)
+      bar.close()
+      ckpt.close()
+      writer.close()
+      tracker.log_loss_curve(workdir)
+  return {**counters(int(jax.device_get(state.step))), **last_train, **last_eval}
