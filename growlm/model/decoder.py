@@ -244,11 +244,6 @@ def abstract_params(cfg: ModelConfig) -> tuple[dict, dict]:
   return shapes, axes
 
 
-def logical_axes(cfg: ModelConfig) -> dict:
-  """Tree of logical axis-name tuples, same structure as the params."""
-  return abstract_params(cfg)[1]
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def apply(cfg: ModelConfig, params: dict, tokens_BxL: Array, *, dropout_rng: Array | None = None
           ) -> Array:

@@ -83,9 +83,6 @@ class Checkpoints:
     multihost_utils.sync_global_devices("growlm_checkpoint_set_aside")
     self.manager.reload()
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
