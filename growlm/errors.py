@@ -1,8 +1,15 @@
 """One error type for bad user input (configs, flags, data, checkpoints).
 
 Entry points catch `GrowlmError` and print its message as a single line with a
-non-zero exit, so every message must name what is wrong and what is accepted.
+non-zero exit (EXIT_USER_ERROR), so every message must name what is wrong and what is
+accepted.
 """
+
+
+# Exit codes of the command line (documented in README.md, "The run directory").
+EXIT_USER_ERROR = 2    # bad input: one `growlm: error:` line, nothing written
+EXIT_DIVERGED = 3      # training diverged; the last good checkpoint is kept
+EXIT_PREEMPTED = 75    # stopped by SIGTERM, SIGINT or SIGHUP after saving (EX_TEMPFAIL): relaunch
 
 
 class GrowlmError(ValueError):
@@ -15,3 +22,15 @@ def strict_fields(what: str, given, known) -> dict:
   if unknown:
     raise GrowlmError(f"{what}: unknown field(s) {unknown}; accepted: {sorted(known)}")
   return dict(given)
+
+
+class Preempted(Exception):
+  """Training stopped on a signal (SIGTERM, SIGINT, SIGHUP) after its checkpoint was saved and
+  finalised; relaunching the same command resumes from it. Entry points exit with
+  EXIT_PREEMPTED."""
+
+  def __init__(self, step: int, signal_name: str, workdir: str):
+    super().__init__(f"{signal_name} at step {step}: checkpoint {step} saved in {workdir}; "
+                     "relaunch the same command to resume")
+    self.step = step
+    self.signal_name = signal_name

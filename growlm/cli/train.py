@@ -11,7 +11,7 @@ import sys
 from absl import app, flags
 
 from growlm.cli import flags as cli_flags
-from growlm.errors import GrowlmError
+from growlm.errors import EXIT_DIVERGED, EXIT_PREEMPTED, GrowlmError, Preempted
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
 _COORDINATOR = flags.DEFINE_string(
@@ -25,14 +25,31 @@ _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None,
                                     "Number of CPU devices per process (testing sharding on CPU).")
 
 
+def check_process_flags() -> None:
+  """Refuses device and process flags that would be ignored or hang (no JAX needed)."""
+  cpu, n, i = _CPU_DEVICES.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+  if cpu is not None and cpu < 1:
+    raise GrowlmError(f"--cpu_devices={cpu}; accepted: a positive integer (CPU devices per "
+                      "process)")
+  if not _COORDINATOR.value:
+    if n is not None or i is not None:
+      raise GrowlmError("--num_processes and --process_id need --coordinator_address=HOST:PORT; "
+                        "accepted: all three together, or none")
+    return
+  if n is None or i is None:
+    raise GrowlmError("--coordinator_address needs --num_processes and --process_id")
+  if n < 1 or not 0 <= i < n:
+    raise GrowlmError(f"--num_processes={n} --process_id={i}; accepted: num_processes >= 1 and "
+                      f"0 <= process_id < num_processes")
+
+
 def init_distributed() -> None:
   """Starts jax.distributed when the flags ask for it (before any other JAX call)."""
+  check_process_flags()
   import jax  # pylint: disable=g-import-not-at-top
   if _CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
   if _COORDINATOR.value:
-    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
-      raise GrowlmError("--coordinator_address needs --num_processes and --process_id")
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value, initialization_timeout=120)
@@ -53,7 +70,10 @@ def main(argv):
     cli_flags.fail(e)
   except FloatingPointError as e:  # training diverged; the last good checkpoint is kept
     print(f"growlm: diverged: {e}", file=sys.stderr)
-    sys.exit(3)
+    sys.exit(EXIT_DIVERGED)
+  except Preempted as e:  # a signal: the step's checkpoint is saved and final
+    print(f"growlm: stopped: {e}", file=sys.stderr)
+    sys.exit(EXIT_PREEMPTED)
   print("growlm: done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in summary.items()))
 

@@ -29,6 +29,7 @@ from growlm.init.source import Source
 from growlm.model import decoder as model_lib
 from growlm.train.checkpoint import Checkpoints
 from growlm.train.state import init_state
+from growlm.train import trainer
 from growlm.train.trainer import Initializer, Setup, Start
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def prepare(config: RunConfig, workdir: str) -> tuple[RunConfig, Source | None]:
   growth (zeros/mean_fill rescale it), saying so when it differs from the config's; a resumed
   one takes it from the run dir.
   """
-  saved = rundir.read_config(workdir)
+  saved = trainer.require_config(workdir)
   if saved and (saved.get("init") or {}).get("source") and not config.init.source:
     config = config.replace(init=resolve_section("init", saved["init"], InitConfig))
   if not config.init.source:
@@ -79,7 +80,8 @@ def resume(setup: Setup) -> Start | None:
     return None
   step, state, data_state, meta = restored
   log.info("resumed from step %d", step)
-  return Start(state, data_state=data_state, source_flops=float(meta.get("source_flops", 0.0)))
+  return Start(state, data_state=data_state, source_flops=float(meta.get("source_flops", 0.0)),
+               resumed=True)
 
 
 def grow(setup: Setup, src: Source) -> Start:

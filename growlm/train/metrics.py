@@ -9,7 +9,48 @@ from typing import Any
 
 from tqdm import tqdm
 
-from growlm.rundir import read_metrics
+from growlm.errors import GrowlmError
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+  """The records of a run's metrics.jsonl, strictly: a torn last line (a crash mid-write) is
+  dropped, anything else that is not a JSON object per line is refused with one line, so a
+  resume never silently rewrites a file it does not understand."""
+  if not os.path.exists(path):
+    return []
+  if not os.path.isfile(path):
+    raise GrowlmError(f"{path} is not a file; accepted: the run's metrics.jsonl (JSON lines), "
+                      "or no file")
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().split("\n")
+  except UnicodeDecodeError as e:
+    raise GrowlmError(f"{path} is not text (byte {e.start} is not UTF-8); accepted: the run's "
+                      "metrics.jsonl (JSON lines); move it away to start the history anew") from e
+  except OSError as e:
+    raise GrowlmError(f"cannot read {path} ({type(e).__name__}: {e.strerror})") from e
+  out = []
+  last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:
+      rec = None
+    if not isinstance(rec, dict) or not isinstance(rec.get("step", 0), int):
+      if i == last and rec is None:
+        continue   # the last line was cut short by a crash
+      raise GrowlmError(f"{path} line {i + 1} is not a metrics record (a JSON object with an "
+                        "integer step); accepted: the run's metrics.jsonl; move it away to start "
+                        "the history anew")
+    out.append(rec)
+  return out
+
+
+def check_metrics_file(path: str) -> None:
+  """Raises GrowlmError (one line) if `path` exists and is not a readable metrics.jsonl."""
+  read_records(path)
 
 
 class MetricsWriter:
@@ -22,7 +63,7 @@ class MetricsWriter:
     if not enabled:
       return
     if truncate_after_step is not None and os.path.exists(path):
-      keep = [r for r in read_metrics(path) if r.get("step", 0) <= truncate_after_step]
+      keep = [r for r in read_records(path) if r.get("step", 0) <= truncate_after_step]
       tmp = path + ".tmp"
       with open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in keep)

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from growlm import data as data_lib
 from growlm import rundir, sharding
 from growlm.config.typed import RunConfig, resume_conflicts
-from growlm.errors import GrowlmError
+from growlm.errors import GrowlmError, Preempted
 from growlm.fs import write_json_atomic
 from growlm.model import decoder as model_lib
 from growlm.model import flops as flops_lib
@@ -32,7 +32,8 @@ from growlm.train import tracking
 from growlm.train.checkpoint import Checkpoints
 from growlm.train.evaluate import Evaluator
 from growlm.train.loss import cross_entropy
-from growlm.train.metrics import MetricsWriter, ProgressBar
+from growlm.train.metrics import MetricsWriter, ProgressBar, check_metrics_file
+from growlm.train.signals import StopRequest
 from growlm.train.state import TrainState, state_shardings
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class Start:
   data_state: dict | None = None           # iterator state of a resumed run
   report: dict | None = None               # growth preservation report (a grown start)
   source_flops: float = 0.0                # training FLOPs of the source model(s)
+  resumed: bool = False                    # restored from this run dir's own checkpoint
 
 
 Initializer = Callable[[Setup], Start]
@@ -111,15 +113,30 @@ def load_streams(config: RunConfig, tokenizer) -> tuple[data_lib.TokenStream, di
   return train, evals, manifests
 
 
+def require_config(workdir: str) -> dict | None:
+  """The run dir's saved config.json (None for a new run dir). A run dir that holds checkpoints
+  must hold a readable config.json: without it a relaunch could not be checked against the run,
+  so it is refused rather than resumed with whatever the new command says."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise GrowlmError(f"--workdir={workdir} is not a directory; accepted: a new path or a run dir")
+  saved = rundir.read_config(workdir)
+  if saved is None and rundir.has_checkpoint(workdir):
+    raise GrowlmError(f"run dir {workdir} holds checkpoints but no config.json, so a relaunch "
+                      "cannot be checked against it; accepted: put its config.json back, or use "
+                      "a new --workdir")
+  return saved
+
+
 def check_run_dir(workdir: str, config_json: dict) -> None:
   """Refuses a run dir that holds a run with another config (fields that do not change what is
-  computed may differ, growlm.config.typed.RESUMABLE_FIELDS)."""
-  saved = rundir.read_config(workdir)
+  computed may differ, growlm.config.typed.RESUMABLE_FIELDS), or whose files are not a run's."""
+  saved = require_config(workdir)
   if saved is not None:
     conflicts = resume_conflicts(saved, config_json)
     if conflicts:
       raise GrowlmError(f"run dir {workdir} holds a run with another config (differs in "
                         f"{', '.join(conflicts[:8])}); use a new --workdir or the same config")
+  check_metrics_file(rundir.metrics_path(workdir))
 
 
 def train(config: RunConfig, workdir: str, initialize: Initializer, *,
@@ -155,7 +172,6 @@ def train(config: RunConfig, workdir: str, initialize: Initializer, *,
   optimizer = optim.make_optimizer(t, schedule, lr_multipliers=config.init.lr_multipliers)
   abstract, shard = state_shardings(cfg, optimizer, mesh, rules)
   batch_shard = sharding.batch_sharding(mesh, rules)
-  tokens_per_step = d.batch_size * d.seq_len
   fpt = flops_lib.flops_per_token(cfg, d.seq_len)
 
   with jax.set_mesh(mesh):
@@ -178,86 +194,124 @@ def train(config: RunConfig, workdir: str, initialize: Initializer, *,
     ckpt = Checkpoints(rundir.checkpoints_dir(workdir), keep=config.checkpoint.keep,
                        async_save=config.checkpoint.async_save)
     first = int(jax.device_get(state.step))
-    source_flops = float(start.source_flops)
+    # metrics.jsonl keeps what the restored state had seen (lines up to its step) and nothing of
+    # a start that never reached a checkpoint, so every step is in it exactly once.
     writer = MetricsWriter(rundir.metrics_path(workdir), enabled=is_main,
-                           truncate_after_step=first)
-    tracker = tracking.make_tracker(config, workdir)
+                           truncate_after_step=first if start.resumed else -1)
+    stop = StopRequest()
+    tracker = tracking.Tracker()
+    try:
+      tracker = tracking.make_tracker(config, workdir)
+      stop.install()
+      summary = _loop(config, workdir, start, state, iterator, evaluator, ckpt, writer, tracker,
+                      stop, optimizer, schedule, shard, batch_shard, fpt, stop_after_init)
+    finally:
+      # Every exit path (done, diverged, preempted, a data or disk error) waits for the
+      # checkpoint in flight and closes every writer, so the process ends and nothing is
+      # left half-written.
+      stop.uninstall()
+      _close_quietly(ckpt.close, "checkpoints")
+      _close_quietly(writer.close, "metrics")
+      _close_quietly(tracker.close, "tracker")
+  return summary
+
+
+def _close_quietly(close: Callable[[], None], what: str) -> None:
+  try:
+    close()
+  except Exception as e:  # pylint: disable=broad-except  (never hide the error that got us here)
+    log.warning("closing the %s failed: %s: %s", what, type(e).__name__,
+                (str(e).splitlines() or [""])[0])
+
+
+def _loop(config: RunConfig, workdir: str, start: Start, state: TrainState, iterator, evaluator,
+          ckpt: Checkpoints, writer: MetricsWriter, tracker, stop: StopRequest, optimizer,
+          schedule, shard, batch_shard, fpt: float, stop_after_init: bool) -> dict[str, Any]:
+  """Steps from the start state to the end (or the stop step); returns the last metrics."""
+  cfg, d, t = config.model, config.data, config.train
+  is_main = jax.process_index() == 0
+  tokens_per_step = d.batch_size * d.seq_len
+  first = int(jax.device_get(state.step))
+  source_flops = float(start.source_flops)
+  growth_report = start.report
+  if growth_report is not None:
+    tracker.log_report(growth_report)
+
+  def record(rec: dict[str, Any]) -> None:
+    writer.write(rec)
+    tracker.log(rec)
+  step_fn = jax.jit(make_train_step(cfg, optimizer, schedule, t.grad_accum),
+                    in_shardings=(shard, batch_shard), out_shardings=(shard, None),
+                    donate_argnums=0)
+
+  def counters(step: int) -> dict[str, Any]:
+    out = {"step": step, "tokens": step * tokens_per_step, "flops": step * tokens_per_step * fpt}
+    if source_flops:
+      out["flops_with_source"] = out["flops"] + source_flops
+    return out
+
+  def meta(step: int) -> dict[str, Any]:
+    return {**counters(step), "source_flops": source_flops, "model": cfg.to_dict()}
+
+  last_eval: dict[str, float] = {}
+  if not start.resumed:
     if growth_report is not None:
-      tracker.log_report(growth_report)
+      record({**counters(0), "event": "growth",
+              **{k: v for k, v in growth_report.items() if not isinstance(v, dict)}})
+    last_eval = evaluator(state.params)
+    record({**counters(first), **last_eval})
+  if stop_after_init:
+    ckpt.save(first, state, iterator.get_state(), meta(first))
+    return {**counters(first), **last_eval}
 
-    def record(rec: dict[str, Any]) -> None:
-      writer.write(rec)
-      tracker.log(rec)
-    step_fn = jax.jit(make_train_step(cfg, optimizer, schedule, t.grad_accum),
-                      in_shardings=(shard, batch_shard), out_shardings=(shard, None),
-                      donate_argnums=0)
+  end = min(t.num_steps, t.stop_at) if t.stop_at else t.num_steps
+  bar = ProgressBar(first, end, enabled=is_main and config.log.progress_bar)
+  pending = None  # (step, device metrics) of the step dispatched before the current one
+  window_t, window_steps = time.perf_counter(), 0
+  last_train: dict[str, float] = {}
 
-    def counters(step: int) -> dict[str, Any]:
-      out = {"step": step, "tokens": step * tokens_per_step, "flops": step * tokens_per_step * fpt}
-      if source_flops:
-        out["flops_with_source"] = out["flops"] + source_flops
-      return out
+  def read_back(item):
+    nonlocal window_t, window_steps, last_train
+    s, m = item
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    if not all(math.isfinite(v) for v in m.values()):
+      raise FloatingPointError(f"non-finite metrics at step {s}: {m}; no checkpoint written "
+                               "for this step (lower train.lr or raise train.warmup_steps)")
+    bar.update(s, m["train_loss"])
+    last_train = m
+    if s % config.log.every_steps == 0 or s == end:
+      now = time.perf_counter()
+      m["tokens_per_sec"] = window_steps * tokens_per_step / max(now - window_t, 1e-9)
+      window_t, window_steps = now, 0
+      record({**counters(s), **m})
 
-    def meta(step: int) -> dict[str, Any]:
-      return {**counters(step), "source_flops": source_flops, "model": cfg.to_dict()}
-
-    last_eval: dict[str, float] = {}
-    if first == 0:
-      if growth_report is not None:
-        record({**counters(0), "event": "growth",
-                **{k: v for k, v in growth_report.items() if not isinstance(v, dict)}})
-      last_eval = evaluator(state.params)
-      record({**counters(0), **last_eval})
-      if stop_after_init:
-        ckpt.save(0, state, iterator.get_state(), meta(0))
-        ckpt.close()
-        writer.close()
-        tracker.close()
-        return {**counters(0), **last_eval}
-
-    end = min(t.num_steps, t.stop_at) if t.stop_at else t.num_steps
-    bar = ProgressBar(first, end, enabled=is_main and config.log.progress_bar)
-    pending = None  # (step, device metrics) of the step dispatched before the current one
-    window_t, window_steps = time.perf_counter(), 0
-    last_train: dict[str, float] = {}
-
-    def read_back(item):
-      nonlocal window_t, window_steps, last_train
-      s, m = item
-      m = {k: float(v) for k, v in jax.device_get(m).items()}
-      if not all(math.isfinite(v) for v in m.values()):
-        raise FloatingPointError(f"non-finite metrics at step {s}: {m}; no checkpoint written "
-                                 "for this step (lower train.lr or raise train.warmup_steps)")
-      bar.update(s, m["train_loss"])
-      last_train = m
-      if s % config.log.every_steps == 0 or s == end:
-        now = time.perf_counter()
-        m["tokens_per_sec"] = window_steps * tokens_per_step / max(now - window_t, 1e-9)
-        window_t, window_steps = now, 0
-        record({**counters(s), **m})
-
-    with tracker:  # closes the W&B run, marked failed on an exception
-      for step in range(first + 1, end + 1):
-        batch = sharding.global_batch_from_local(next(iterator), batch_shard)
-        state, metrics = step_fn(state, batch)
-        window_steps += 1
-        if pending is not None:
-          read_back(pending)   # the step just dispatched runs while we read the previous one
-        pending = (step, metrics)
-        if step % config.eval.every_steps == 0 or step == t.num_steps:
-          read_back(pending)
-          pending = None
-          last_eval = evaluator(state.params)
-          record({**counters(step), **last_eval})
-        if step % config.checkpoint.every_steps == 0 or step == end:
-          if pending is not None:
-            read_back(pending)   # never checkpoint a state whose loss was not checked
-            pending = None
-          ckpt.save(step, state, iterator.get_state(), meta(step))
+  with tracker:  # closes the W&B run, marked failed on an exception
+    for step in range(first + 1, end + 1):
+      batch = sharding.global_batch_from_local(next(iterator), batch_shard)
+      state, metrics = step_fn(state, batch)
+      window_steps += 1
       if pending is not None:
+        read_back(pending)   # the step just dispatched runs while we read the previous one
+      pending = (step, metrics)
+      stopping = stop.should_stop(step)   # every step, on every process (the same answer)
+      if not stopping and (step % config.eval.every_steps == 0 or step == t.num_steps):
         read_back(pending)
-      bar.close()
-      ckpt.close()
-      writer.close()
-      tracker.log_loss_curve(workdir)
+        pending = None
+        last_eval = evaluator(state.params)
+        record({**counters(step), **last_eval})
+      if stopping or step % config.checkpoint.every_steps == 0 or step == end:
+        if pending is not None:
+          read_back(pending)   # never checkpoint a state whose loss was not checked
+          pending = None
+        ckpt.save(step, state, iterator.get_state(), meta(step))
+      if stopping:
+        bar.close()
+        ckpt.close()   # the stop checkpoint is final before we say so
+        raise Preempted(step, stop.signal_name or "signal", workdir)
+    if pending is not None:
+      read_back(pending)
+    bar.close()
+    ckpt.close()
+    writer.close()
+    tracker.log_loss_curve(workdir)
   return {**counters(int(jax.device_get(state.step))), **last_train, **last_eval}
