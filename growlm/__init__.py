@@ -3,8 +3,9 @@
 The package is laid out by stage, bottom to top; a module imports only from its own line or
 the lines above it (tests/test_architecture.py checks the import graph):
 
-  errors, trees, fs, sharding, optim, rundir, curves
-                foundations: one error type, tree paths, files, mesh, AdamW, the run dir
+  errors, trees, fs, sharding, optim, lock, rundir, curves
+                foundations: one error type, tree paths, files, mesh, AdamW, the run-dir
+                lease (one writer per run dir), the run dir's files and curves
   model/        the decoder (two styles), its ModelConfig and FLOPs count
   data/         tokenizers, text sources, packed resumable batches
   grow/         pure growth maps: params (and Adam state) of a small model -> a larger one

@@ -230,7 +230,8 @@ def _cli(args, env_extra=None, timeout=300):
 
 def test_cli_runs_and_bad_flag_is_one_line(tmp_path):
   ok = _cli(["--config=configs/default.py:size=nano,runlocal", f"--workdir={tmp_path}/a",
-             "--config.train.num_steps=4", "--config.log.progress_bar=False"])
+             "--config.train.num_steps=4", "--config.train.warmup_steps=1",
+             "--config.log.progress_bar=False"])
   assert ok.returncode == 0, ok.stderr[-2000:]
   assert "growlm: done: step=4" in ok.stdout
   bad = _cli(["--config=configs/default.py:size=nano,runlocal", f"--workdir={tmp_path}/b",

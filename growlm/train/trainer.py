@@ -17,10 +17,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from growlm import data as data_lib
+from growlm import lock as lock_lib
 from growlm import rundir, sharding
 from growlm.config.typed import RunConfig, resume_conflicts
 from growlm.errors import GrowlmError, Preempted
@@ -154,6 +157,7 @@ def train(config: RunConfig, workdir: str, initialize: Initializer, *,
 
   # Everything that can fail on bad input happens before any file is written.
   check_run_dir(workdir, config_json)
+  lock_lib.check_free(workdir)   # another launch writing this run dir: refuse before any work
   tokenizer = data_lib.make_tokenizer(d.tokenizer)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise GrowlmError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
@@ -184,7 +188,8 @@ def train(config: RunConfig, workdir: str, initialize: Initializer, *,
       iterator.set_state(start.data_state)
     growth_report = start.report
 
-    # Inputs are good and the state exists: now the run dir is written.
+    # Inputs are good and the state exists: now the run dir is written, by one launch only.
+    lease = _acquire(workdir)
     os.makedirs(workdir, exist_ok=True)
     if is_main:
       write_json_atomic(rundir.config_path(workdir), config_json)
@@ -204,16 +209,37 @@ def train(config: RunConfig, workdir: str, initialize: Initializer, *,
       tracker = tracking.make_tracker(config, workdir)
       stop.install()
       summary = _loop(config, workdir, start, state, iterator, evaluator, ckpt, writer, tracker,
-                      stop, optimizer, schedule, shard, batch_shard, fpt, stop_after_init)
+                      stop, optimizer, schedule, shard, batch_shard, fpt, stop_after_init,
+                      lease)
     finally:
       # Every exit path (done, diverged, preempted, a data or disk error) waits for the
       # checkpoint in flight and closes every writer, so the process ends and nothing is
-      # left half-written.
+      # left half-written; the run dir's lease goes last.
       stop.uninstall()
       _close_quietly(ckpt.close, "checkpoints")
       _close_quietly(writer.close, "metrics")
       _close_quietly(tracker.close, "tracker")
+      if lease is not None:
+        _close_quietly(lease.release, "run-dir lease")
   return summary
+
+
+def _acquire(workdir: str) -> lock_lib.RunLock | None:
+  """Process 0 takes the run dir's lease; every process learns whether it did, so all refuse
+  together (a lone process carrying on would wait forever in its next collective)."""
+  lease, error = None, ""
+  if jax.process_index() == 0:
+    try:
+      lease = lock_lib.RunLock(workdir).acquire()
+    except GrowlmError as e:
+      error = str(e)
+  if jax.process_count() > 1:
+    ok = multihost_utils.broadcast_one_to_all(np.int32(0 if error else 1))
+    if not int(ok) and not error:
+      error = f"run dir {workdir} is in use by another launch (process 0 could not take its lease)"
+  if error:
+    raise GrowlmError(error)
+  return lease
 
 
 def _close_quietly(close: Callable[[], None], what: str) -> None:
@@ -226,7 +252,8 @@ def _close_quietly(close: Callable[[], None], what: str) -> None:
 
 def _loop(config: RunConfig, workdir: str, start: Start, state: TrainState, iterator, evaluator,
           ckpt: Checkpoints, writer: MetricsWriter, tracker, stop: StopRequest, optimizer,
-          schedule, shard, batch_shard, fpt: float, stop_after_init: bool) -> dict[str, Any]:
+          schedule, shard, batch_shard, fpt: float, stop_after_init: bool,
+          lease: lock_lib.RunLock | None) -> dict[str, Any]:
   """Steps from the start state to the end (or the stop step); returns the last metrics."""
   cfg, d, t = config.model, config.data, config.train
   is_main = jax.process_index() == 0
@@ -303,6 +330,8 @@ def _loop(config: RunConfig, workdir: str, start: Start, state: TrainState, iter
         if pending is not None:
           read_back(pending)   # never checkpoint a state whose loss was not checked
           pending = None
+        if lease is not None:
+          lease.ensure_held()  # taken over by another launch: stop before writing over it
         ckpt.save(step, state, iterator.get_state(), meta(step))
       if stopping:
         bar.close()

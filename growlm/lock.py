@@ -1,0 +1,398 @@
+"""One writer per run dir: the lease file RUN/.growlm-lock.json, its heartbeat and its take-over.
+
+Two launches on one run dir corrupt it (metrics.jsonl rewritten under a live writer, orbax saves
+that time out), so a run holds a lease while it writes:
+
+  RUN/.growlm-lock.json   {"host", "pid", "pid_space", "token", "started", "heartbeat", "command"}
+
+Not flock: it is unreliable on the shared filesystems run dirs live on (NFS, GCS FUSE); a lease
+needs only exclusive create, atomic rename and wall-clock time. A lease whose heartbeat is older
+than `stale_after_s`, or whose pid no longer runs on this host, is stale and is taken over. This
+module owns the lease: its name and format, `check_free` (the read-only early check) and `RunLock`
+(acquire, heartbeat, release). Standard library only: it sits with the foundations, below JAX.
+Assumed, as by any lease: hosts' clocks agree to well within `stale_after_s`, and a live owner
+renews within it (one paused for longer has lost its lease: `RunLock.lost`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from growlm.errors import GrowlmError
+
+LEASE = ".growlm-lock.json"
+_GUARD = ".takeover"  # suffix of the lease name: the take-over guard, held for milliseconds
+_ATTEMPTS = 5  # rounds of create / inspect / take over before giving up on a changing lease
+_GUARD_WAIT_S = 2.0  # how long a launch waits for another launch's take-over to finish
+
+
+def lease_path(workdir: str) -> str:
+  """The lease file of the run dir `workdir`."""
+  return os.path.join(workdir, LEASE)
+
+
+def _pid_space() -> str:
+  """This boot of this machine and this pid namespace: pids are comparable only within it.
+
+  The hostname alone is not enough: containers run with --net=host share the host's name but
+  not its pids, so a pid that is "not running" there may be a live trainer next door."""
+  try:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+      boot = f.read().strip()
+    return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+  except OSError:
+    return ""
+
+
+HOST = socket.gethostname()
+PID_SPACE = _pid_space()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Seen:
+  """One read of a lease file: its bytes, the lease (None when unreadable) and its mtime."""
+  raw: bytes
+  lease: dict[str, Any] | None
+  why: str  # why it is unreadable ("" when it is a lease)
+  mtime: float
+
+
+def _is_lease(obj: Any) -> bool:
+  # type() rather than isinstance: JSON true is no pid; pid 0 or -1 would make os.kill signal groups
+  return (isinstance(obj, dict) and isinstance(obj.get("host"), str) and bool(obj.get("token"))
+          and isinstance(obj["token"], str) and type(obj.get("pid")) is int and obj["pid"] > 0
+          and all(type(obj.get(k)) in (int, float) for k in ("started", "heartbeat")))
+
+
+def _read(path: str) -> _Seen | None:
+  """The lease file at `path`, None if there is none; OSError if it cannot be read."""
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+      # fstat of the open file, not stat of the name: on NFS open() revalidates the attributes,
+      # a bare stat may answer from a cache up to a minute old.
+      mtime = os.fstat(f.fileno()).st_mtime
+  except FileNotFoundError:
+    return None
+  try:
+    obj = json.loads(raw)
+  except ValueError as e:
+    return _Seen(raw, None, "empty" if not raw else f"not JSON: {str(e).splitlines()[0]}", mtime)
+  if not _is_lease(obj):
+    return _Seen(raw, None, "not a lease object", mtime)
+  return _Seen(raw, obj, "", mtime)
+
+
+def _pid_alive(pid: int) -> bool:
+  """Whether `pid` runs on this host (True when that cannot be told)."""
+  if os.name != "posix":
+    return True  # on Windows os.kill(pid, 0) would send CTRL_C: rely on the heartbeat there
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:  # PermissionError: it exists, under another user
+    pass
+  return True
+
+
+def _stale_reason(seen: _Seen, stale_after_s: float) -> str | None:
+  """Why the lease `seen` may be taken over, None while it is live."""
+  now = time.time()
+  if seen.lease is None:
+    # A crash while the lease was written leaves it empty or truncated; a launch that is writing
+    # it right now shows the same bytes, so only age tells the two apart.
+    age = now - seen.mtime
+    return f"unreadable lock file {age:.0f}s old" if age > stale_after_s else None
+  lease = seen.lease
+  age = now - lease["heartbeat"]
+  if age > stale_after_s:
+    return f"heartbeat {age:.0f}s old"
+  # A lease without pid_space (hand-written, older) is compared by host name only.
+  if (lease["host"] == HOST and lease.get("pid_space", PID_SPACE) == PID_SPACE
+      and not _pid_alive(lease["pid"])):
+    return f"pid {lease['pid']} no longer runs on host {HOST}"
+  return None
+
+
+def _refusal(workdir: str, seen: _Seen, stale_after_s: float) -> GrowlmError:
+  """The one-line error for a live lease (or a fresh unreadable one)."""
+  if seen.lease is None:
+    return GrowlmError(
+        f"run dir {workdir}: lock file {lease_path(workdir)} is unreadable ({seen.why}) and "
+        f"{time.time() - seen.mtime:.0f}s old, so it is being written or is corrupt; retry in a "
+        f"moment, or delete it if no run uses this dir (one older than {stale_after_s:g} s is "
+        f"taken over)")
+  lease = seen.lease
+  since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease["started"]))
+  return GrowlmError(
+      f"run dir {workdir} is in use by pid {lease['pid']} on host {lease['host']} since {since} "
+      f"(heartbeat {time.time() - lease['heartbeat']:.0f}s ago); wait for it to finish, or stop "
+      f"it; a lease not renewed for {stale_after_s:g} s is taken over")
+
+
+def _os_failure(workdir: str, action: str, e: OSError) -> GrowlmError:
+  what = f"{action} {e.filename}" if e.filename else action
+  return GrowlmError(f"run dir {workdir}: cannot {what} ({type(e).__name__}: {e.strerror or e}); "
+                     f"accepted: a writable directory, or a path where one can be created")
+
+
+def check_free(workdir: str, *, stale_after_s: float = 60.0) -> None:
+  """Raises GrowlmError (one line) if a live lease holds `workdir`; writes nothing.
+
+  The early check, before a launch does any work: a missing dir, no lease or a stale lease
+  (which `RunLock.acquire` would take over) all pass."""
+  try:
+    seen = _read(lease_path(workdir))
+  except OSError as e:
+    raise _os_failure(workdir, "read lock file", e) from e
+  if seen is not None and _stale_reason(seen, stale_after_s) is None:
+    raise _refusal(workdir, seen, stale_after_s)
+
+
+def _write_new(path: str, data: bytes) -> bool:
+  """Creates `path` holding `data` if it does not exist (O_EXCL); False if it exists."""
+  try:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+  except FileExistsError:
+    return False
+  ours = os.fstat(fd)
+  try:
+    try:
+      if os.write(fd, data) != len(data):  # a lease is a few hundred bytes: one write or none
+        raise OSError(f"short write to {path}")
+      os.fsync(fd)
+    finally:
+      os.close(fd)  # on GCS FUSE the upload (and its precondition) happens here: errors count
+  except OSError:
+    try:  # leave no empty lease behind to block the dir, but remove only the file we created
+      st = os.stat(path)
+      if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
+        os.unlink(path)
+    except OSError:
+      pass
+    raise
+  return True
+
+
+def _write_replace(path: str, data: bytes, tmp: str) -> None:
+  """Writes `path` through `tmp` and os.replace: readers see the old or the new bytes."""
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.lexists(tmp):
+      os.unlink(tmp)
+
+
+def _encode(lease: dict[str, Any]) -> bytes:
+  return json.dumps(lease, indent=2, sort_keys=True).encode()
+
+
+class RunLock:
+  """The lease on one run dir: `acquire()` / `release()`, or `with RunLock(workdir) as lock:`.
+
+  While held, a daemon thread renews the heartbeat every `heartbeat_s`; a lease not renewed for
+  `stale_after_s` may be taken over by another launch. `lost` turns True when this lease was
+  taken over or removed (or not renewed in time): the holder must then stop writing the run dir.
+  Nothing global is registered (no atexit, no signal handler): the caller decides.
+  """
+
+  def __init__(self, workdir: str, *, heartbeat_s: float = 10.0, stale_after_s: float = 60.0):
+    if not (heartbeat_s > 0 and stale_after_s >= 2 * heartbeat_s):  # one late beat is no take-over
+      raise GrowlmError(f"run lock: heartbeat_s={heartbeat_s!r}, stale_after_s={stale_after_s!r}; "
+                        f"accepted: heartbeat_s > 0 and stale_after_s >= 2 * heartbeat_s")
+    self.workdir = workdir
+    self.path = lease_path(workdir)
+    self.heartbeat_s = heartbeat_s
+    self.stale_after_s = stale_after_s
+    self.took_over: str | None = None  # the stale lease this acquire replaced, for the log
+    self._lease: dict[str, Any] | None = None  # ours, while held
+    self._renewed = 0.0  # wall time of the last heartbeat written
+    self._lost = False
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+
+  @property
+  def held(self) -> bool:
+    """Whether acquire() succeeded and release() has not run yet (even if the lease was lost)."""
+    return self._lease is not None
+
+  @property
+  def lost(self) -> bool:
+    """Whether this held lease was taken over, removed, or went unrenewed for stale_after_s."""
+    # The expiry test is here too, so `lost` is right even if the heartbeat thread is starved.
+    return self._lost or (self.held and time.time() - self._renewed > self.stale_after_s)
+
+  def ensure_held(self) -> None:
+    """Raises GrowlmError (one line) if the lease was lost; call before writing the run dir."""
+    if not self.held and not self._lost:
+      raise RuntimeError(f"RunLock on {self.workdir} is not held; acquire() it first")
+    if self.lost:
+      raise GrowlmError(f"run dir {self.workdir}: this run's lease {self.path} was taken over or "
+                        f"not renewed for {self.stale_after_s:g} s; stopping so that only one run "
+                        f"writes the dir")
+
+  def __enter__(self) -> RunLock:
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+  def acquire(self) -> RunLock:
+    """Takes the lease (creating the run dir if needed) and starts the heartbeat; returns self.
+
+    GrowlmError (one line) if a live run holds the dir, or if the lease cannot be written."""
+    if self.held:
+      raise RuntimeError(f"RunLock on {self.workdir} is already held; release() it first")
+    lease = {"host": HOST, "pid": os.getpid(), "pid_space": PID_SPACE,
+             "token": secrets.token_hex(16), "command": " ".join(sys.argv)}
+    self.took_over, self._lost = None, False
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+    except OSError as e:
+      raise _os_failure(self.workdir, "create the directory", e) from e
+    try:
+      for _ in range(_ATTEMPTS):
+        lease["started"] = lease["heartbeat"] = time.time()
+        if _write_new(self.path, _encode(lease)):
+          break
+        seen = _read(self.path)
+        if seen is None:
+          continue  # released between our create and our read: create again
+        reason = _stale_reason(seen, self.stale_after_s)
+        if reason is None:
+          raise _refusal(self.workdir, seen, self.stale_after_s)
+        if self._take_over(seen, reason, lease):
+          break
+      else:
+        raise GrowlmError(f"run dir {self.workdir}: its lease {self.path} changed under each of "
+                          f"{_ATTEMPTS} tries to acquire it; retry the launch")
+    except OSError as e:
+      raise _os_failure(self.workdir, "write lock file", e) from e
+    self._lease, self._renewed = lease, lease["heartbeat"]
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._beat, name=f"growlm-lock {self.workdir}",
+                                    daemon=True)
+    self._thread.start()
+    return self
+
+  # Take-over must leave no moment in which two launches both believe they hold the dir.
+  # Renaming the stale lease aside, re-reading it and putting back what was not the stale one
+  # leaves such a moment with three launches: while A holds aside a lease it moved by mistake
+  # (racer B's fresh one) the name is free, C creates it with O_EXCL, and B and C both hold.
+  # So take-overs are serialised by a guard file, created with O_EXCL and held for milliseconds:
+  #   1. create RUN/.growlm-lock.json.takeover (O_EXCL): one launch gets it; the others wait
+  #      for it to go, then look again and find the winner's live lease;
+  #   2. holding it, re-read the lease: it must be byte-for-byte the one judged stale (same
+  #      random token, same heartbeat) and still stale, else it was renewed by a live owner or
+  #      replaced: let go and look again;
+  #   3. os.replace ours over it (atomic, so the name is never free for an O_EXCL creator to
+  #      slip in), then remove the guard.
+  # The old owner's heartbeat and release touch only its own token, and never once it went
+  # unrenewed for stale_after_s. A guard left by a crash in those milliseconds is cleared once
+  # older than stale_after_s: renamed to a unique name (atomic: one racer gets it), put back if
+  # what was renamed is fresh (another launch's guard made meanwhile).
+  def _take_over(self, seen: _Seen, reason: str, lease: dict[str, Any]) -> bool:
+    """Replaces the stale lease `seen` by `lease` under the guard; False: look again."""
+    guard = self.path + _GUARD
+    if not _write_new(guard, lease["token"].encode()):
+      self._wait_for_guard(guard, lease["token"])
+      return False
+    try:
+      now_seen = _read(self.path)
+      if (now_seen is None or now_seen.raw != seen.raw
+          or _stale_reason(now_seen, self.stale_after_s) is None):
+        return False
+      _write_replace(self.path, _encode(lease), f"{self.path}.{lease['token']}.tmp")
+    finally:
+      try:
+        os.unlink(guard)
+      except FileNotFoundError:
+        pass  # cleared as abandoned: only possible if we stalled for stale_after_s in between
+    old = seen.lease
+    self.took_over = (f"pid {old['pid']} on host {old['host']} ({reason})" if old else reason)
+    return True
+
+  def _wait_for_guard(self, guard: str, token: str) -> None:
+    """Waits for another launch's take-over to finish; clears a guard abandoned by a crash."""
+    deadline = time.time() + _GUARD_WAIT_S
+    while True:
+      try:
+        age = time.time() - os.stat(guard).st_mtime
+      except FileNotFoundError:
+        return
+      if age > self.stale_after_s:
+        aside = f"{guard}.{token}.abandoned"
+        try:
+          os.rename(guard, aside)
+        except FileNotFoundError:
+          return  # another launch cleared it first
+        if time.time() - os.stat(aside).st_mtime > self.stale_after_s:
+          os.unlink(aside)
+        else:
+          os.rename(aside, guard)  # a fresh guard, made after we looked: give it back
+        return
+      if time.time() > deadline:
+        raise GrowlmError(
+            f"run dir {self.workdir}: another launch has been taking over its stale lease for "
+            f"{age:.0f}s ({guard}); retry, or delete {guard} if no launch is running (one older "
+            f"than {self.stale_after_s:g} s is cleared)")
+      time.sleep(0.02)
+
+  def _beat(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      try:
+        if not self._renew():
+          self._lost = True
+          return
+      except Exception:  # pylint: disable=broad-except
+        self._lost = True  # a heartbeat that cannot run is a lease that will expire: say so now
+        return
+
+  def _renew(self) -> bool:
+    """Writes a new heartbeat if the lease is still ours; False once it is not (or expired)."""
+    lease, now = self._lease, time.time()
+    if now - self._renewed > self.stale_after_s:
+      return False  # others may already have taken it over: renewing could overwrite theirs
+    try:
+      seen = _read(self.path)
+    except OSError:
+      return True  # transient (NFS hiccup): try again at the next beat, expiry still applies
+    if seen is None or seen.lease is None or seen.lease["token"] != lease["token"]:
+      return False
+    renewed = dict(lease, heartbeat=now)
+    try:
+      _write_replace(self.path, _encode(renewed), f"{self.path}.{lease['token']}.tmp")
+    except OSError:
+      return True
+    self._lease, self._renewed = renewed, now
+    return True
+
+  def release(self) -> None:
+    """Stops the heartbeat and removes the lease if it is still ours. Idempotent."""
+    lease = self._lease
+    if lease is None:
+      return
+    self._stop.set()
+    if self._thread is not None and self._thread is not threading.current_thread():
+      self._thread.join()
+    self._thread = None
+    try:
+      seen = None if self.lost else _read(self.path)
+      if seen is not None and seen.lease is not None and seen.lease["token"] == lease["token"]:
+        os.unlink(self.path)
+    except OSError:
+      pass  # a lease left behind goes stale and is taken over; release must not fail a run
+    self._lease = None
