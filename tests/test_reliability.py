@@ -120,7 +120,10 @@ def test_two_processes_agree_on_the_stop_step(tmp_path):
   elapsed, outs = _stop_with(signal.SIGINT, procs, 0)
   assert [p.returncode for p in procs] == [EXIT_PREEMPTED] * 2, outs[0][1][-2000:]
   lines = [[l for l in _growlm_lines(err) if l.startswith("growlm: stopped:")] for _, err in outs]
-  assert all(len(l) == 1 for l in lines) and lines[0] == lines[1], lines
+  assert all(len(l) == 1 for l in lines), lines
+  # Process 0 names the signal it got; process 1 learnt of it as JAX's preemption notice.
+  assert lines[0][0].startswith("growlm: stopped: SIGINT at step "), lines
+  assert lines[0][0].split(" at ")[1] == lines[1][0].split(" at ")[1], lines   # the same step
   saved = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
   assert len(saved) == 1 and f"step {saved[0]}:" in lines[0][0] and elapsed < EXIT_BOUND_S
   assert _steps(workdir, "train_loss")[-1] == saved[0]
@@ -145,6 +148,10 @@ def test_divergence_exits_cleanly_twenty_times_in_a_row(tmp_path):
   script = textwrap.dedent(f"""
       import json, os, sys
       sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]
+      import jax
+      # The 20 runs compile the same programs: a compilation cache keeps each run to seconds.
+      jax.config.update("jax_compilation_cache_dir", {str(tmp_path / 'xla-cache')!r})
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
       from conftest import run_config
       from growlm import commands
       out = []

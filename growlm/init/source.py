@@ -9,6 +9,7 @@ under jit with the target's shardings, so a big target is built shard by shard o
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -62,10 +63,14 @@ def read_source(directory: str, *, what: str = "init.source") -> Source:
     _, model, raw = hf_lib.check_hf_dir(directory)
     return Source(directory, {"model": model.to_dict(), "hf_config": raw}, model,
                   meta={"flops": 0}, hf=True)
+  accepted = "a run directory written by growlm.main or the grow command" + (
+      ", or a Hugging Face directory" if what == "init.source" else "")
+  if not os.path.isdir(directory):
+    raise GrowlmError(f"{what}={directory!r} does not exist or is not a directory; accepted: "
+                      f"{accepted}")
   saved = rundir.read_config(directory)
   if saved is None:
-    raise GrowlmError(f"{what}={directory!r} has no config.json; accepted: a run directory "
-                      "written by growlm.main or the grow command, or a Hugging Face directory")
+    raise GrowlmError(f"{what}={directory!r} has no config.json; accepted: {accepted}")
   if not rundir.has_checkpoint(directory):
     raise GrowlmError(f"{what}={directory!r} has no checkpoint under checkpoints/")
   if not isinstance(saved.get("model"), dict):
