@@ -17,6 +17,7 @@ import os
 from typing import Any
 
 from growlm import fs
+from growlm.errors import GrowlmError
 
 CONFIG = "config.json"
 DATA_MANIFEST = "data_manifest.json"
@@ -42,6 +43,9 @@ def checkpoint_steps(workdir: str) -> list[int]:
   aside as N.damaged-K and unfinished N.orbax-checkpoint-tmp-* saves are not listed)."""
   d = checkpoints_dir(workdir)
   if not os.path.isdir(d):
+    if os.path.lexists(d):
+      raise GrowlmError(f"{d} is not a directory; accepted: a run dir's checkpoints/ directory "
+                        "(move the file away)")
     return []
   return sorted(int(n) for n in os.listdir(d) if n.isdigit())
 
@@ -51,7 +55,11 @@ def has_checkpoint(workdir: str) -> bool:
 
 
 def read_config(workdir: str) -> dict[str, Any] | None:
-  """The run's saved config.json as a dict, None if there is none; GrowlmError if unreadable."""
+  """The run's saved config.json as a dict, None if there is none; GrowlmError if unreadable.
+
+  Every command opens a run dir here first, so a checkpoints/ that is not a directory (which
+  would otherwise read as "no checkpoint" and be trained over) is refused here too."""
+  checkpoint_steps(workdir)
   path = config_path(workdir)
   if not os.path.exists(path):
     return None

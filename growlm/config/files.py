@@ -52,7 +52,8 @@ def load_module(path: str):
   mod = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
   sys.modules[name] = mod  # dataclasses and pickle look classes up by module name
   try:
-    loader.exec_module(mod)
+    # Compiled here, not by loader.exec_module: that would write __pycache__/ next to the file.
+    exec(compile(loader.get_data(path), path, "exec", dont_inherit=True), mod.__dict__)
   except GrowlmError:
     del sys.modules[name]
     raise

@@ -52,8 +52,9 @@ def _float(path: str, v: Any, *, lo: float | None = None, lo_open: bool = False,
   if not ok:
     rng = ""
     if lo is not None or hi is not None:
-      rng = (f" in {'(' if lo_open else '['}{'-inf' if lo is None else lo}, "
-             f"{'inf' if hi is None else hi}{')' if hi_open else ']'}")
+      # An open end is shown as such: the number must be finite ('(0.0, inf)', not 'inf]').
+      rng = (f" in {'(' if lo_open or lo is None else '['}{'-inf' if lo is None else lo}, "
+             f"{'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}")
     raise GrowlmError(f"config {path}={v!r}; accepted: a finite number{rng}")
   return float(v)
 
@@ -279,9 +280,14 @@ class RunConfig:
     if d.seq_len > m.max_len and m.positions == "learned":
       raise GrowlmError(f"config data.seq_len={d.seq_len} exceeds model.max_len={m.max_len} "
                         "(learned positions); accepted: seq_len <= max_len")
+    if self.train.warmup_steps > self.train.num_steps:
+      raise GrowlmError(f"config train.warmup_steps={self.train.warmup_steps} exceeds "
+                        f"train.num_steps={self.train.num_steps}; accepted: 0 <= warmup_steps <= "
+                        "num_steps (set train.warmup_steps too when lowering num_steps)")
     if d.batch_size % self.train.grad_accum:
       raise GrowlmError(f"config data.batch_size={d.batch_size} is not a multiple of "
-                        f"train.grad_accum={self.train.grad_accum}")
+                        f"train.grad_accum={self.train.grad_accum}; accepted: a batch_size that "
+                        "grad_accum divides")
 
   def replace(self, **changes: Any) -> "RunConfig":
     """A copy with whole sections or top-level fields replaced (validated again)."""

@@ -92,7 +92,11 @@ def resolve_file_patterns(patterns: str) -> list[str]:
     if not pattern:
       raise GrowlmError(f"empty pattern in file source 'file:{patterns}' (accepted: "
                         "'file:PATTERN[,PATTERN...]')")
-    matches = [p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p)]
+    found = glob.glob(os.path.expanduser(pattern))
+    matches = [p for p in found if os.path.isfile(p)]
+    if not matches and found:
+      raise GrowlmError(f"file source pattern {pattern!r} matches only directories; accepted: "
+                        f"text files or globs of them, e.g. 'file:{found[0]}/*.txt'")
     if not matches:
       raise GrowlmError(f"file source pattern {pattern!r} matches no file")
     paths.update(matches)

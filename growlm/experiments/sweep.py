@@ -16,6 +16,7 @@ import ml_collections
 
 from growlm import rundir
 from growlm.config import files
+from growlm.config.typed import resolve
 from growlm.errors import GrowlmError
 
 
@@ -37,11 +38,21 @@ def expand(config: str, sweep_dir: str) -> list[Run]:
   specs: list[tuple[str, dict]] = []
 
   def add(name: str, **overrides):
-    if not name or "/" in name or any(n == name for n, _ in specs):
-      raise GrowlmError(f"sweep run name {name!r} is empty, has '/' or is used twice")
+    if not isinstance(name, str) or not name or "/" in name:
+      raise GrowlmError(f"sweep run name {name!r}; accepted: a non-empty string without '/' "
+                        "(it names the run's directory)")
+    if any(n == name for n, _ in specs):
+      raise GrowlmError(f"sweep run name {name!r} is used twice; accepted: one add() per name")
     specs.append((name, overrides))
 
-  mod.sweep(add)
+  try:
+    mod.sweep(add)
+  except GrowlmError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    first = (str(e).strip().splitlines() or [""])[0]
+    raise GrowlmError(f"--config={path}: sweep(add) raised {type(e).__name__}"
+                      + (f": {first}" if first else "")) from None
   names = {n for n, _ in specs}
   sweep_name = os.path.basename(os.path.normpath(sweep_dir))
   runs = []
@@ -59,6 +70,10 @@ def expand(config: str, sweep_dir: str) -> list[Run]:
     with cfg.unlocked():
       cfg.name = name
       cfg.sweep_name = sweep_name
+    try:
+      resolve(cfg)   # every run's values are checked before the first run starts
+    except GrowlmError as e:
+      raise GrowlmError(f"sweep run {name!r}: {e}") from None
     runs.append(Run(name, overrides, cfg, depends, os.path.join(sweep_dir, name)))
   return order(runs)
 
