@@ -6,7 +6,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.growlm-installed
 EXTRAS ?= dev,interop
 WORKDIR ?= runs/demo
-PYTEST_ARGS ?=
+# Two workers (the machine's 2 cores), one test file per worker so module fixtures run once.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: install test test-fast demo bench clean
 

@@ -176,7 +176,7 @@ def test_grow_command_refusals_write_nothing(source_run, tmp_path, extra, words)
 def test_bad_source_is_one_line(tmp_path):
   r = _grow_cli(["--config=configs/default.py:size=nano,runlocal",
                  f"--source={tmp_path}/nothing", f"--out={tmp_path}/o"])
-  assert r.returncode == 2 and "config.json" in r.stderr
+  assert r.returncode == 2 and "does not exist" in r.stderr
   assert not (tmp_path / "o").exists()
 
 

@@ -216,7 +216,7 @@ def train(config: RunConfig, workdir: str, initialize: Initializer, *,
       # checkpoint in flight and closes every writer, so the process ends and nothing is
       # left half-written; the run dir's lease goes last.
       stop.uninstall()
-      _close_quietly(ckpt.close, "checkpoints")
+      _close_quietly(lambda: ckpt.close(abandon=True), "checkpoints")   # no-op after a close
       _close_quietly(writer.close, "metrics")
       _close_quietly(tracker.close, "tracker")
       if lease is not None:
@@ -289,6 +289,7 @@ def _loop(config: RunConfig, workdir: str, start: Start, state: TrainState, iter
     record({**counters(first), **last_eval})
   if stop_after_init:
     ckpt.save(first, state, iterator.get_state(), meta(first))
+    ckpt.close()   # final (and checksummed) before the grow command renames the run dir
     return {**counters(first), **last_eval}
 
   end = min(t.num_steps, t.stop_at) if t.stop_at else t.num_steps
