@@ -29,7 +29,8 @@ def main(argv):
   del argv
   cli_flags.setup_logging()
   from growlm.experiments import analysis, sweep  # pylint: disable=g-import-not-at-top
-  try:
+
+  def go():
     if not _CONFIG.value or not _SWEEP_DIR.value:
       raise GrowlmError("--config=configs/FILE.py[:ARG] and --sweep_dir=DIR are both required")
     sweep.launch(_CONFIG.value, _SWEEP_DIR.value, dry_run=_DRY_RUN.value, tpu=_TPU.value,
@@ -37,8 +38,8 @@ def main(argv):
     if _ANALYZE.value and not _DRY_RUN.value and not _TPU.value:
       analysis.analyze(_SWEEP_DIR.value)
       print(f"growlm: results in {_SWEEP_DIR.value}/results.md and loss_curves.png")
-  except GrowlmError as e:
-    cli_flags.fail(e)
+
+  cli_flags.guarded(go)
 
 
 if __name__ == "__main__":

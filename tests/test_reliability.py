@@ -251,3 +251,41 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, four_steps):
     f.write('{"step": 4, "train_lo')            # a crash mid-write
   commands.train(run_config(**{"train.num_steps": 6, "train.warmup_steps": 1}), str(tmp_path))
   assert _steps(str(tmp_path), "train_loss")[-2:] == [5, 6]
+
+
+def test_a_full_disk_is_one_line_and_leaves_a_resumable_run(tmp_path):
+  """ENOSPC while writing metrics (simulated: the sandbox cannot fill a real disk) ends the
+  command with one line and exit 2; checkpoints written before it are final, so the run
+  resumes once there is room."""
+  workdir = tmp_path / "run"
+  script = textwrap.dedent(f"""
+      import errno, sys
+      sys.argv = ["growlm.main", "--config=configs/default.py:size=nano,runlocal",
+                  "--workdir={workdir}", "--config.train.num_steps=12",
+                  "--config.checkpoint.every_steps=4", "--config.log.every_steps=1",
+                  "--config.log.progress_bar=False"]
+      from growlm.train import metrics
+      write = metrics.MetricsWriter.write
+      def full(self, rec):
+        if rec.get("step", 0) >= 7:
+          raise OSError(errno.ENOSPC, "No space left on device", "{workdir}/metrics.jsonl")
+        write(self, rec)
+      metrics.MetricsWriter.write = full
+      from growlm.cli import train
+      train.run()
+  """)
+  r = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  lines = _growlm_lines(r.stderr)
+  assert len(lines) == 1 and "No space left on device" in lines[0], lines
+  assert _no_leftovers(str(workdir))
+  assert sorted(n for n in os.listdir(workdir / "checkpoints") if n.isdigit()) == ["4"]
+  assert not (workdir / ".growlm-lock.json").exists()   # the lease was released
+  done = subprocess.run([sys.executable, "-m", "growlm.main", "--config=configs/default.py:"
+                         "size=nano,runlocal", f"--workdir={workdir}",
+                         "--config.train.num_steps=12", "--config.checkpoint.every_steps=4",
+                         "--config.log.every_steps=1", "--config.log.progress_bar=False"],
+                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert _steps(str(workdir), "train_loss") == list(range(1, 13))

@@ -15,7 +15,6 @@ import os
 from absl import app, flags
 
 from growlm.cli import flags as cli_flags
-from growlm.errors import GrowlmError
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Sweep directory.")
 _CONFIG = flags.DEFINE_string("config", None, "Sweep config (default: configs/quickstart.py "
@@ -48,11 +47,12 @@ def main(argv):
   del argv
   cli_flags.setup_logging(logging.WARNING)
   from growlm.experiments import analysis, sweep  # pylint: disable=g-import-not-at-top
-  try:
+
+  def go():
     sweep.launch(_CONFIG.value or _default_config(), _WORKDIR.value)
-    results = analysis.analyze(_WORKDIR.value)
-  except GrowlmError as e:
-    cli_flags.fail(e)
+    return analysis.analyze(_WORKDIR.value)
+
+  results = cli_flags.guarded(go)
   print()
   print(f"results: {os.path.join(_WORKDIR.value, 'results.md')}")
   print(f"plot:    {os.path.join(_WORKDIR.value, 'loss_curves.png')}")

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from typing import NoReturn
+from typing import Any, Callable, NoReturn
 
 from absl import flags
 import ml_collections
 
 from growlm.config import files
+from growlm import errors
 from growlm.errors import GrowlmError
 
 _SPEC = re.compile(r"^--?config(?:=(.*))?$", re.S)
@@ -38,6 +39,26 @@ def setup_logging(level: int = logging.INFO) -> None:
   are kept out."""
   logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def guarded(fn: Callable[[], Any]) -> Any:
+  """Runs `fn` and turns every expected way for a command to end early into one line and an exit
+  code (growlm.errors): bad input (2), a file system error such as a full disk (2), divergence
+  (3), a stop signal after the checkpoint is saved (75)."""
+  try:
+    return fn()
+  except GrowlmError as e:
+    fail(e)
+  except FloatingPointError as e:   # training diverged; the last good checkpoint is kept
+    print(f"growlm: diverged: {e}", file=sys.stderr)
+    sys.exit(errors.EXIT_DIVERGED)
+  except errors.Preempted as e:     # a signal: the step's checkpoint is saved and final
+    print(f"growlm: stopped: {e}", file=sys.stderr)
+    sys.exit(errors.EXIT_PREEMPTED)
+  except OSError as e:              # disk full, permission denied, a vanished path
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    fail(GrowlmError(f"{type(e).__name__}: {e.strerror or e}{where}; nothing was changed that "
+                     "a relaunch cannot resume from; fix the cause and relaunch"))
 
 
 def fail(e: GrowlmError) -> NoReturn:

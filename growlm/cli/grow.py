@@ -23,13 +23,14 @@ _OUT = flags.DEFINE_string("out", None, "Output run directory (must not exist)."
 def main(argv):
   del argv
   cli_flags.setup_logging()
-  try:
+
+  def go():
     if cli_flags.config() is None or not _SOURCE.value or not _OUT.value:
       raise GrowlmError("--config=TARGET_CONFIG, --source=RUN_DIR and --out=DIR are all required")
     from growlm import commands  # pylint: disable=g-import-not-at-top
     commands.grow_into(cli_flags.config(), _SOURCE.value, _OUT.value)
-  except GrowlmError as e:
-    cli_flags.fail(e)
+
+  cli_flags.guarded(go)
   print(f"growlm: grown model written to {_OUT.value}")
 
 

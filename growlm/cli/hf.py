@@ -72,13 +72,13 @@ def run_command(command: str) -> str:
 
 def main(argv):
   cli_flags.setup_logging()
-  try:
+
+  def go():
     if len(argv) != 2 or argv[1] not in COMMANDS:
       raise GrowlmError(f"command {' '.join(argv[1:])!r}; accepted: one of {COMMANDS}")
-    line = run_command(argv[1])
-  except GrowlmError as e:
-    cli_flags.fail(e)
-  print(line)
+    return run_command(argv[1])
+
+  print(cli_flags.guarded(go))
 
 
 def run() -> None:

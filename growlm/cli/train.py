@@ -6,12 +6,11 @@ line naming the field and the accepted values.
 
 from __future__ import annotations
 
-import sys
 
 from absl import app, flags
 
 from growlm.cli import flags as cli_flags
-from growlm.errors import EXIT_DIVERGED, EXIT_PREEMPTED, GrowlmError, Preempted
+from growlm.errors import GrowlmError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
 _COORDINATOR = flags.DEFINE_string(
@@ -60,20 +59,15 @@ def init_distributed() -> None:
 def main(argv):
   del argv
   cli_flags.setup_logging()
-  try:
+
+  def go():
     if cli_flags.config() is None or not _WORKDIR.value:
       raise GrowlmError("--config=configs/FILE.py[:ARG] and --workdir=DIR are both required")
     init_distributed()
     from growlm import commands  # pylint: disable=g-import-not-at-top  (after jax.distributed)
-    summary = commands.train(cli_flags.config(), _WORKDIR.value)
-  except GrowlmError as e:
-    cli_flags.fail(e)
-  except FloatingPointError as e:  # training diverged; the last good checkpoint is kept
-    print(f"growlm: diverged: {e}", file=sys.stderr)
-    sys.exit(EXIT_DIVERGED)
-  except Preempted as e:  # a signal: the step's checkpoint is saved and final
-    print(f"growlm: stopped: {e}", file=sys.stderr)
-    sys.exit(EXIT_PREEMPTED)
+    return commands.train(cli_flags.config(), _WORKDIR.value)
+
+  summary = cli_flags.guarded(go)
   print("growlm: done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in summary.items()))
 
