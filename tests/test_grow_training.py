@@ -187,3 +187,22 @@ def test_growth_source_shorter_than_seq_len_is_refused(source_run, tmp_path):
   with pytest.raises(GrowlmError, match="max_len=256") as e:
     commands.train(c, str(tmp_path / "run"))
   assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+
+def test_growth_that_rescales_norm_eps_says_so(source_run, tmp_path, capsys):
+  """Zero-padding d_model rescales norm_eps by D/D' (docs/design.md 5.2): the config's own
+  norm_eps is replaced, and that is printed, never silent. The caller's config is not changed."""
+  from growlm.config.typed import resolve  # pylint: disable=g-import-not-at-top
+  from growlm.init import seam  # pylint: disable=g-import-not-at-top
+  c = _config(**{"init.source": str(source_run), "model.d_model": 128, "model.n_heads": 4,
+                 "init.plan.width": "zeros"})
+  user_eps = c.model.norm_eps
+  effective, src = seam.prepare(resolve(c), str(tmp_path / "run"))
+  line = [l for l in capsys.readouterr().out.splitlines() if "model.norm_eps" in l]
+  assert src is not None and effective.model.norm_eps == pytest.approx(user_eps * 64 / 128)
+  assert len(line) == 1 and f"{user_eps:g} -> {user_eps * 64 / 128:g}" in line[0], line
+  assert c.model.norm_eps == user_eps and not (tmp_path / "run").exists()
+  # tile keeps the norm statistics: nothing to rescale, nothing printed.
+  c.init.plan.width = "tile"
+  effective, _ = seam.prepare(resolve(c), str(tmp_path / "run"))
+  assert effective.model.norm_eps == user_eps and "norm_eps" not in capsys.readouterr().out
