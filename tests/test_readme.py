@@ -466,11 +466,14 @@ CASES: dict[str, Case] = {
         "launch-tpu", check_tpu, flags=(("--dry_run", None),),
         reason="--dry_run added: prints the gcloud commands instead of running them"),
     (_CMD + f"hf_main grow --source=HF_DIR --out=HF_OUT {_SMALL} --config.model.max_len=1024 "
-     "--config.init.plan.width=tile"): Case("hf-grow", check_hf_grow),
+     "--config.data.tokenizer=HF_DIR --config.init.plan.width=tile"): Case("hf-grow",
+                                                                           check_hf_grow),
     (_CMD + f"hf_main grow --format=run --source=HF_DIR --out=runs/grown {_SMALL} "
-     "--config.model.max_len=1024"): Case("hf-grow-run", check_hf_grow_run),
+     "--config.model.max_len=1024 --config.data.tokenizer=HF_DIR"): Case("hf-grow-run",
+                                                                         check_hf_grow_run),
     (_CMD + f"hf_main train --source=HF_DIR --workdir=runs/grown {_SMALL} "
-     "--config.model.max_len=1024"): Case("hf-train", check_hf_train, after=("hf-grow-run",)),
+     "--config.model.max_len=1024 --config.data.tokenizer=HF_DIR"): Case(
+         "hf-train", check_hf_train, after=("hf-grow-run",)),
     (_CMD + "hf_main train --as_is --source=HF_DIR --workdir=runs/hf "
      "--config=configs/default.py --config.data.tokenizer=HF_DIR"): Case(
          "hf-train-as-is", check_hf_as_is),
