@@ -477,12 +477,8 @@ CASES: dict[str, Case] = {
     (_CMD + "hf_main train --as_is --source=HF_DIR --workdir=runs/hf "
      "--config=configs/default.py --config.data.tokenizer=HF_DIR"): Case(
          "hf-train-as-is", check_hf_as_is),
-    (_CMD + "hf_main export --run=runs/grown --out=HF_OUT2 [--tokenizer_from=DIR] "
-     "[--dtype=bfloat16]"): Case(
-         "hf-export", check_hf_export, after=("hf-train",),
-         subs=(("[--tokenizer_from=DIR]", "--tokenizer_from=HF_DIR"),
-               ("[--dtype=bfloat16]", "--dtype=bfloat16")),
-         reason="both optional flags given, DIR = HF_DIR"),
+    (_CMD + "hf_main export --run=runs/grown --out=HF_OUT2 --tokenizer_from=HF_DIR "
+     "--dtype=bfloat16"): Case("hf-export", check_hf_export, after=("hf-train",)),
 }
 BY_KEY = {c.key: c for c in CASES.values()}
 # Longest first, so the slowest chain starts at once.
