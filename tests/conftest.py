@@ -34,3 +34,14 @@ def run_config(**overrides):
   for path, value in overrides.items():
     files.set_field(c, path, value, what="test")
   return c
+
+
+# The longest files first: `make test` gives each of its two workers one file at a time, and a
+# long file started last would leave the other worker idle at the end.
+_LONG_FILES = ("test_train.py", "test_readme.py", "test_reliability.py", "test_grow_training.py",
+               "test_sweep.py", "test_grow.py", "test_hf.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONG_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(_LONG_FILES)))

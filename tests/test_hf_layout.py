@@ -180,10 +180,10 @@ def test_hf_source_refuses_grown_optimizer_and_long_sequences(tmp_path):
   d, _, _ = _growlm_dir(tmp_path, "gpt2")
   c = resolve(run_config(**{"init.source": d, "init.optimizer": "grow", "data.seq_len": 32}))
   with pytest.raises(GrowlmError, match="no optimizer state"):
-    warmstart.check_init(c)
+    warmstart.check_init(c, warmstart.read_source(d))
   c = resolve(run_config(**{"init.source": d, "data.seq_len": 128}))
   with pytest.raises(GrowlmError, match="seq_len=128 exceeds the source's max_len=64"):
-    warmstart.check_init(c)
+    warmstart.check_init(c, warmstart.read_source(d))
   src = warmstart.read_source(d)
   assert src.hf and src.model.vocab_size == VOCAB and src.meta == {"flops": 0}
 

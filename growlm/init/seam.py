@@ -53,16 +53,16 @@ def prepare(config: RunConfig, workdir: str) -> tuple[RunConfig, Source | None]:
     config = config.replace(init=resolve_section("init", saved["init"], InitConfig))
   if not config.init.source:
     return config, None
-  source_lib.check_init(config)
+  src = source_lib.read_source(config.init.source)   # headers only, read once
+  source_lib.check_init(config, src)
   if saved and rundir.has_checkpoint(workdir):
     norm_eps = (saved.get("model") or {}).get("norm_eps", config.model.norm_eps)
     return config.replace_model(norm_eps=norm_eps), None   # resuming: growth already happened
-  src = source_lib.read_source(config.init.source)
   grown = grow_core.grown_config(src.model, config.model, config.init.plan)
   if grown.norm_eps != config.model.norm_eps:
     _say(f"growlm: model.norm_eps {config.model.norm_eps:g} -> {grown.norm_eps:g} (set by "
-         f"growth: {config.init.plan.width} keeps the norms exact at d_model "
-         f"{src.model.d_model} -> {config.model.d_model})")
+         f"growth: {config.init.plan.width} growth of d_model {src.model.d_model} -> "
+         f"{config.model.d_model} scales it by {src.model.d_model}/{config.model.d_model})")
   return config.replace_model(norm_eps=grown.norm_eps), src
 
 

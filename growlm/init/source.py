@@ -115,16 +115,12 @@ def restore_source(src: Source, mesh, rules) -> Source:
   return dataclasses.replace(src, step=step, state=state, meta=meta)
 
 
-def check_init(config: RunConfig) -> None:
-  """Checks what init.source asks for against the source, reading headers only."""
-  source = config.init.source
-  if hf_lib.is_hf_dir(source):
-    if config.init.optimizer == "grow":
-      raise GrowlmError(f"config init.optimizer='grow' with init.source={source!r}: "
-                        "Hugging Face checkpoints carry no optimizer state; accepted: 'fresh'")
-    check_seq_len(hf_lib.read_hf_config(source)[1], config.data.seq_len)
-  else:
-    check_seq_len(read_source(source).model, config.data.seq_len)
+def check_init(config: RunConfig, src: Source) -> None:
+  """Checks what init.source asks for against the source `src` (read_source of it)."""
+  if src.hf and config.init.optimizer == "grow":
+    raise GrowlmError(f"config init.optimizer='grow' with init.source={src.directory!r}: "
+                      "Hugging Face checkpoints carry no optimizer state; accepted: 'fresh'")
+  check_seq_len(src.model, config.data.seq_len)
 
 
 def grow_state(src: Source, target: ModelConfig, plan: GrowthPlan, optimizer, shard: TrainState,
