@@ -13,6 +13,7 @@ renamed at the end, so on any error nothing is left at OUT.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from typing import Any, Callable
@@ -21,7 +22,7 @@ import jax
 
 from growlm import data as data_lib
 from growlm import sharding
-from growlm.config.typed import InitConfig, RunConfig, resolve
+from growlm.config.typed import RunConfig, resolve
 from growlm.errors import GrowlmError
 from growlm.grow import core as grow_core
 from growlm.grow import report as report_lib
@@ -59,7 +60,7 @@ def grow_into(config: Any, source: str, out: str) -> dict[str, Any]:
   step 0 (checkpoint, growth report, step-0 eval). Built under OUT.partial, renamed at the end."""
   _check_out(out)
   config = resolve(config)
-  config = config.replace(init=InitConfig(**{**config.init.__dict__, "source": source}))
+  config = config.replace(init=dataclasses.replace(config.init, source=source))
   partial = out.rstrip("/") + ".partial"
   if jax.process_index() == 0 and os.path.exists(partial):
     shutil.rmtree(partial)
@@ -85,7 +86,7 @@ def apply_source(config: Any, source: str, *, as_is: bool = False) -> RunConfig:
       print(f"growlm: model.{f} {getattr(config.model, f)} -> {getattr(src, f)} (from the source)")
       changes[f] = getattr(src, f)
   config = config.replace(model=config.model.replace(**changes),
-                          init=InitConfig(**{**config.init.__dict__, "source": source}))
+                          init=dataclasses.replace(config.init, source=source))
   source_lib.check_seq_len(src, config.data.seq_len)
   return config
 

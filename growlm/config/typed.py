@@ -12,6 +12,7 @@ caller's config is never rewritten behind its back.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from typing import Any, Mapping
@@ -72,15 +73,22 @@ def _str(path: str, v: Any, choices: tuple[str, ...] | None = None) -> str:
   return v
 
 
+def _first_unknown(given, known) -> tuple[str | None, str | None]:
+  """(the first name of `given` not in `known`, the closest known name or None)."""
+  unknown = sorted(set(given) - set(known))
+  if not unknown:
+    return None, None
+  hint = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+  return unknown[0], (hint[0] if hint else None)
+
+
 def _fields(section: str, d: Mapping[str, Any], cls) -> dict[str, Any]:
   """`d` as a dict, refusing unknown fields and filling absent ones with the class defaults."""
   known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(d) - known)
+  unknown, hint = _first_unknown(d, known)
   if unknown:
-    import difflib  # pylint: disable=g-import-not-at-top
-    hint = difflib.get_close_matches(unknown[0], sorted(known), n=1)
-    raise GrowlmError(f"config {section}.{unknown[0]}: unknown field"
-                      + (f"; did you mean {section}.{hint[0]}?" if hint else
+    raise GrowlmError(f"config {section}.{unknown}: unknown field"
+                      + (f"; did you mean {section}.{hint}?" if hint else
                          f"; accepted: {sorted(known)}"))
   return dict(d)
 
@@ -327,12 +335,10 @@ def resolve(config: Any) -> RunConfig:
     if section not in c:
       raise GrowlmError(f"config: missing section {section!r}")
   top = {"name", "sweep_name", "sharding_rules", "wandb", *SECTIONS}
-  unknown = sorted(set(c) - top)
+  unknown, hint = _first_unknown(c, top)
   if unknown:
-    import difflib  # pylint: disable=g-import-not-at-top
-    hint = difflib.get_close_matches(unknown[0], sorted(top), n=1)
-    raise GrowlmError(f"config field {unknown[0]!r} does not exist"
-                      + (f"; did you mean {hint[0]!r}?" if hint else f"; accepted: {sorted(top)}"))
+    raise GrowlmError(f"config field {unknown!r} does not exist"
+                      + (f"; did you mean {hint!r}?" if hint else f"; accepted: {sorted(top)}"))
   sections = {name: resolve_section(name, c[name], cls) for name, cls in _SECTION_TYPES.items()
               if name in c}
   sections["model"] = ModelConfig.from_dict(_as_dict(c["model"]))

@@ -40,7 +40,7 @@ STATE_FILE = "growlm_wandb.json"
 
 def wandb_fields(config: RunConfig) -> dict[str, Any]:
   """config.wandb as a dict (validated when the RunConfig was resolved)."""
-  return dataclasses.asdict(config.wandb) | {"tags": tuple(config.wandb.tags)}
+  return dataclasses.asdict(config.wandb)   # tags stay a tuple
 
 
 def resolve_mode(fields: dict[str, Any]) -> tuple[str, str]:
