@@ -31,6 +31,7 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/growth.py
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis

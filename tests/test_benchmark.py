@@ -25,7 +25,7 @@ PART_FIELDS = ("flops_per_token", "compile_seconds", "step_seconds", "median_ste
                "tokens_per_sec", "achieved_flops_per_sec", "achieved_gflops", "matmul_seconds",
                "matmul_flops_per_sec", "matmul_gflops", "mfu", "tokens_per_sec_best",
                "achieved_flops_per_sec_best", "matmul_flops_per_sec_best", "mfu_best",
-               "xla_memory")
+               "spec_peak_flops_per_sec", "mfu_spec", "xla_memory")
 
 
 def _load_script():
@@ -92,6 +92,13 @@ def _check_result(result: dict, styles: list[str]) -> None:
           flops_per_matmul / min(r["matmul_seconds"]))
       assert 0 < r["mfu_best"] == pytest.approx(best, rel=1e-12)
 
+      # On CPU no spec peak exists: the spec MFU is absent, never invented.
+      if r["spec_peak_flops_per_sec"] is None:
+        assert r["mfu_spec"] is None
+      else:
+        assert r["mfu_spec"] == pytest.approx(achieved / r["spec_peak_flops_per_sec"])
+    _check_torch(row, steps)
+
   # The run's reference rate: positive, finite, the median of every timed matmul.
   assert mm["reps"] == len(all_matmul_s) == 2 * steps * len(styles)
   assert _positive_finite(result["matmul_gflops"])
@@ -100,6 +107,35 @@ def _check_result(result: dict, styles: list[str]) -> None:
       flops_per_matmul / statistics.median(all_matmul_s), rel=1e-12)
   assert result["matmul_gflops"] == pytest.approx(result["matmul_flops_per_sec"] / 1e9,
                                                   rel=1e-12)
+
+
+def _check_torch(row: dict, steps: int) -> None:
+  """The PyTorch reference: run for gpt2 rows (same steps, ratio from its own timings),
+  skipped with a reason for the others."""
+  t = row["torch"]
+  if row["style"] != "gpt2":
+    assert "gpt2 style only" in t["skipped"]
+    return
+  assert len(t["step_seconds"]) == steps
+  assert all(_positive_finite(x) for x in t["step_seconds"])
+  median = statistics.median(t["step_seconds"])
+  assert t["tokens_per_sec"] == pytest.approx(row["tokens_per_step"] / median, rel=1e-12)
+  assert row["growlm_over_torch"] == pytest.approx(
+      row["train"]["tokens_per_sec"] / t["tokens_per_sec"], rel=1e-12)
+  assert row["growlm_over_torch_best"] == pytest.approx(
+      min(t["step_seconds"]) / min(row["train"]["step_seconds"]), rel=1e-12)
+  # Same weights and batch: the two start from the same loss (float32, eager reference).
+  assert math.isfinite(t["final_loss"])
+  assert t["first_loss"] == pytest.approx(row["first_train_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("kind,tflops", [
+    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989),
+    ("NVIDIA A100-SXM4-80GB", 312), ("TPU v4", 275), ("TPU v5 lite", 197), ("TPU v5", 459),
+    ("TPU v5p", 459), ("TPU v6 lite", 918), ("cpu", None), ("NVIDIA GeForce RTX 4090", None)])
+def test_spec_peaks(kind, tflops):
+  peak = _load_script().spec_peak_flops(kind)
+  assert peak == (None if tflops is None else tflops * 1e12)
 
 
 def test_quick_in_process_uses_one_device(tmp_path):

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,8 @@ from growlm.model import decoder as model
 from growlm import sharding
 from growlm.errors import GrowlmError
 from growlm.grow import GrowthPlan, grow, grown_config, is_exact, layer_sources, validate
+from growlm.grow import core as grow_core
+from growlm.grow import report as report_lib
 from growlm.model.config import make_model_config
 
 F64 = dict(dtype="float64", param_dtype="float64")
@@ -696,3 +699,74 @@ def test_tile_scales_of_new_entries():
   assert np.all(wa[:, :F] == 1.0) and np.all(wb[:, :F] == 0.5)
   assert np.all(wa[:, F:] == 1.0) and np.all(wb[:, F:] == 0.0)
   assert np.all(b["layers"]["mlp"]["wo"][2] == 0.0)   # the new (identity) layer: all new
+
+
+# --- 11. The preservation report measures at the highest matmul precision.
+
+
+def test_preservation_report_products_run_at_highest_precision():
+  """Every matrix product the report computes (both models' forward passes) is lowered with
+  HIGHEST precision on both operands, whatever the caller's default: at JAX's default an H100
+  takes TF32 passes, and an exact tile+identity growth once showed max |delta logits| 3.2e-2.
+  The lowered program says so on any platform (on CPU the default would read DEFAULT)."""
+  src = _cfg("llama", d_model=16, n_heads=2, n_kv_heads=1, head_dim=8, mlp_dim=32, n_layers=1)
+  cfg = grown_config(src, src.replace(d_model=32, n_layers=2), GrowthPlan("tile"))
+  tokens = jax.ShapeDtypeStruct((B, L), jnp.int32)
+  stats = report_lib._stats  # pylint: disable=protected-access
+  text = jax.jit(stats, static_argnums=(0, 1)).lower(
+      src, cfg, model.abstract_params(src)[0], model.abstract_params(cfg)[0],
+      {"inputs": tokens, "targets": tokens}).as_text()
+  dots = [line for line in text.splitlines() if "dot_general" in line]
+  # Per model: query, key, value, scores, context, out, wi_gate, wi_up, wo, head.
+  assert len(dots) >= 20, text
+  for line in dots:
+    # The two spellings of StableHLO's precision config (pretty-printed and generic).
+    short = re.search(r"precision = \[(\w+), (\w+)\]", line)
+    generic = re.findall(r"#stablehlo<precision (\w+)>", line)
+    assert (short.groups() if short else tuple(generic)) == ("HIGHEST", "HIGHEST"), line
+
+
+# --- 12. Growth builds only what its plan reads (benchmarks/growth.py measures the cost).
+
+
+def test_growth_builds_only_the_fresh_leaves_it_reads(monkeypatch):
+  """The target's own init is built only for leaves with noise or free entries, zero-sum noise,
+  or new identity layers (never for writers into the residual stream, nor at all for a tile
+  growth that adds no unit and no layer), and each such leaf equals init_params' bit for bit."""
+  src = _cfg("gpt2", d_model=16, n_heads=2, n_kv_heads=2, head_dim=8, mlp_dim=32, n_layers=2)
+  real = grow_core._fresh_leaves  # pylint: disable=protected-access
+  calls = []
+  monkeypatch.setattr(grow_core, "_fresh_leaves", lambda cfg, rng, paths: (
+      calls.append({"/".join(p) for p in paths}), real(cfg, rng, paths))[1])
+  plans = [(src.replace(d_model=32), GrowthPlan("tile")),
+           (src.replace(d_model=24, mlp_dim=48, n_layers=3), GrowthPlan("mean_fill")),
+           (src.replace(n_layers=4), GrowthPlan(depth_position="append"))]
+  asked = []
+  for dst, plan in plans:
+    n = len(calls)
+    jax.eval_shape(lambda p, r, d=dst, q=plan: grow(p, src, d, q, r, scales=False).params,
+                   model.abstract_params(src)[0], jax.random.key(0))
+    asked.append(calls[n] if len(calls) > n else set())
+  assert asked[0] == set(), asked               # tile, d_model only: every entry is a copy
+  writers = {"embed", "pos_embed", "layers/attn/out", "layers/attn/out_bias", "layers/mlp/wo",
+             "layers/mlp/wo_bias"}
+  assert asked[1] and not asked[1] & writers, asked[1]
+  assert "layers/mlp/wi" in asked[1] and "layers/attn/query" in asked[1], asked[1]
+  assert asked[2] and not asked[2] & writers and all(p.startswith("layers/") for p in asked[2])
+  cfg = grown_config(src, *plans[1])
+  paths = tuple(tuple(p.split("/")) for p in sorted(asked[1]))
+  full, some = model.init_params(cfg, jax.random.key(4)), real(cfg, jax.random.key(4), paths)
+  for path, x in zip(paths, some):
+    np.testing.assert_array_equal(np.asarray(x).view(np.uint32),
+                                  np.asarray(_get(full, "/".join(path))).view(np.uint32))
+
+
+def test_scales_built_apart_equal_growths():
+  """scale_trees (what the optimizer state reads when growth skips the scales) gives grow's
+  value and gradient scales bit for bit, and grow(scales=False) the same params."""
+  src, dst, plan, params, (grown, value_scale, grad_scale) = _llama_growth()
+  out = _np(_fast_call(lambda p, r: (grow(p, src, dst, plan, r, scales=False).params,
+                                     grow_core.scale_trees(src, dst, plan)),
+                       params, jax.random.key(5)))
+  for x, y in zip(jax.tree.leaves(out), jax.tree.leaves((grown, (value_scale, grad_scale)))):
+    np.testing.assert_array_equal(x.view(np.uint32), y.view(np.uint32))

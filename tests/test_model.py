@@ -137,14 +137,34 @@ def test_scan_equals_unrolled_loop(style):
                              rtol=1e-5, atol=1e-5)
 
 
-def test_remat_does_not_change_logits_or_grads():
-  cfg = make_model_config("nano", "llama")
+@pytest.mark.parametrize("knob", [dict(remat="full"), dict(remat="dots"), dict(remat="auto"),
+                                  dict(remat="dots_no_batch"), dict(scan_unroll=2),
+                                  dict(scan_unroll=3, remat="full")])
+def test_speed_knobs_do_not_change_logits_or_grads(knob):
+  """Remat policies and scan unrolling trade memory and speed, never the function."""
+  cfg = make_model_config("nano", "llama", n_layers=3, remat="none")
   p = model.init_params(cfg, jax.random.key(0))
   tokens = _tokens(cfg)
-  loss = lambda c: jax.grad(lambda q: model.apply(c, q, tokens).mean())(p)
-  g0, g1 = loss(cfg), loss(cfg.replace(remat=True))
+  loss = lambda c: jax.value_and_grad(lambda q: jnp.square(model.apply(c, q, tokens)).mean())(p)
+  (l0, g0), (l1, g1) = loss(cfg), loss(cfg.replace(**knob))
+  assert float(l0) == pytest.approx(float(l1), rel=1e-6)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_remat_auto_is_per_platform():
+  assert model.remat_policy("auto", "cpu") == "dots_no_batch"
+  assert model.remat_policy("auto", "gpu") == model.remat_policy("auto", "tpu") == "none"
+  assert model.remat_policy("full", "cpu") == "full"
+
+
+def test_remat_written_as_bool_reads_as_policy():
+  """config.json files from before the policies existed said remat: true/false."""
+  base = make_model_config("nano", "gpt2").to_dict()
+  assert ModelConfig.from_dict(dict(base, remat=True)).remat == "full"
+  assert ModelConfig.from_dict(dict(base, remat=False)).remat == "none"
+  with pytest.raises(GrowlmError, match="remat='some'"):
+    ModelConfig.from_dict(dict(base, remat="some"))
 
 
 def test_rope_scores_depend_only_on_relative_position():
@@ -210,7 +230,9 @@ def test_matmul_params_match_the_tree(style):
 @pytest.mark.parametrize("bad, field", [
     (dict(norm="batchnorm"), "norm"), (dict(n_kv_heads=3), "n_kv_heads"),
     (dict(positions="rope", head_dim=7), "head_dim"), (dict(d_model=0), "d_model"),
-    (dict(mlp="relu"), "mlp"), (dict(dtype="int8"), "dtype")])
+    (dict(mlp="relu"), "mlp"), (dict(dtype="int8"), "dtype"), (dict(attention="flash"), "attention"),
+    (dict(remat=True), "remat"), (dict(scan_unroll=0), "scan_unroll"),
+    (dict(loss_chunk=-1), "loss_chunk")])
 def test_bad_model_config_is_one_clear_line(bad, field):
   with pytest.raises(GrowlmError) as e:
     ModelConfig(**bad)

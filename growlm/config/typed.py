@@ -33,7 +33,8 @@ SECTIONS = ("model", "data", "train", "eval", "checkpoint", "log", "mesh", "init
 # up to the resumed step).
 RESUMABLE_FIELDS = ("name", "sweep_name", "train.num_steps", "train.stop_at", "eval.every_steps",
                     "log.every_steps", "log.progress_bar", "checkpoint.every_steps",
-                    "checkpoint.keep", "checkpoint.async_save", "wandb", "mesh", "sharding_rules")
+                    "checkpoint.keep", "checkpoint.async_save", "wandb", "mesh", "sharding_rules",
+                    "model.remat", "model.attention", "model.scan_unroll", "model.loss_chunk")
 
 
 def _int(path: str, v: Any, minimum: int = 1) -> int:

@@ -11,11 +11,16 @@ target's own initialiser, times a scale) and free (entries whose input is exactl
 value keeps the function: symmetry noise or zero). Then layers are placed (depth growth).
 docs/design.md, section 5, gives the mathematics; tests prove each rule.
 
+On device (init/source.py jits it with the target's shardings) growth reads the source and
+writes the target: maps and masks are small constants that broadcast, the target's own init is
+built only for leaves with fresh entries, the multiplier trees only where read (optimizer.py).
+
 Dimension letters as in growlm.model: D d_model, F mlp_dim, H heads, K kv heads, E head_dim.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from typing import Any, NamedTuple
@@ -33,6 +38,7 @@ from growlm.model.config import ModelConfig
 ZERO, MEAN, NOISE, FREE = 4, 3, 2, 1   # fill kinds of new entries; the highest wins
 _RESIDUAL_WRITERS = {"embed", "pos_embed", "out", "out_bias", "wo", "wo_bias"}
 _NORM_LEAVES = {"scale", "bias"}
+_DEPTH_WRITERS = ("out", "out_bias", "wo", "wo_bias")   # a block's writers into the stream
 
 # Every ModelConfig field, by what growth does with it (tests check that none is left out, so a
 # new field has to be decided here):
@@ -45,10 +51,12 @@ _KEPT_FIELDS = ("vocab_size", "norm", "positions", "rope_theta", "mlp", "use_bia
 # - computed by growth (grown_config): the target's own value is replaced;
 _COMPUTED_FIELDS = ("norm_eps",)
 # - the target's own: they set precision (dtype, param_dtype: is_exact speaks of exact
-#   arithmetic), training only (dropout_rate: eval runs without dropout; remat: memory), or the
-#   scale of fresh entries (init_std: new entries are readers' zeros, free entries, or writers
-#   of silent units in exact plans; `noise` is approximate anyway), never the grown function.
-_TARGET_FIELDS = ("dtype", "param_dtype", "dropout_rate", "init_std", "remat")
+#   arithmetic), training only (dropout_rate: eval runs without dropout; remat: memory), speed
+#   (attention, scan_unroll, loss_chunk: kernels computing the same function), or the scale of
+#   fresh entries (init_std: new entries are readers' zeros, free entries, or writers of silent
+#   units in exact plans; `noise` is approximate anyway), never the grown function.
+_TARGET_FIELDS = ("dtype", "param_dtype", "dropout_rate", "init_std", "remat", "attention",
+                  "scan_unroll", "loss_chunk")
 
 
 class AxisMap(NamedTuple):
@@ -61,6 +69,7 @@ class AxisMap(NamedTuple):
 
 
 class Grown(NamedTuple):
+  """What `grow` returns. The scale trees are None where they were not built (scales=False)."""
   params: Any         # target parameters
   config: ModelConfig  # target config (norm_eps may be rescaled, see grown_config)
   value_scale: Any    # per-entry `a` (1 for new entries): learning-rate multipliers
@@ -124,8 +133,8 @@ def validate(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan) -> None:
   if plan.width == "mean_fill" and src.norm != "layernorm" and dst.d_model != src.d_model:
     raise GrowlmError("growth: width=mean_fill is exact under LayerNorm only; under RMSNorm use "
                       "width=zeros (exact there) or tile")
-  exact_head_dim = plan.width in EXACT_WIDTH or plan.require_exact
-  if dst.positions == "rope" and dst.head_dim % src.head_dim and exact_head_dim:
+  if (dst.positions == "rope" and dst.head_dim % src.head_dim
+      and (plan.width in EXACT_WIDTH or plan.require_exact)):
     raise GrowlmError(f"growth: head_dim {src.head_dim} -> {dst.head_dim} under RoPE is exact "
                       "only for an integer ratio; accepted: a multiple of the source head_dim")
   # Layer placement (new_layer_indices count and range) fails here, before any array work.
@@ -221,34 +230,68 @@ def _fold(rng, path: tuple[str, ...]):
   return jax.random.fold_in(rng, zlib.crc32("/".join(path).encode()) & 0x7FFFFFFF)
 
 
-def grow_leaf(x: jax.Array, path: tuple[str, ...], names: tuple[str, ...], target_shape,
-              fresh: jax.Array, src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, rng
-              ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One parameter's width growth -> (value, a, b); the layers axis is left as it is."""
-  ndim = x.ndim
-  maps = {}
-  for i, (name, s, t) in enumerate(zip(names, x.shape, target_shape)):
-    if name == "layers" or s == t:
-      continue
-    maps[i] = _axis_map(_leaf_role(path, name, dst.tie_embeddings), name, s, t, src, dst, plan,
-                        is_bias=path[-1] == "bias")
-  if not maps:
-    ones = jnp.ones(x.shape, x.dtype)
-    return x, ones, ones
+class LeafSpec(NamedTuple):
+  """One leaf's width growth, known before any array is read: axes, maps (not `layers`) and,
+  broadcastable to the leaf, copied, a, b and fill."""
+  names: tuple
+  maps: dict
+  copied: np.ndarray
+  a: np.ndarray
+  b: np.ndarray
+  fill: np.ndarray
+
+
+def leaf_specs(src: ModelConfig, cfg: ModelConfig, plan: GrowthPlan, src_params) -> dict:
+  """{path: (LeafSpec, target ShapeDtypeStruct, source leaf)}; width growth keeps `layers`."""
+  shapes, axes = model_lib.abstract_params(cfg)
+  out = {}
+  for path in trees.paths(shapes):
+    t, s, names = trees.get(shapes, path), trees.get(src_params, path), trees.get(axes, path)
+    nd, one = s.ndim, [1] * s.ndim
+    maps = {i: _axis_map(_leaf_role(path, name, cfg.tie_embeddings), name, n, m, src, cfg, plan,
+                         is_bias=path[-1] == "bias")
+            for i, (name, n, m) in enumerate(zip(names, s.shape, t.shape))
+            if name != "layers" and n != m}
+    copied, fill, a, b = np.ones(one, bool), np.zeros(one, int), np.ones(one), np.ones(one)
+    for i, m in maps.items():   # an entry is copied where every axis copies; the top fill wins
+      copied, fill = copied & _bcast(m.index >= 0, i, nd), np.maximum(fill, _bcast(m.fill, i, nd))
+      a, b = a * _bcast(m.a, i, nd), b * _bcast(m.b, i, nd)
+    out[path] = (LeafSpec(tuple(names), maps, copied, a, b, fill), t, s)
+  return out
+
+
+def _needs_fresh(path, spec: LeafSpec, plan: GrowthPlan, new_layers: bool) -> bool:
+  """Whether the leaf reads the target's own init: noise and free entries (without symmetry
+  noise, free ones take 0 * fresh, so each zero keeps the sign it always had), the scale of
+  zero-sum noise, and the non-writers of new identity layers."""
+  if new_layers and plan.depth == "identity" and path[-1] not in _DEPTH_WRITERS:
+    return True
+  if plan.symmetry_noise > 0 and any(m.zero_sum > 1 for m in spec.maps.values()):
+    return True
+  return path[-1] not in _NORM_LEAVES and bool(np.isin(spec.fill, (NOISE, FREE)).any())
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _fresh_leaves(cfg: ModelConfig, rng, paths: tuple) -> list:
+  """The target's own init of the leaves at `paths` alone: the whole init is traced, so each
+  leaf is bit for bit `init_params(cfg, rng)`'s, and XLA drops every other leaf's initialiser.
+  Speed knobs are pinned: the init's values never depend on them, nor then do its bits."""
+  full = model_lib.init_params(cfg.replace(attention="naive", scan_unroll=1), rng)
+  return [trees.get(full, p) for p in paths]
+
+
+def grow_leaf(x: jax.Array, path: tuple[str, ...], spec: LeafSpec, fresh: jax.Array | None,
+              src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, rng) -> jax.Array:
+  """One parameter's width growth (the layers axis is left as it is). `fresh`, the target's own
+  init of the leaf (on the source's layers), is read only where _needs_fresh says so."""
+  if not spec.maps:
+    return x
   gathered = x
-  copied = np.ones([1] * ndim, bool)
-  a = np.ones([1] * ndim)
-  b = np.ones([1] * ndim)
-  fill = np.zeros([1] * ndim, int)
-  for i, m in maps.items():
+  for i, m in spec.maps.items():
     gathered = jnp.take(gathered, jnp.asarray(np.maximum(m.index, 0)), axis=i)
-    copied = copied & _bcast(m.index >= 0, i, ndim)
-    a = a * _bcast(m.a, i, ndim)
-    b = b * _bcast(m.b, i, ndim)
-    fill = np.maximum(fill, _bcast(m.fill, i, ndim))
   dt = x.dtype
-  value = gathered * jnp.asarray(a, dt)
-  for i, m in maps.items():
+  value = gathered * jnp.asarray(spec.a, dt)
+  for i, m in spec.maps.items():
     if m.zero_sum > 1 and plan.symmetry_noise > 0:
       eps = jax.random.normal(_fold(rng, path + ("zero_sum",)), value.shape, dt)
       eps = eps * (plan.symmetry_noise * jnp.std(fresh))
@@ -265,74 +308,90 @@ def grow_leaf(x: jax.Array, path: tuple[str, ...], names: tuple[str, ...], targe
     new_value = jnp.full(value.shape, new_gain if leaf == "scale" else 0.0, dt)
   else:
     new_value = jnp.zeros(value.shape, dt)
-    fill_b = np.broadcast_to(fill, value.shape)
-    if (fill_b == MEAN).any():
-      d_axis = names.index("embed")
+    if (spec.fill == MEAN).any():
+      d_axis = spec.names.index("embed")
       mean = jnp.mean(x, axis=d_axis, keepdims=True)
-      for i, m in maps.items():
+      for i, m in spec.maps.items():
         if i != d_axis:
           mean = jnp.take(mean, jnp.asarray(np.maximum(m.index, 0)), axis=i)
-      new_value = jnp.where(jnp.asarray(fill_b == MEAN), jnp.broadcast_to(mean, value.shape),
+      new_value = jnp.where(jnp.asarray(spec.fill == MEAN), jnp.broadcast_to(mean, value.shape),
                             new_value)
-    noise_scale = plan.noise_scale if plan.width == "noise" else 1.0
-    new_value = jnp.where(jnp.asarray(fill_b == NOISE), fresh * noise_scale, new_value)
-    new_value = jnp.where(jnp.asarray(fill_b == FREE), fresh * plan.symmetry_noise, new_value)
-  copied_b = jnp.asarray(np.broadcast_to(copied, value.shape))
-  value = jnp.where(copied_b, value, new_value)
-  a_full = jnp.where(copied_b, jnp.asarray(np.broadcast_to(a, value.shape), dt), 1.0)
-  b_full = jnp.where(copied_b, jnp.asarray(np.broadcast_to(b, value.shape), dt), 0.0)
-  return value, a_full, b_full
+    if (spec.fill == NOISE).any():
+      noise_scale = plan.noise_scale if plan.width == "noise" else 1.0
+      new_value = jnp.where(jnp.asarray(spec.fill == NOISE), fresh * noise_scale, new_value)
+    if (spec.fill == FREE).any():
+      new_value = jnp.where(jnp.asarray(spec.fill == FREE), fresh * plan.symmetry_noise,
+                            new_value)
+  return jnp.where(jnp.asarray(spec.copied), value, new_value)
 
 
-_DEPTH_WRITERS = ("out", "out_bias", "wo", "wo_bias")
+def _grow_depth(v, path, sources, plan: GrowthPlan, identity_new, zeroed_copy=None):
+  """Places layers along axis 0: copies of source layers, or new ones. New identity layers take
+  `identity_new`; with copy_zero_out, the writers of new copies take `zeroed_copy` (None: kept)."""
+  is_new = np.array([n for _, n in sources])
+  if not is_new.any():
+    return v
+  v = jnp.take(v, jnp.asarray([s for s, _ in sources]), axis=0)
+  new_b = jnp.asarray(_bcast(is_new, 0, v.ndim))
+  if plan.depth == "identity":
+    return jnp.where(new_b, identity_new, v)
+  if (plan.depth == "copy" and plan.copy_zero_out and path[-1] in _DEPTH_WRITERS
+      and zeroed_copy is not None):
+    return jnp.where(new_b, zeroed_copy, v)
+  return v
 
 
-def grow(params: Any, src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, rng: jax.Array
-         ) -> Grown:
+def scale_trees(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, params: Any = None
+                ) -> tuple[Any, Any]:
+  """(value_scale, grad_scale) from the index maps alone (new entries: a = 1, b = 0, as is b in
+  zeroed copies' writers), rounded to the source leaf's dtype (`params`', else src.param_dtype),
+  then the target's. Under jit each leaf is computed where it is read: no tree materialises."""
+  cfg = grown_config(src, dst, plan)
+  sources = layer_sources(src.n_layers, dst.n_layers, plan)
+  src_params = model_lib.abstract_params(src)[0] if params is None else params
+  a_tree, b_tree = {}, {}
+  for path, (spec, t, s) in leaf_specs(src, cfg, plan, src_params).items():
+    if spec.maps:
+      width = [len(spec.maps[i].index) if i in spec.maps else n for i, n in enumerate(s.shape)]
+      copied = jnp.asarray(spec.copied)
+      a = jnp.broadcast_to(jnp.where(copied, jnp.asarray(spec.a, s.dtype), 1.0), width)
+      b = jnp.broadcast_to(jnp.where(copied, jnp.asarray(spec.b, s.dtype), 0.0), width)
+    else:
+      a = b = jnp.ones(s.shape, s.dtype)
+    if path[0] == "layers":
+      a, b = _grow_depth(a, path, sources, plan, 1.0), _grow_depth(b, path, sources, plan, 0.0, 0.0)
+    trees.put(a_tree, path, a.astype(t.dtype))
+    trees.put(b_tree, path, b.astype(t.dtype))
+  return a_tree, b_tree
+
+
+def grow(params: Any, src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, rng: jax.Array,
+         *, scales: bool = True) -> Grown:
   """Grows `params` of `src` into parameters of `dst` following `plan`. Pure and jittable
   (configs and plan static); returns the target params, the config they need (norm_eps may be
-  rescaled), the per-entry value and gradient multipliers, and the layer map."""
+  rescaled), the per-entry value and gradient multipliers (None with scales=False; see
+  scale_trees) and the layer map. Only the leaves with fresh entries read the target's own
+  init, and only those leaves of it are built (bit for bit the full init's)."""
   cfg = grown_config(src, dst, plan)
   # A missing leaf or a wrong shape would otherwise surface as a gather error deep in the map.
   trees.check_like(params, model_lib.abstract_params(src)[0], "growth: source")
-  fresh_all = model_lib.init_params(cfg, _fold(rng, ("fresh",)))
-  _, axes = model_lib.abstract_params(cfg)
   sources = layer_sources(src.n_layers, dst.n_layers, plan)
-  out, a_tree, b_tree = {}, {}, {}
-  for path in trees.paths(fresh_all):
-    fresh = trees.get(fresh_all, path)
-    names = trees.get(axes, path)
+  specs = leaf_specs(src, cfg, plan, params)
+  need = tuple(p for p, (spec, _, _) in specs.items() if _needs_fresh(
+      p, spec, plan, p[0] == "layers" and any(n for _, n in sources)))
+  fresh_all = dict(zip(need, _fresh_leaves(cfg, _fold(rng, ("fresh",)), need))) if need else {}
+  out = {}
+  for path, (spec, t, x) in specs.items():
+    fresh, layered = fresh_all.get(path), path[0] == "layers"
     # Width first, on the source's layers; then depth places them among the target's layers.
-    fresh_w = fresh[:src.n_layers] if path[0] == "layers" else fresh
-    value, a, b = grow_leaf(trees.get(params, path), path, names, fresh_w.shape, fresh_w, src,
-                            cfg, plan, rng)
-    if path[0] == "layers":
-      value, a, b = _grow_depth(value, a, b, fresh, path, sources, plan)
-    trees.put(out, path, value.astype(fresh.dtype))
-    trees.put(a_tree, path, a.astype(fresh.dtype))
-    trees.put(b_tree, path, b.astype(fresh.dtype))
+    value = grow_leaf(x, path, spec, fresh[:src.n_layers] if layered and fresh is not None
+                      else fresh, src, cfg, plan, rng)
+    if layered:
+      value = _grow_depth(value, path, sources, plan,
+                          0.0 if path[-1] in _DEPTH_WRITERS else fresh, 0.0)
+    trees.put(out, path, value.astype(t.dtype))
+  a_tree, b_tree = scale_trees(src, dst, plan, params) if scales else (None, None)
   return Grown(out, cfg, a_tree, b_tree, tuple(sources))
-
-
-def _grow_depth(value, a, b, fresh, path, sources, plan: GrowthPlan):
-  """Places layers along axis 0: copies of source layers, or new ones (identity / copy)."""
-  idx = jnp.asarray([s for s, _ in sources])
-  is_new = np.array([n for _, n in sources])
-  if not is_new.any():
-    return value, a, b
-  v, a, b = (jnp.take(t, idx, axis=0) for t in (value, a, b))
-  new_b = jnp.asarray(_bcast(is_new, 0, v.ndim))
-  writer = path[-1] in _DEPTH_WRITERS
-  if plan.depth == "identity":
-    # A new block is an identity: every writer into the residual stream is zero, biases too.
-    new_v = jnp.zeros_like(v) if writer else fresh
-    v = jnp.where(new_b, new_v, v)
-    a = jnp.where(new_b, 1.0, a)
-    b = jnp.where(new_b, 0.0, b)
-  elif plan.depth == "copy" and plan.copy_zero_out and writer:
-    v = jnp.where(new_b, 0.0, v)
-    b = jnp.where(new_b, 0.0, b)
-  return v, a, b
 
 
 def describe(src: ModelConfig, dst: ModelConfig) -> dict[str, Any]:

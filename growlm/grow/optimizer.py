@@ -6,6 +6,8 @@ writers, 1 for tiled readers, 1/r for gains rescaled by r) gets mu * b and nu * 
 next step on it equals the source's step; new entries start at zero; the step count (Adam's
 bias correction) is kept. With learning-rate multipliers on, each entry's multiplier is its
 value scale `a` (1/n for tiled readers), so the grown model takes the small model's step.
+Under jit, `a` and `b` are built leaf by leaf where they are read (core.scale_trees), never as
+whole trees, unless the Grown already carries them.
 """
 
 from __future__ import annotations
@@ -20,44 +22,26 @@ import optax
 from growlm import trees
 from growlm.grow import core
 from growlm.grow.plan import GrowthPlan
-from growlm.model import decoder as model_lib
 from growlm.model.config import ModelConfig
 from growlm.optim import MultiplierState
 
 
-def _gather(x, path, names, src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, sources):
-  """Source-shaped leaf -> target-shaped leaf by the index maps alone (no fills)."""
-  for i, name in enumerate(names):
-    s = x.shape[i]
-    if name == "layers":
-      x = jnp.take(x, jnp.asarray([j for j, _ in sources]), axis=0)
-      continue
-    t = _target_size(dst, name, s)
-    if s == t:
-      continue
-    role = core._leaf_role(path, name, dst.tie_embeddings)  # pylint: disable=protected-access
-    m = core._axis_map(role, name, s, t, src, dst, plan,  # pylint: disable=protected-access
-                       is_bias=path[-1] == "bias")
-    x = jnp.take(x, jnp.asarray(np.maximum(m.index, 0)), axis=i)
-  return x
-
-
-def _target_size(cfg: ModelConfig, name: str, s: int) -> int:
-  sizes = {"embed": cfg.d_model, "mlp": cfg.mlp_dim, "heads": cfg.n_heads,
-           "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "pos": cfg.max_len,
-           "vocab": cfg.vocab_size}
-  return sizes.get(name, s)
-
-
 def grow_moments(tree: Any, grown: core.Grown, src: ModelConfig, plan: GrowthPlan,
                  power: int) -> Any:
-  """Maps a params-shaped moment tree: copied entries * grad_scale**power, new entries 0."""
-  _, axes = model_lib.abstract_params(grown.config)
+  """Maps a params-shaped moment tree: copied entries * grad_scale**power, new entries 0.
+  Without `grown.grad_scale` (grown with scales=False) each leaf's b is built where it is read,
+  so under jit no target-sized multiplier is materialised."""
+  b_tree = core.scale_trees(src, grown.config, plan)[1] if grown.grad_scale is None \
+      else grown.grad_scale
+  specs = core.leaf_specs(src, grown.config, plan, tree)
+  layers = jnp.asarray([j for j, _ in grown.layer_map])
+
   def one(path, x):
     keys = tuple(k.key for k in path)
-    names = trees.get(axes, keys)
-    b = trees.get(grown.grad_scale, keys)
-    g = _gather(x, keys, names, src, grown.config, plan, grown.layer_map)
+    g = jnp.take(x, layers, axis=0) if keys[0] == "layers" else x
+    for i, m in specs[keys][0].maps.items():   # the index maps alone (no fills)
+      g = jnp.take(g, jnp.asarray(np.maximum(m.index, 0)), axis=i)
+    b = trees.get(b_tree, keys)
     return (g * b.astype(g.dtype) ** power).astype(x.dtype)
   return jax.tree_util.tree_map_with_path(one, tree)
 
@@ -74,8 +58,20 @@ def grow_opt_state(src_state: Any, grown: core.Grown, src: ModelConfig, plan: Gr
                                     mu=grow_moments(adam.mu, grown, src, plan, 1),
                                     nu=grow_moments(adam.nu, grown, src, plan, 2))
   fresh = target_optimizer.init(grown.params)
-  return set_multipliers(jax.tree.map(lambda x: new_adam if is_adam(x) else x, fresh,
-                                      is_leaf=is_adam), grown.value_scale)
+  state = jax.tree.map(lambda x: new_adam if is_adam(x) else x, fresh, is_leaf=is_adam)
+  return with_multipliers(state, grown, src, plan)
+
+
+def with_multipliers(opt_state: Any, grown: core.Grown, src: ModelConfig, plan: GrowthPlan
+                     ) -> Any:
+  """`opt_state` (e.g. `optimizer.init(grown.params)`) with the growth's value scales as its
+  learning-rate multipliers, if it has a MultiplierState; without one, no scale is built."""
+  is_mult = lambda x: isinstance(x, MultiplierState)
+  if not any(is_mult(x) for x in jax.tree.leaves(opt_state, is_leaf=is_mult)):
+    return opt_state
+  value_scale = core.scale_trees(src, grown.config, plan)[0] if grown.value_scale is None \
+      else grown.value_scale
+  return set_multipliers(opt_state, value_scale)
 
 
 def set_multipliers(opt_state: Any, value_scale: Any) -> Any:

@@ -4,6 +4,8 @@ A source is a run directory (config.json + checkpoints/), as the trainer and the
 write them, or a Hugging Face directory (config.json + *.safetensors, growlm.interop.hf). Its
 parameters (and, for a run, Adam state if asked) are restored onto the current mesh and grown
 under jit with the target's shardings, so a big target is built shard by shard on its devices.
+Growth reads the source and writes the target; it builds neither a full fresh init nor the
+multiplier trees (benchmarks/growth.py measures its time and memory against the copy floor).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from growlm import rundir, sharding
 from growlm.config.typed import RunConfig, TrainConfig
 from growlm.errors import GrowlmError
 from growlm.grow import core as grow_core
-from growlm.grow.optimizer import grow_opt_state, set_multipliers
+from growlm.grow.optimizer import grow_opt_state, with_multipliers
 from growlm.grow.plan import GrowthPlan
 from growlm.interop import hf as hf_lib
 from growlm.model import decoder as model_lib
@@ -126,25 +128,28 @@ def check_init(config: RunConfig, src: Source) -> None:
 def grow_state(src: Source, target: ModelConfig, plan: GrowthPlan, optimizer, shard: TrainState,
                *, seed: int, train_seed: int, grow_optimizer: bool
                ) -> tuple[TrainState, grow_core.Grown]:
-  """The target's first TrainState from the restored source, built directly in `shard`."""
-  p_shard = shard.params
+  """The target's first TrainState from the restored source, built directly in `shard`.
+
+  Two jits with the target's shardings: the parameters, then the optimizer state (Adam's
+  moments grown from the source's, or fresh). The multiplier trees are never materialised:
+  each leaf of them is built inside the optimizer state's jit where Adam's moments or the
+  learning-rate multipliers read it, and not at all when neither does. The returned Grown
+  carries the params, config and layer map (its scale trees are None)."""
+  cfg = grow_core.grown_config(src.model, target, plan)
+  layer_map = tuple(grow_core.layer_sources(src.model.n_layers, target.n_layers, plan))
 
   def run(params, rng):
-    g = grow_core.grow(params, src.model, target, plan, rng)
-    return g.params, g.value_scale, g.grad_scale
+    return grow_core.grow(params, src.model, target, plan, rng, scales=False).params
 
-  params, a, b = jax.jit(run, out_shardings=(p_shard, p_shard, p_shard))(
-      src.state.params, jax.random.PRNGKey(seed))
-  grown = grow_core.Grown(params, grow_core.grown_config(src.model, target, plan), a, b,
-                          tuple(grow_core.layer_sources(src.model.n_layers, target.n_layers,
-                                                        plan)))
+  params = jax.jit(run, out_shardings=shard.params)(src.state.params, jax.random.PRNGKey(seed))
+  grown = lambda p: grow_core.Grown(p, cfg, None, None, layer_map)
   if grow_optimizer:
-    opt_state = jax.jit(lambda s: grow_opt_state(s, grown, src.model, plan, optimizer),
-                        out_shardings=shard.opt_state)(src.state.opt_state)
+    opt_state = jax.jit(lambda s, p: grow_opt_state(s, grown(p), src.model, plan, optimizer),
+                        out_shardings=shard.opt_state)(src.state.opt_state, params)
   else:
-    opt_state = jax.jit(lambda p, a: set_multipliers(optimizer.init(p), a),
-                        out_shardings=shard.opt_state)(params, a)
+    opt_state = jax.jit(lambda p: with_multipliers(optimizer.init(p), grown(p), src.model, plan),
+                        out_shardings=shard.opt_state)(params)
   rng = jax.random.split(jax.random.PRNGKey(train_seed))[1]
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                      rng=jax.device_put(rng, shard.rng))
-  return state, grown
+  return state, grown(params)

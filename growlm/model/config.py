@@ -16,6 +16,12 @@ NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+ATTENTIONS = ("auto", "xla", "cudnn", "splash", "naive", "blocked")  # growlm.model.attention
+# Rematerialisation of each block in the backward pass (docs/design.md section 9): none keeps
+# every activation; full keeps only the block's input; dots keeps every matmul result;
+# dots_no_batch keeps the projections' and MLP's results and recomputes attention's; auto is
+# dots_no_batch on a CPU (measured fastest there) and none on an accelerator.
+REMATS = ("auto", "none", "full", "dots", "dots_no_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +47,10 @@ class ModelConfig:
   param_dtype: str = "float32"  # storage dtype of parameters
   dropout_rate: float = 0.0    # off by default: growth exactness is checked with it off
   init_std: float = 0.02       # std of embedding initialisation
-  remat: bool = False          # rematerialise each block in the backward pass (saves memory)
+  remat: str = "auto"          # auto | none | full | dots | dots_no_batch: kept for the backward
+  attention: str = "auto"      # auto | xla | cudnn | splash | blocked | naive (model.attention)
+  scan_unroll: int = 1         # layers per iteration of the scanned stack (speed vs compile time)
+  loss_chunk: int = 0          # positions per chunk of output layer + loss; 0: auto (<= 64 MiB)
 
   def __post_init__(self):
     validate(self)
@@ -55,8 +64,14 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-    """Builds a config from a mapping; unknown keys are an error, not silently dropped."""
-    return cls(**strict_fields("model config", d, {f.name for f in dataclasses.fields(cls)}))
+    """Builds a config from a mapping; unknown keys are an error, not silently dropped.
+
+    `remat` written as a bool (run dirs from before the policies existed) reads as
+    'full' (True) or 'none' (False)."""
+    fields = strict_fields("model config", d, {f.name for f in dataclasses.fields(cls)})
+    if isinstance(fields.get("remat"), bool):
+      fields = dict(fields, remat="full" if fields["remat"] else "none")
+    return cls(**fields)
 
   @property
   def q_per_kv(self) -> int:
@@ -88,6 +103,12 @@ def validate(cfg: ModelConfig):
   _check(cfg.norm_eps > 0, f"norm_eps={cfg.norm_eps!r}; accepted: a positive float")
   _check(cfg.rope_theta > 0, f"rope_theta={cfg.rope_theta!r}; accepted: a positive float")
   _check(0.0 <= cfg.dropout_rate < 1.0, f"dropout_rate={cfg.dropout_rate!r}; accepted: [0, 1)")
+  _check(cfg.remat in REMATS, f"remat={cfg.remat!r}; accepted: {REMATS}")
+  _check(cfg.attention in ATTENTIONS, f"attention={cfg.attention!r}; accepted: {ATTENTIONS}")
+  for name in ("scan_unroll", "loss_chunk"):
+    v, low = getattr(cfg, name), 1 if name == "scan_unroll" else 0
+    _check(isinstance(v, int) and not isinstance(v, bool) and v >= low,
+           f"{name}={v!r}; accepted: an integer >= {low}")
 
 
 # Styles fix the architecture family (docs/design.md, section 2).

@@ -20,12 +20,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from growlm.model import attention
 from growlm.model.config import ModelConfig
 
 # The logical axis vocabulary. `pos` is the learned position table's row axis.
 AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "pos")
 
 Array = jax.Array
+
+# model.remat -> the jax.checkpoint policy of each block (None: save nothing but the input).
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
+                  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def _dtype(name: str):
@@ -89,7 +94,8 @@ def apply_rope(x_BxLxHxE: Array, cos_LxE2: Array, sin_LxE2: Array) -> Array:
 
 
 class Attention(nn.Module):
-  """Causal multi-head attention with grouped KV heads (query head h reads kv head h // G)."""
+  """Causal multi-head attention with grouped KV heads (query head h reads kv head h // G); the
+  kernel is `cfg.attention` (growlm.model.attention)."""
   cfg: ModelConfig
   deterministic: bool = True
 
@@ -97,7 +103,6 @@ class Attention(nn.Module):
   def __call__(self, x_BxLxD: Array) -> Array:
     cfg = self.cfg
     D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    G = H // K
     dt = _dtype(cfg.dtype)
     in_init = _fan_in_init(1.0, 0, (1, 2))
     out_init = _fan_in_init(1.0 / (2 * cfg.n_layers), (0, 1), 2)
@@ -120,15 +125,7 @@ class Attention(nn.Module):
       cos, sin = rope_tables(jnp.arange(L), E, cfg.rope_theta, _acc_dtype(dt))
       q_BxLxHxE = apply_rope(q_BxLxHxE, cos, sin)
       k_BxSxKxE = apply_rope(k_BxSxKxE, cos, sin)
-    q_BxLxKxGxE = q_BxLxHxE.reshape(q_BxLxHxE.shape[:2] + (K, G, E))
-    acc = _acc_dtype(dt)
-    logits_BxKxGxLxS = jnp.einsum("blkge,bske->bkgls", q_BxLxKxGxE, k_BxSxKxE,
-                                  preferred_element_type=acc) / jnp.sqrt(E).astype(acc)
-    causal_LxS = jnp.tril(jnp.ones((L, L), dtype=bool))
-    logits_BxKxGxLxS = jnp.where(causal_LxS, logits_BxKxGxLxS, jnp.finfo(acc).min)
-    probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(dt)
-    ctx_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", probs, v_BxSxKxE)
-    ctx_BxLxHxE = ctx_BxLxKxGxE.reshape(ctx_BxLxKxGxE.shape[:2] + (H, E))
+    ctx_BxLxHxE = attention.attend(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, cfg.attention)
     out_BxLxD = jnp.einsum("blhe,hed->bld", ctx_BxLxHxE, w_o.astype(dt))
     if cfg.use_bias:
       out_BxLxD += _param(self, "out_bias", nn.initializers.zeros, (D,), ("embed",),
@@ -183,12 +180,16 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Token ids [B, L] -> logits [B, L, V] (float32, or float64 when computing in float64)."""
+  """Token ids [B, L] -> logits [B, L, V] (float32, or float64 when computing in float64).
+
+  With `head=False` it stops before the output layer and returns (final hidden states [B, L, D]
+  in the compute dtype, output matrix [D, V] in the compute dtype), for a loss that computes
+  logits chunk by chunk (growlm.train.loss)."""
   cfg: ModelConfig
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, tokens_BxL: Array) -> Array:
+  def __call__(self, tokens_BxL: Array, head: bool = True):
     cfg = self.cfg
     D, V = cfg.d_model, cfg.vocab_size
     dt = _dtype(cfg.dtype)
@@ -201,23 +202,34 @@ class Decoder(nn.Module):
       x_BxLxD = x_BxLxD + pos_TxD[: tokens_BxL.shape[1]].astype(dt)
     x_BxLxD = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)(x_BxLxD)
 
-    block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+    block = Block
+    remat = remat_policy(cfg.remat)
+    if remat != "none":
+      block = nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[remat])
     stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
-                    "dropout": True}, length=cfg.n_layers,
+                    "dropout": True}, length=cfg.n_layers, unroll=cfg.scan_unroll,
                     metadata_params={nn.PARTITION_NAME: "layers"})
     x_BxLxD, _ = stack(cfg, self.deterministic, name="layers")(x_BxLxD, None)
     x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
 
-    acc = _acc_dtype(dt)
     if cfg.tie_embeddings:
-      logits = jnp.einsum("bld,vd->blv", x_BxLxD, embed_VxD.astype(dt),
-                          preferred_element_type=acc)
+      out_DxV = embed_VxD.astype(dt).T
     else:
-      head_DxV = _param(self, "head", nn.initializers.normal(cfg.init_std), (D, V),
-                        ("embed", "vocab"), cfg)
-      logits = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(dt),
-                          preferred_element_type=acc)
+      out_DxV = _param(self, "head", nn.initializers.normal(cfg.init_std), (D, V),
+                       ("embed", "vocab"), cfg).astype(dt)
+    if not head:
+      return x_BxLxD.astype(dt), out_DxV
+    acc = _acc_dtype(dt)
+    logits = jnp.einsum("bld,dv->blv", x_BxLxD, out_DxV, preferred_element_type=acc)
     return logits.astype(acc)
+
+
+def remat_policy(remat: str, platform: str | None = None) -> str:
+  """The policy `model.remat` stands for on this platform (auto: dots_no_batch on a CPU, where
+  keeping the large attention buffers cost more than recomputing them; none elsewhere)."""
+  if remat != "auto":
+    return remat
+  return "dots_no_batch" if (platform or jax.default_backend()) == "cpu" else "none"
 
 
 def make_model(cfg: ModelConfig, deterministic: bool = True) -> Decoder:
@@ -252,6 +264,17 @@ def apply(cfg: ModelConfig, params: dict, tokens_BxL: Array, *, dropout_rng: Arr
   deterministic = dropout_rng is None or cfg.dropout_rate == 0.0
   rngs = {} if deterministic else {"dropout": dropout_rng}
   return make_model(cfg, deterministic).apply({"params": params}, tokens_BxL, rngs=rngs)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def hidden(cfg: ModelConfig, params: dict, tokens_BxL: Array, *,
+           dropout_rng: Array | None = None) -> tuple[Array, Array]:
+  """(final hidden states [B, L, D], output matrix [D, V]), both in the compute dtype: the
+  model without its output layer, for losses that never hold all [B, L, V] logits at once."""
+  deterministic = dropout_rng is None or cfg.dropout_rate == 0.0
+  rngs = {} if deterministic else {"dropout": dropout_rng}
+  return make_model(cfg, deterministic).apply({"params": params}, tokens_BxL, head=False,
+                                              rngs=rngs)
 
 
 def count_params(params: Any) -> int:

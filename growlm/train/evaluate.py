@@ -10,15 +10,14 @@ import jax.numpy as jnp
 
 from growlm import data as data_lib
 from growlm import sharding
-from growlm.model import decoder as model_lib
 from growlm.model.config import ModelConfig
-from growlm.train.loss import cross_entropy
+from growlm.train.loss import token_nll
 
 
 def make_eval_step(cfg: ModelConfig) -> Callable:
   """(params, batch) -> summed loss (nats) and token count."""
   def step(params, batch):
-    nll = cross_entropy(model_lib.apply(cfg, params, batch["inputs"]), batch["targets"])
+    nll = token_nll(cfg, params, batch["inputs"], batch["targets"])
     return nll.sum(), jnp.asarray(nll.size, jnp.float32)
   return step
 

@@ -28,13 +28,12 @@ from growlm import rundir, sharding
 from growlm.config.typed import RunConfig, resume_conflicts
 from growlm.errors import GrowlmError, Preempted
 from growlm.fs import write_json_atomic
-from growlm.model import decoder as model_lib
 from growlm.model import flops as flops_lib
 from growlm import optim
 from growlm.train import tracking
 from growlm.train.checkpoint import Checkpoints
 from growlm.train.evaluate import Evaluator
-from growlm.train.loss import cross_entropy
+from growlm.train.loss import token_nll
 from growlm.train.metrics import MetricsWriter, ProgressBar, check_metrics_file
 from growlm.train.signals import StopRequest
 from growlm.train.state import TrainState, state_shardings
@@ -72,8 +71,7 @@ def make_train_step(cfg, optimizer: optax.GradientTransformation, schedule: opta
   """(state, batch) -> (state, metrics); the batch is split into `grad_accum` microbatches."""
 
   def loss_fn(params, batch, rng):
-    logits = model_lib.apply(cfg, params, batch["inputs"], dropout_rng=rng)
-    return cross_entropy(logits, batch["targets"]).mean()
+    return token_nll(cfg, params, batch["inputs"], batch["targets"], dropout_rng=rng).mean()
 
   grad_fn = jax.value_and_grad(loss_fn)
 

@@ -1,0 +1,65 @@
+"""What the benchmark scripts share: XLA's buffer sizes of a compiled step, the device
+allocator's statistics, and the command-line wrapper that prints a summary and writes the JSON
+result atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+
+def xla_memory(compiled) -> dict[str, int]:
+  """XLA's static buffer sizes for one compiled program (the CPU client keeps no runtime peak).
+
+  `estimate_bytes` = arguments + outputs - aliased (donated) + temporaries. XLA's own
+  `peak_memory_in_bytes` is kept as reported, but on CPU it leaves out the temporaries.
+  """
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # some backends do not implement it
+    return {}
+  if m is None:
+    return {}
+  out = {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                         "alias_size_in_bytes", "temp_size_in_bytes")
+         if hasattr(m, k)}
+  if hasattr(m, "peak_memory_in_bytes"):
+    out["peak_memory_in_bytes"] = int(m.peak_memory_in_bytes)
+  if len(out) >= 4:
+    out["estimate_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                             - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
+  return out
+
+
+def device_memory(device) -> dict[str, Any] | str:
+  """The runtime allocator's statistics where it keeps them (GPU/TPU; not the CPU client)."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    stats = None
+  if not stats:
+    return "unavailable (the jax CPU client keeps no allocator statistics)"
+  return {k: int(v) for k, v in stats.items()
+          if k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")}
+
+
+def cli(script: str, argv: Sequence[str] | None, parse_args: Callable, run: Callable,
+        summary: Callable[[dict], str]) -> dict[str, Any]:
+  """Parses `argv` (default sys.argv[1:]), runs, prints the summary, writes `args.out`
+  (through a temporary file, so a stopped run leaves no half-written result)."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parse_args(argv)
+  rel = os.path.relpath(os.path.abspath(script))
+  result = run(args, command=" ".join([os.path.relpath(sys.executable), rel] + argv))
+  print(summary(result))
+  out_dir = os.path.dirname(args.out)
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+  tmp = args.out + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=2, sort_keys=True)
+  os.replace(tmp, args.out)
+  print(f"wrote {args.out}")
+  return result

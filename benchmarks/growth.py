@@ -1,0 +1,230 @@
+"""Growth on device against the bandwidth floor: time and memory of one jitted growth.
+
+What one run measures (one device, the first one):
+  1. the growth: `growlm.grow.core.grow` (scales off, as `init.source.grow_state` runs it) of a
+     source into a target, jitted, compile time apart, median of `--runs` timed runs waited for
+     with `jax.block_until_ready`; with `--opt_state grow` Adam's moments are grown in the same
+     jitted function (`grow.optimizer.grow_moments`, as `init.optimizer=grow` does);
+  2. the copy rate of this device, measured in the same run: a jitted `x + 0` over a float32
+     buffer of the target's size, bytes read + written / its time, one copy timed just before
+     each timed growth (a shared machine's load drifts; both medians sample the same stretch);
+  3. the floor: (bytes read + bytes written) / copy rate, where growth must read the source
+     (params, and the moments if grown) and write the target; ratio = growth time / floor;
+  4. memory: XLA's `memory_analysis()` of the compiled growth (arguments + outputs - aliased +
+     temporaries; the CPU client keeps no runtime peak) against the bound source + target + one
+     target-sized buffer (the target's params), and the device allocator's peak where the
+     runtime keeps one (GPU/TPU: `peak_bytes_in_use`, process-wide since start).
+
+Usage:
+  .venv/bin/python benchmarks/growth.py                          # cpu preset: 256/4 -> 512/8
+  .venv/bin/python benchmarks/growth.py --preset gpt2-124m       # 124M -> 355M shapes
+  .venv/bin/python benchmarks/growth.py --quick --out /tmp/g.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from growlm import trees
+from growlm.grow import core
+from growlm.grow import optimizer as grow_opt
+from growlm.grow.plan import DEPTH_METHODS, WIDTH_METHODS, GrowthPlan
+from growlm.model import decoder as model_lib
+from growlm.model.config import STYLES, ModelConfig, make_model_config
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # pylint: disable=wrong-import-position  # benchmarks/common.py
+
+DEFAULT_OUT = os.path.join("runs", "bench", "growth.json")
+
+
+def _shape(style: str, **dims: int) -> ModelConfig:
+  return ModelConfig.from_dict({**STYLES[style], **dims})
+
+
+# (source, target) per preset; `quick` is the cpu preset shrunk for tests.
+PRESETS: dict[str, Callable[[str], tuple[ModelConfig, ModelConfig]]] = {
+    "cpu": lambda style: (make_model_config("small", style), make_model_config("medium", style)),
+    "gpt2-124m": lambda style: (
+        _shape(style, vocab_size=50304, max_len=1024, d_model=768, n_layers=12, n_heads=12,
+               n_kv_heads=12, head_dim=64, mlp_dim=3072),
+        _shape(style, vocab_size=50304, max_len=1024, d_model=1024, n_layers=24, n_heads=16,
+               n_kv_heads=16, head_dim=64, mlp_dim=4096)),
+    "quick": lambda style: (make_model_config("nano", style), make_model_config("tiny", style)),
+}
+QUICK = dict(preset="quick", runs=2, warmup=1)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--preset", default="cpu", choices=[k for k in PRESETS if k != "quick"],
+                 help="source and target shapes: cpu (d_model 256/4 layers -> 512/8) or "
+                 "gpt2-124m (GPT-2 124M -> 355M shapes, vocab 50304, max_len 1024)")
+  p.add_argument("--style", default="gpt2", choices=sorted(STYLES), help="model style")
+  p.add_argument("--width", default=None, choices=WIDTH_METHODS,
+                 help="width method (default: mean_fill under LayerNorm, zeros under RMSNorm, "
+                 "where mean_fill is refused)")
+  p.add_argument("--depth", default="identity", choices=DEPTH_METHODS, help="depth method")
+  p.add_argument("--opt_state", default="none", choices=("none", "grow"),
+                 help="grow: also grow Adam's moments (mu, nu) in the same jitted function")
+  p.add_argument("--runs", type=int, default=5, help="timed growths (one copy timed before each)")
+  p.add_argument("--warmup", type=int, default=1, help="untimed growths after compiling")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=DEFAULT_OUT, help="where to write the JSON result")
+  quick = ", ".join(f"{k}={v}" for k, v in QUICK.items())
+  p.add_argument("--quick", action="store_true",
+                 help=f"tiny sizes for tests (nano -> tiny): sets {quick}")
+  args = p.parse_args(argv)
+  if args.quick:
+    for k, v in QUICK.items():
+      setattr(args, k, v)
+  if args.runs <= 0 or args.warmup < 0:
+    p.error(f"--runs must be > 0 and --warmup >= 0, got {args.runs} and {args.warmup}")
+  if args.width is None:
+    args.width = "mean_fill" if STYLES[args.style]["norm"] == "layernorm" else "zeros"
+  return args
+
+
+def _nbytes(tree: Any) -> int:
+  return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def growth_fn(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, opt_state: str) -> Callable:
+  """The function benchmarked: (params, rng[, (mu, nu)]) -> grown params [, (mu, nu)]."""
+  def fn(params, rng, moments=None):
+    g = core.grow(params, src, dst, plan, rng, scales=False)
+    if opt_state == "none":
+      return g.params
+    mu, nu = moments
+    return g.params, (grow_opt.grow_moments(mu, g, src, plan, 1),
+                      grow_opt.grow_moments(nu, g, src, plan, 2))
+  return fn
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t0
+
+
+def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
+  """Runs the benchmark and returns the result dict (also what is written as JSON)."""
+  device = jax.devices()[0]
+  started = time.perf_counter()
+  src, dst = PRESETS[args.preset](args.style)
+  plan = GrowthPlan(width=args.width, depth=args.depth)
+  cfg = core.grown_config(src, dst, plan)
+  with jax.default_device(device):
+    params = model_lib.init_params(src, jax.random.key(args.seed))
+    inputs = [params, jax.random.key(args.seed + 1)]
+    if args.opt_state == "grow":   # moments of the source's shapes (their values do not matter)
+      inputs.append((jax.tree.map(lambda x: x * 0.1, params),
+                     jax.tree.map(lambda x: x * x, params)))
+    jax.block_until_ready(inputs)
+    t0 = time.perf_counter()
+    compiled = jax.jit(growth_fn(src, dst, plan, args.opt_state)).lower(*inputs).compile()
+    compile_s = time.perf_counter() - t0
+    out = compiled(*inputs)
+    jax.block_until_ready(out)
+    target_params = out if args.opt_state == "none" else out[0]
+    bytes_read, bytes_written = _nbytes(inputs[0::2]), _nbytes(out)
+    target_param_bytes = _nbytes(target_params)
+    del out, target_params
+
+    # The copy: a float32 buffer of the target's size, read once and written once.
+    buf = jnp.ones(max(bytes_written // 4, 1), jnp.float32)
+    copy = jax.jit(lambda x: x + 0).lower(buf).compile()
+    buffer_bytes = _nbytes(buf)
+    for _ in range(args.warmup + 1):
+      _timed(lambda: copy(buf))
+      _timed(lambda: compiled(*inputs))
+    copy_s, growth_s = [], []
+    for _ in range(args.runs):
+      copy_s.append(_timed(lambda: copy(buf)))
+      growth_s.append(_timed(lambda: compiled(*inputs)))
+
+  copy_rate = 2 * buffer_bytes / statistics.median(copy_s)
+  floor_s = (bytes_read + bytes_written) / copy_rate
+  median_s = statistics.median(growth_s)
+  memory = common.xla_memory(compiled)
+  bound = bytes_read + bytes_written + target_param_bytes
+  if memory:
+    memory["bound_bytes"] = bound
+    memory["estimate_over_bound"] = memory["estimate_bytes"] / bound
+  return {
+      "benchmark": "growlm growth",
+      "command": command,
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "quick": bool(args.quick),
+      "settings": {k: getattr(args, k) for k in ("preset", "style", "width", "depth",
+                                                "opt_state", "runs", "warmup", "seed")},
+      "plan": plan.to_dict(),
+      "exact_expected": core.is_exact(src, dst, plan),
+      "source": src.to_dict(),
+      "target": cfg.to_dict(),
+      "source_params": trees.count(params),
+      "target_params": trees.count(model_lib.abstract_params(cfg)[0]),
+      "machine": {"platform": device.platform, "device_kind": device.device_kind,
+                  "devices_visible": jax.device_count(), "jax": jax.__version__},
+      "bytes_read": bytes_read,
+      "bytes_written": bytes_written,
+      "target_param_bytes": target_param_bytes,
+      "compile_seconds": compile_s,
+      "growth_seconds": growth_s,
+      "median_growth_seconds": median_s,
+      "copy": {"buffer_bytes": buffer_bytes, "seconds": copy_s,
+               "median_seconds": statistics.median(copy_s), "bytes_per_second": copy_rate},
+      "floor_seconds": floor_s,
+      "ratio_to_floor": median_s / floor_s,
+      # The fastest growth against the fastest copy: under intermittent load the steadier pair.
+      "ratio_to_floor_best": min(growth_s) * 2 * buffer_bytes / (
+          min(copy_s) * (bytes_read + bytes_written)),
+      "xla_memory": memory,
+      "memory_bound_definition": ("source (bytes_read) + target (bytes_written) + one "
+                                  "target-sized buffer (target_param_bytes)"),
+      "device_memory": common.device_memory(device),
+      "wall_seconds": time.perf_counter() - started,
+  }
+
+
+def _summary(r: dict[str, Any]) -> str:
+  mib = lambda b: f"{b / 2**20:.1f} MiB"
+  s = r["settings"]
+  lines = [
+      f"growth {s['preset']} {s['style']} {r['plan']['width']}+{r['plan']['depth']} "
+      f"(opt_state {s['opt_state']}): {r['source_params']:,} -> {r['target_params']:,} params "
+      f"on {r['machine']['device_kind']}",
+      f"  read {mib(r['bytes_read'])}, written {mib(r['bytes_written'])}; copy rate "
+      f"{r['copy']['bytes_per_second'] / 1e9:.2f} GB/s -> floor {r['floor_seconds'] * 1e3:.2f} ms",
+      f"  growth median {r['median_growth_seconds'] * 1e3:.2f} ms over {len(r['growth_seconds'])}"
+      f" runs (compile {r['compile_seconds']:.1f} s): {r['ratio_to_floor']:.2f}x the floor "
+      f"(best pair {r['ratio_to_floor_best']:.2f}x)"]
+  m = r["xla_memory"]
+  if m:
+    lines.append(f"  XLA memory: args {mib(m['argument_size_in_bytes'])} + out "
+                 f"{mib(m['output_size_in_bytes'])} - alias {mib(m['alias_size_in_bytes'])} + "
+                 f"temp {mib(m['temp_size_in_bytes'])} = {mib(m['estimate_bytes'])}; bound "
+                 f"{mib(m['bound_bytes'])} (ratio {m['estimate_over_bound']:.3f})")
+  dev = r["device_memory"]
+  lines.append("  device allocator: " + (dev if isinstance(dev, str) else json.dumps(dev)))
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  """Command-line entry point; `argv` (without the program name) defaults to sys.argv[1:]."""
+  return common.cli(__file__, argv, parse_args, run, _summary)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,136 @@
+"""Causal attention kernels behind one switch, `model.attention`.
+
+Every implementation computes the same function: causal softmax attention with scale
+1/sqrt(E) and grouped KV heads (query head h reads kv head h // G), on inputs already rotated
+by RoPE where the model uses it. Shapes: q [B, L, H, E], k and v [B, S, K, E] (S = L), result
+[B, L, H, E] in the compute dtype.
+
+  naive   growlm's own einsums, masked softmax in >= float32: the numerical reference
+  xla     `jax.nn.dot_product_attention(implementation='xla')`: plain XLA, any platform
+  cudnn   cuDNN fused flash attention (NVIDIA GPU, bfloat16/float16): never builds the
+          [L, S] score matrix in memory and skips the masked half
+  splash  the Pallas splash-attention kernel (TPU), growlm.model.splash
+  blocked plain XLA by blocks of queries, each reading only the keys at or before its block:
+          the masked upper triangle is mostly never computed (about (n+1)/2n of the score work
+          for n blocks), which is what pays on a CPU (benchmarks/README.md)
+  auto    cudnn on a GPU for bfloat16/float16 compute and head_dim a multiple of 8 up to 128;
+          splash on a TPU when seq_len is a multiple of 128; blocked on a CPU when seq_len
+          splits into blocks (BLOCKS); xla everywhere else
+
+The choice is made when the step is traced, from `jax.default_backend()`: a config written on
+a laptop picks the right kernel on the pod. An implementation that cannot run on this
+platform, dtype or shape is refused with one line naming what it needs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from growlm.errors import GrowlmError
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "naive", "blocked")
+_HALF = ("bfloat16", "float16")
+SPLASH_BLOCK = 128   # splash needs seq_len a multiple of this (its smallest block)
+BLOCKS = 4           # query blocks of `blocked` (measured best on a 2-core CPU at seq_len 256)
+
+Array = jax.Array
+
+
+def _platform() -> str:
+  return jax.default_backend()
+
+
+def choose(impl: str, dtype: str, head_dim: int, seq_len: int, platform: str | None = None
+           ) -> str:
+  """The concrete implementation `impl` stands for here; GrowlmError if it cannot run."""
+  platform = platform or _platform()
+  if impl not in IMPLEMENTATIONS:
+    raise GrowlmError(f"model.attention={impl!r}; accepted: {IMPLEMENTATIONS}")
+  cudnn_ok = dtype in _HALF and head_dim % 8 == 0 and head_dim <= 128
+  if impl == "auto":
+    if platform == "gpu" and cudnn_ok:
+      return "cudnn"
+    if platform == "tpu" and seq_len % SPLASH_BLOCK == 0:
+      return "splash"
+    if platform == "cpu" and seq_len % BLOCKS == 0 and seq_len >= 16 * BLOCKS:
+      return "blocked"
+    return "xla"
+  if impl == "cudnn":
+    if platform != "gpu":
+      raise GrowlmError(f"model.attention='cudnn' needs an NVIDIA GPU, and this run's platform "
+                        f"is {platform}; accepted here: auto, xla, blocked, naive")
+    if not cudnn_ok:
+      raise GrowlmError(f"model.attention='cudnn' needs dtype bfloat16 or float16 and head_dim "
+                        f"a multiple of 8 up to 128, got dtype={dtype}, head_dim={head_dim}; "
+                        "accepted: auto, xla, blocked, naive for this model")
+  if impl == "blocked" and seq_len % BLOCKS:
+    raise GrowlmError(f"model.attention='blocked' needs seq_len a multiple of {BLOCKS}, got "
+                      f"{seq_len}; accepted: auto, xla, naive for this length")
+  if impl == "splash":
+    if platform != "tpu":
+      raise GrowlmError(f"model.attention='splash' needs a TPU, and this run's platform is "
+                        f"{platform}; accepted here: auto, xla, blocked, naive")
+    if seq_len % SPLASH_BLOCK:
+      raise GrowlmError(f"model.attention='splash' needs seq_len a multiple of {SPLASH_BLOCK}, "
+                        f"got {seq_len}; accepted: auto, xla, naive for this length")
+  return impl
+
+
+def naive(q_BxLxHxE: Array, k_BxSxKxE: Array, v_BxSxKxE: Array) -> Array:
+  """The reference: full [L, S] scores in >= float32, causal mask, softmax, weighted sum."""
+  B, L, H, E = q_BxLxHxE.shape
+  K = k_BxSxKxE.shape[2]
+  G = H // K
+  dt = q_BxLxHxE.dtype
+  acc = jnp.promote_types(dt, jnp.float32)
+  q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, G, E)
+  logits_BxKxGxLxS = jnp.einsum("blkge,bske->bkgls", q_BxLxKxGxE, k_BxSxKxE,
+                                preferred_element_type=acc) / jnp.sqrt(E).astype(acc)
+  causal_LxS = jnp.tril(jnp.ones((L, L), dtype=bool))
+  logits_BxKxGxLxS = jnp.where(causal_LxS, logits_BxKxGxLxS, jnp.finfo(acc).min)
+  probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(dt)
+  ctx_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", probs, v_BxSxKxE)
+  return ctx_BxLxKxGxE.reshape(B, L, H, E)
+
+
+def blocked(q_BxLxHxE: Array, k_BxSxKxE: Array, v_BxSxKxE: Array, n: int = BLOCKS) -> Array:
+  """Causal attention by n blocks of queries: block i scores only keys [0, (i+1)L/n), and only
+  its diagonal square needs the mask. Same function as `naive`; scores in >= float32."""
+  B, L, H, E = q_BxLxHxE.shape
+  K = k_BxSxKxE.shape[2]
+  G, c = H // K, L // n
+  dt = q_BxLxHxE.dtype
+  acc = jnp.promote_types(dt, jnp.float32)
+  # Heads-major once, so every block is a plain batched matmul over (B, K).
+  q_BxKxGxLxE = jnp.transpose(q_BxLxHxE.reshape(B, L, K, G, E), (0, 2, 3, 1, 4))
+  k_BxKxSxE = jnp.transpose(k_BxSxKxE, (0, 2, 1, 3))
+  v_BxKxSxE = jnp.transpose(v_BxSxKxE, (0, 2, 1, 3))
+  scale = 1.0 / jnp.sqrt(jnp.asarray(E, acc))
+  ctx = []
+  for i in range(n):
+    S = (i + 1) * c
+    q_blk = q_BxKxGxLxE[:, :, :, i * c:S]
+    s_BxKxGxCxS = jnp.einsum("bkgle,bkse->bkgls", q_blk, k_BxKxSxE[:, :, :S],
+                             preferred_element_type=acc) * scale
+    causal_CxS = jnp.arange(S)[None, :] <= (i * c + jnp.arange(c))[:, None]
+    s_BxKxGxCxS = jnp.where(causal_CxS, s_BxKxGxCxS, jnp.finfo(acc).min)
+    probs = jax.nn.softmax(s_BxKxGxCxS, axis=-1).astype(dt)
+    ctx.append(jnp.einsum("bkgls,bkse->bkgle", probs, v_BxKxSxE[:, :, :S]))
+  ctx_BxKxGxLxE = jnp.concatenate(ctx, axis=3)
+  return jnp.transpose(ctx_BxKxGxLxE, (0, 3, 1, 2, 4)).reshape(B, L, H, E)
+
+
+def attend(q_BxLxHxE: Array, k_BxSxKxE: Array, v_BxSxKxE: Array, impl: str) -> Array:
+  """Causal GQA attention by the implementation `impl` (resolved by `choose` first)."""
+  impl = choose(impl, jnp.dtype(q_BxLxHxE.dtype).name, q_BxLxHxE.shape[-1],
+                q_BxLxHxE.shape[1])
+  if impl == "naive":
+    return naive(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE)
+  if impl == "blocked":
+    return blocked(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE)
+  if impl == "splash":
+    from growlm.model import splash  # TPU-only dependency (Pallas), imported when used
+    return splash.splash_attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE)
+  return jax.nn.dot_product_attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, is_causal=True,
+                                      implementation=impl)

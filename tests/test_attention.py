@@ -1,0 +1,120 @@
+"""model.attention: every implementation that runs on CPU equals the naive reference, and the
+choice of kernel per platform, dtype and shape (auto included) is the documented one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from growlm.errors import GrowlmError
+from growlm.grow import GrowthPlan, grow, is_exact
+from growlm.model import attention
+from growlm.model import decoder as model
+from growlm.model.config import make_model_config
+
+
+def _case(style, kv_heads):
+  cfg = make_model_config("nano", style, n_heads=4, n_kv_heads=kv_heads, head_dim=16,
+                          max_len=24)
+  params = model.init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (3, 24), 0, cfg.vocab_size)
+  return cfg, params, tokens
+
+
+@pytest.mark.parametrize("impl,style,kv_heads", [("xla", "gpt2", 4), ("blocked", "gpt2", 1),
+                                                 ("xla", "llama", 2), ("blocked", "llama", 2),
+                                                 ("auto", "llama", 4)])
+def test_cpu_implementations_equal_naive(impl, style, kv_heads):
+  """Logits and gradients (float32), learned and rotary positions, MHA, GQA and MQA."""
+  cfg, params, tokens = _case(style, kv_heads)
+  def run(c):
+    f = lambda p: jnp.square(model.apply(c, p, tokens)).mean()
+    return model.apply(c, params, tokens), jax.grad(f)(params)
+  ref_logits, ref_grads = run(cfg.replace(attention="naive"))
+  logits, grads = run(cfg.replace(attention=impl))
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=0, atol=1e-5)
+  # Against the largest gradient entry: a key bias's exact gradient is zero (softmax ignores a
+  # per-query constant), so its entries are rounding noise on either side.
+  scale = max(float(jnp.abs(b).max()) for b in jax.tree.leaves(ref_grads))
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * scale)
+
+
+def test_naive_is_causal_softmax_attention():
+  """The reference itself, against a per-head float64 loop over positions."""
+  B, L, H, K, E = 2, 5, 4, 2, 8
+  q, k, v = (np.asarray(jax.random.normal(jax.random.key(i), (B, L, n, E)), np.float64)
+             for i, n in ((0, H), (1, K), (2, K)))
+  got = np.asarray(attention.naive(*(jnp.asarray(x, jnp.float32) for x in (q, k, v))))
+  want = np.zeros((B, L, H, E))
+  for b in range(B):
+    for h in range(H):
+      for l in range(L):
+        s = q[b, l, h] @ k[b, : l + 1, h // 2].T / np.sqrt(E)
+        w = np.exp(s - s.max())
+        want[b, l, h] = (w / w.sum()) @ v[b, : l + 1, h // 2]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("platform,dtype,head_dim,seq_len,want", [
+    ("cpu", "float32", 64, 256, "blocked"),
+    ("cpu", "bfloat16", 64, 64, "blocked"),
+    ("cpu", "float32", 64, 30, "xla"),         # 30 does not split into 4 blocks
+    ("cpu", "float32", 64, 60, "xla"),         # blocks of 15 positions are not worth it
+    ("gpu", "bfloat16", 64, 1024, "cudnn"),
+    ("gpu", "float16", 128, 100, "cudnn"),
+    ("gpu", "float32", 64, 1024, "xla"),       # cuDNN flash attention is half precision only
+    ("gpu", "bfloat16", 256, 1024, "xla"),     # head_dim beyond what auto trusts to cuDNN
+    ("gpu", "bfloat16", 36, 1024, "xla"),      # head_dim not a multiple of 8
+    ("tpu", "bfloat16", 64, 1024, "splash"),
+    ("tpu", "float32", 128, 512, "splash"),
+    ("tpu", "bfloat16", 64, 100, "xla"),       # splash needs seq_len % 128 == 0
+])
+def test_auto_picks_the_documented_kernel(platform, dtype, head_dim, seq_len, want):
+  assert attention.choose("auto", dtype, head_dim, seq_len, platform) == want
+
+
+@pytest.mark.parametrize("impl,platform,dtype,seq_len,needs", [
+    ("cudnn", "cpu", "bfloat16", 256, "needs an NVIDIA GPU"),
+    ("cudnn", "gpu", "float32", 256, "bfloat16 or float16"),
+    ("splash", "cpu", "float32", 256, "needs a TPU"),
+    ("splash", "tpu", "float32", 200, "multiple of 128"),
+    ("blocked", "cpu", "float32", 30, "multiple of 4"),
+    ("flash", "cpu", "float32", 256, "accepted"),
+])
+def test_impossible_choice_is_one_clear_line(impl, platform, dtype, seq_len, needs):
+  with pytest.raises(GrowlmError, match=needs) as e:
+    attention.choose(impl, dtype, 64, seq_len, platform)
+  assert "\n" not in str(e.value)
+
+
+def test_explicit_choices_pass_through_where_they_run():
+  assert attention.choose("naive", "float32", 64, 7, "tpu") == "naive"
+  assert attention.choose("blocked", "bfloat16", 64, 1024, "gpu") == "blocked"
+  assert attention.choose("xla", "bfloat16", 64, 1024, "gpu") == "xla"
+  assert attention.choose("cudnn", "bfloat16", 64, 1024, "gpu") == "cudnn"
+  assert attention.choose("splash", "bfloat16", 64, 1024, "tpu") == "splash"
+
+
+def test_cudnn_on_cpu_fails_at_trace_time_with_the_config_line():
+  cfg, params, tokens = _case("gpt2", 4)
+  with pytest.raises(GrowlmError, match="model.attention='cudnn'"):
+    model.apply(cfg.replace(attention="cudnn"), params, tokens)
+
+
+def test_exact_growth_holds_with_the_default_attention():
+  """tile + identity with attention='auto' (the default): the grown model computes the source's
+  logits, as it does with the naive reference. (Every other growth test runs the default too.)"""
+  src = make_model_config("nano", "llama", max_len=32)
+  assert src.attention == "auto"
+  dst = src.replace(d_model=128, n_layers=4, n_heads=4, mlp_dim=src.mlp_dim * 2,
+                    n_kv_heads=src.n_kv_heads * 2)
+  plan = GrowthPlan("tile", "identity", require_exact=True)
+  assert is_exact(src, dst, plan)
+  params = model.init_params(src, jax.random.key(3))
+  grown = grow(params, src, dst, plan, jax.random.key(4))
+  tokens = jax.random.randint(jax.random.key(5), (2, 32), 0, src.vocab_size)
+  for impl in ("auto", "naive"):
+    a = model.apply(src.replace(attention=impl), params, tokens)
+    b = model.apply(grown.config.replace(attention=impl), grown.params, tokens)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=2e-5)

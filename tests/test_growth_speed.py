@@ -1,0 +1,89 @@
+"""benchmarks/growth.py in --quick mode: the JSON's fields, its arithmetic, and the memory bound.
+
+No timing thresholds: only that times are positive and finite, and that every derived number
+(copy rate, floor, ratios, the memory estimate and bound) follows from the measured ones. XLA's
+buffer sizes are deterministic, so the growth's memory bound (source + target + one target-sized
+buffer) is checked, and so is that growth outputs the target alone (no multiplier trees).
+"""
+
+import importlib.util
+import math
+import statistics
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from growlm.grow import GrowthPlan, grown_config
+from growlm.model import decoder as model
+from growlm.model.config import ModelConfig
+
+SCRIPT = REPO / "benchmarks" / "growth.py"
+
+
+def _load_script():
+  """The benchmark as a module (benchmarks/ is not a package)."""
+  spec = importlib.util.spec_from_file_location("growlm_bench_growth", SCRIPT)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _bytes(cfg: ModelConfig) -> int:
+  shapes, _ = model.abstract_params(cfg)
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
+
+
+def _positive_finite(x) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.parametrize("opt_state", ["none", "grow"])
+def test_quick_growth_benchmark(tmp_path, opt_state):
+  """--quick (gpt2 nano -> tiny, mean_fill + identity) in process: every figure recomputed."""
+  mod = _load_script()
+  out = tmp_path / "growth.json"
+  r = mod.main(["--quick", "--opt_state", opt_state, "--out", str(out)])
+  assert out.exists() and r["quick"] is True
+  src, dst = ModelConfig.from_dict(r["source"]), ModelConfig.from_dict(r["target"])
+  plan = GrowthPlan.from_dict(r["plan"])
+  assert (plan.width, plan.depth) == ("mean_fill", "identity")
+  assert grown_config(src, dst, plan) == dst and r["exact_expected"] is True
+  # Bytes: the source's params (and Adam's two moments) read, the target's written.
+  moments = 3 if opt_state == "grow" else 1
+  assert r["bytes_read"] == moments * _bytes(src)
+  assert r["bytes_written"] == moments * _bytes(dst)
+  assert r["target_param_bytes"] == _bytes(dst)
+  runs = r["settings"]["runs"]
+  assert len(r["growth_seconds"]) == runs and len(r["copy"]["seconds"]) == runs
+  assert all(_positive_finite(t) for t in r["growth_seconds"] + r["copy"]["seconds"])
+  assert _positive_finite(r["compile_seconds"])
+  # The copy moves a float32 buffer of the target's size: read once, written once.
+  copy = r["copy"]
+  assert copy["buffer_bytes"] == r["bytes_written"] // 4 * 4
+  assert copy["median_seconds"] == pytest.approx(statistics.median(copy["seconds"]), rel=1e-12)
+  assert copy["bytes_per_second"] == pytest.approx(
+      2 * copy["buffer_bytes"] / copy["median_seconds"], rel=1e-12)
+  floor = (r["bytes_read"] + r["bytes_written"]) / copy["bytes_per_second"]
+  assert r["floor_seconds"] == pytest.approx(floor, rel=1e-12)
+  median = statistics.median(r["growth_seconds"])
+  assert r["median_growth_seconds"] == pytest.approx(median, rel=1e-12)
+  assert r["ratio_to_floor"] == pytest.approx(median / floor, rel=1e-12)
+  best = min(r["growth_seconds"]) / (
+      (r["bytes_read"] + r["bytes_written"]) / (2 * copy["buffer_bytes"] / min(copy["seconds"])))
+  assert r["ratio_to_floor_best"] == pytest.approx(best, rel=1e-12)
+  # Memory: XLA's estimate and the bound, then the bound itself (deterministic).
+  m = r["xla_memory"]
+  assert m["estimate_bytes"] == (m["argument_size_in_bytes"] + m["output_size_in_bytes"]
+                                 - m["alias_size_in_bytes"] + m["temp_size_in_bytes"])
+  assert m["bound_bytes"] == r["bytes_read"] + r["bytes_written"] + r["target_param_bytes"]
+  assert m["estimate_over_bound"] == pytest.approx(m["estimate_bytes"] / m["bound_bytes"])
+  # The target alone, no scale trees (XLA adds one 8-byte pointer per output buffer).
+  n_out = moments * len(jax.tree.leaves(model.abstract_params(dst)[0]))
+  assert 0 <= m["output_size_in_bytes"] - r["bytes_written"] <= 8 * (n_out + 1), m
+  assert m["estimate_bytes"] <= m["bound_bytes"], m
+  if r["machine"]["platform"] == "cpu":
+    assert isinstance(r["device_memory"], str)
+  for key in ("created", "command", "machine", "wall_seconds", "memory_bound_definition"):
+    assert key in r, key

@@ -1,0 +1,99 @@
+"""The chunked loss: same loss and gradients as the plain one, and no whole-batch float32
+[B, L, V] logits anywhere in the train or eval step."""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from growlm import optim
+from growlm.config import defaults as config_defaults
+from growlm.config.typed import resolve
+from growlm.model import decoder as model
+from growlm.model.config import make_model_config
+from growlm.train import evaluate, loss, state as state_lib, trainer
+
+# Distinct sizes, so a [B, L, V] shape cannot be something else by coincidence.
+B, L = 3, 40
+
+
+def _setup(style, **overrides):
+  cfg = make_model_config("nano", style, max_len=L, vocab_size=263, **overrides)
+  params = model.init_params(cfg, jax.random.key(0))
+  ids = jax.random.randint(jax.random.key(1), (B, L + 1), 0, cfg.vocab_size)
+  return cfg, params, ids[:, :-1], ids[:, 1:]
+
+
+@pytest.mark.parametrize("style,chunk", [("gpt2", 0), ("llama", 7), ("gpt2", 40)])
+def test_chunked_equals_plain_loss_and_gradients(style, chunk):
+  """Within 1e-6 relative (float32): the loss, and every gradient against its largest entry.
+  0 is auto (2 chunks of 20 here; tied embeddings); 7 does not divide 40 and is rounded down
+  to 5 (8 chunks; untied head); 40 is one chunk."""
+  cfg, params, inputs, targets = _setup(style, loss_chunk=chunk)
+  plain = lambda p: loss.cross_entropy(model.apply(cfg, p, inputs), targets).mean()
+  chunked = lambda p: loss.token_nll(cfg, p, inputs, targets).mean()
+  (l0, g0), (l1, g1) = (jax.value_and_grad(f)(params) for f in (plain, chunked))
+  assert float(l1) == pytest.approx(float(l0), rel=1e-6)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+    scale = float(jnp.abs(a).max())
+    if jax.tree_util.keystr(path).endswith("['key_bias']"):
+      # Its exact gradient is zero (softmax ignores a per-query constant): compare to the rest.
+      scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g0))
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-6 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_per_token_values_match():
+  cfg, params, inputs, targets = _setup("llama", loss_chunk=8)
+  want = loss.cross_entropy(model.apply(cfg, params, inputs), targets)
+  got = loss.token_nll(cfg, params, inputs, targets)
+  assert got.shape == (B, L) and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("requested,batch,seq_len,vocab,want", [
+    (0, 16, 1024, 50304, 16),      # auto: 64 MiB / (4 B * 16 * 50304) = 20 -> divisor 16
+    (0, 8, 256, 258, 128),         # auto, tiny vocab: at most half the sequence
+    (0, 1, 1, 258, 1),
+    (100, 4, 256, 258, 64),        # rounded down to a divisor of seq_len
+    (512, 4, 256, 258, 256),       # capped at seq_len: one chunk
+])
+def test_chunk_length(requested, batch, seq_len, vocab, want):
+  assert loss.chunk_length(requested, batch, seq_len, vocab) == want
+
+
+def _shapes(jaxpr):
+  """Every (shape, dtype) an equation of `jaxpr` or its sub-jaxprs produces."""
+  out = []
+  for eqn in jaxpr.eqns:
+    out += [(tuple(v.aval.shape), str(v.aval.dtype)) for v in eqn.outvars
+            if hasattr(v.aval, "shape")]
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      out += _shapes(sub)
+  return out
+
+
+def _logits_like(shapes, vocab):
+  return [s for s in shapes if s[0][-1:] == (vocab,) and len(s[0]) >= 2
+          and int(np.prod(s[0][:-1])) == B * L]
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_no_whole_batch_logits_in_train_or_eval_step(style):
+  cfg, params, inputs, targets = _setup(style)
+  schedule = optax.constant_schedule(1e-3)
+  opt = optim.make_optimizer(resolve(config_defaults.base_config()).train, schedule)
+  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                               opt_state=opt.init(params), rng=jax.random.PRNGKey(2))
+  batch = {"inputs": inputs, "targets": targets}
+  train_step = trainer.make_train_step(cfg, opt, schedule)
+  eval_step = evaluate.make_eval_step(cfg)
+  train_shapes = _shapes(jax.make_jaxpr(train_step)(state, batch).jaxpr)
+  eval_shapes = _shapes(jax.make_jaxpr(eval_step)(params, batch).jaxpr)
+  assert _logits_like(train_shapes, cfg.vocab_size) == []
+  assert _logits_like(eval_shapes, cfg.vocab_size) == []
+  # The checker does see them where they exist: the plain loss on full logits.
+  plain = lambda p: loss.cross_entropy(model.apply(cfg, p, inputs), targets).mean()
+  assert _logits_like(_shapes(jax.make_jaxpr(jax.grad(plain))(params).jaxpr), cfg.vocab_size)
