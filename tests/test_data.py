@@ -14,6 +14,8 @@ from growlm import data
 from growlm.data import tokenizers as data_tokenizers
 from growlm.errors import GrowlmError
 
+from conftest import byte_level_bpe
+
 DATASETS = Path(__file__).parents[1] / ".." / "shared" / "datasets"
 SHAKESPEARE = DATASETS / "tinyshakespeare" / "input.txt"
 
@@ -40,16 +42,10 @@ def stdlib_splits():
 
 @pytest.fixture(scope="module")
 def hf_tokenizer_path(tmp_path_factory):
-  tokenizers = pytest.importorskip("tokenizers")
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=400, special_tokens=["<pad>", "<|endoftext|>"],
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  pytest.importorskip("tokenizers")
   lines = ["the quick brown fox jumps over the lazy dog", "to be or not to be",
            "naïve café, déjà vu"] * 20
-  tok.train_from_iterator(lines, trainer)
+  tok = byte_level_bpe(lines, vocab_size=400)
   path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
   tok.save(str(path))
   return path

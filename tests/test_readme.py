@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, byte_level_bpe
 
 README = REPO / "README.md"
 MAKEFILE = REPO / "Makefile"
@@ -514,15 +514,8 @@ def _write_hf_dir(path: Path, n_layer: int = 2, d: int = 64, n_head: int = 2,
                   n_positions: int = 64):
   """A tiny random GPT-2 Hugging Face directory as `save_pretrained` lays it out (config.json,
   model.safetensors), with its own BPE tokenizer.json; written with numpy, no torch."""
-  import tokenizers  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=320, special_tokens=["<pad>", "<|endoftext|>"],
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(["def f(x):\n  return x + 1\n", "import os, sys\n"] * 20, trainer)
+  tok = byte_level_bpe(["def f(x):\n  return x + 1\n", "import os, sys\n"] * 20, vocab_size=320)
   # The vocabulary covers the byte tokenizer's 258 ids too (the grow/train examples use bytes).
   vocab = max(tok.get_vocab_size(), 258)
   rng = np.random.RandomState(0)

@@ -11,9 +11,8 @@ target's own initialiser, times a scale) and free (entries whose input is exactl
 value keeps the function: symmetry noise or zero). Then layers are placed (depth growth).
 docs/design.md, section 5, gives the mathematics; tests prove each rule.
 
-On device (init/source.py jits it with the target's shardings) growth reads the source and
-writes the target: maps and masks are small constants that broadcast, the target's own init is
-built only for leaves with fresh entries, the multiplier trees only where read (optimizer.py).
+On device (jitted by init/source.py) growth reads the source and writes the target: maps and
+masks are small broadcasting constants; fresh init only where read, multipliers too.
 
 Dimension letters as in growlm.model: D d_model, F mlp_dim, H heads, K kv heads, E head_dim.
 """
@@ -341,16 +340,18 @@ def _grow_depth(v, path, sources, plan: GrowthPlan, identity_new, zeroed_copy=No
   return v
 
 
-def scale_trees(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, params: Any = None
-                ) -> tuple[Any, Any]:
+def scale_trees(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, params: Any = None,
+                specs: dict | None = None) -> tuple[Any, Any]:
   """(value_scale, grad_scale) from the index maps alone (new entries: a = 1, b = 0, as is b in
-  zeroed copies' writers), rounded to the source leaf's dtype (`params`', else src.param_dtype),
-  then the target's. Under jit each leaf is computed where it is read: no tree materialises."""
+  zeroed copies' writers), rounded to the source leaf's dtype (`params`', else src.param_dtype;
+  or `specs`, leaf_specs already made of them), then the target's. Under jit each leaf is
+  computed where it is read: no tree materialises."""
   cfg = grown_config(src, dst, plan)
   sources = layer_sources(src.n_layers, dst.n_layers, plan)
-  src_params = model_lib.abstract_params(src)[0] if params is None else params
+  if specs is None:
+    specs = leaf_specs(src, cfg, plan, params or model_lib.abstract_params(src)[0])
   a_tree, b_tree = {}, {}
-  for path, (spec, t, s) in leaf_specs(src, cfg, plan, src_params).items():
+  for path, (spec, t, s) in specs.items():
     if spec.maps:
       width = [len(spec.maps[i].index) if i in spec.maps else n for i, n in enumerate(s.shape)]
       copied = jnp.asarray(spec.copied)
@@ -369,9 +370,8 @@ def grow(params: Any, src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, rng:
          *, scales: bool = True) -> Grown:
   """Grows `params` of `src` into parameters of `dst` following `plan`. Pure and jittable
   (configs and plan static); returns the target params, the config they need (norm_eps may be
-  rescaled), the per-entry value and gradient multipliers (None with scales=False; see
-  scale_trees) and the layer map. Only the leaves with fresh entries read the target's own
-  init, and only those leaves of it are built (bit for bit the full init's)."""
+  rescaled), the value and gradient multipliers (None with scales=False; see scale_trees) and
+  the layer map. Only leaves with fresh entries build (bit for bit) the target's own init."""
   cfg = grown_config(src, dst, plan)
   # A missing leaf or a wrong shape would otherwise surface as a gather error deep in the map.
   trees.check_like(params, model_lib.abstract_params(src)[0], "growth: source")
@@ -390,7 +390,7 @@ def grow(params: Any, src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, rng:
       value = _grow_depth(value, path, sources, plan,
                           0.0 if path[-1] in _DEPTH_WRITERS else fresh, 0.0)
     trees.put(out, path, value.astype(t.dtype))
-  a_tree, b_tree = scale_trees(src, dst, plan, params) if scales else (None, None)
+  a_tree, b_tree = scale_trees(src, dst, plan, specs=specs) if scales else (None, None)
   return Grown(out, cfg, a_tree, b_tree, tuple(sources))
 
 

@@ -54,6 +54,10 @@ def grow_opt_state(src_state: Any, grown: core.Grown, src: ModelConfig, plan: Gr
   if len(adams) != 1:
     raise ValueError(f"expected one Adam state in the source optimizer state, found {len(adams)}")
   adam = adams[0]
+  if grown.grad_scale is None or grown.value_scale is None:   # one build serves mu, nu and lr
+    a, b = core.scale_trees(src, grown.config, plan)
+    grown = grown._replace(value_scale=a if grown.value_scale is None else grown.value_scale,
+                           grad_scale=b if grown.grad_scale is None else grown.grad_scale)
   new_adam = optax.ScaleByAdamState(count=adam.count,
                                     mu=grow_moments(adam.mu, grown, src, plan, 1),
                                     nu=grow_moments(adam.nu, grown, src, plan, 2))

@@ -261,9 +261,7 @@ def apply(cfg: ModelConfig, params: dict, tokens_BxL: Array, *, dropout_rng: Arr
           ) -> Array:
   """Logits [B, L, V]. Dropout is active only when a dropout_rng is given. Jitted (cfg static);
   inside another jit it is inlined."""
-  deterministic = dropout_rng is None or cfg.dropout_rate == 0.0
-  rngs = {} if deterministic else {"dropout": dropout_rng}
-  return make_model(cfg, deterministic).apply({"params": params}, tokens_BxL, rngs=rngs)
+  return _run(cfg, params, tokens_BxL, dropout_rng, head=True)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -271,9 +269,14 @@ def hidden(cfg: ModelConfig, params: dict, tokens_BxL: Array, *,
            dropout_rng: Array | None = None) -> tuple[Array, Array]:
   """(final hidden states [B, L, D], output matrix [D, V]), both in the compute dtype: the
   model without its output layer, for losses that never hold all [B, L, V] logits at once."""
+  return _run(cfg, params, tokens_BxL, dropout_rng, head=False)
+
+
+def _run(cfg: ModelConfig, params: dict, tokens_BxL: Array, dropout_rng, head: bool):
+  """The decoder on a batch, with dropout only when a dropout_rng is given and the rate > 0."""
   deterministic = dropout_rng is None or cfg.dropout_rate == 0.0
   rngs = {} if deterministic else {"dropout": dropout_rng}
-  return make_model(cfg, deterministic).apply({"params": params}, tokens_BxL, head=False,
+  return make_model(cfg, deterministic).apply({"params": params}, tokens_BxL, head=head,
                                               rngs=rngs)
 
 
