@@ -1,4 +1,4 @@
-# One command each on a fresh machine: `make demo`, `make test`, `make bench`.
+# One command each on a fresh machine: `make demo`, `make test`, `make bench` (and `make corpus`).
 # Each creates .venv with the pinned set (setup.cfg) first; re-running is a no-op once installed.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,7 +9,9 @@ WORKDIR ?= runs/demo
 # Two workers (the machine's 2 cores), one test file per worker so module fixtures run once.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: install test test-fast demo bench clean
+CORPUS ?= runs/data/site-packages
+
+.PHONY: install test test-fast demo bench corpus clean
 
 install: $(STAMP)
 
@@ -32,6 +34,12 @@ demo: install
 bench: install
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/growth.py
+	$(PY) benchmarks/data.py
+
+# The larger local corpus (every installed package's .py files) as token shards; then train with
+# --config.data.train=prepared:$(CORPUS). Rerunning resumes or does nothing.
+corpus: install
+	$(PY) -m growlm.prepare --source=site-packages --tokenizer=bytes --out=$(CORPUS)
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis

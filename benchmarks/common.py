@@ -45,6 +45,28 @@ def device_memory(device) -> dict[str, Any] | str:
           if k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")}
 
 
+def cpus() -> int:
+  """CPUs this process may run on (its affinity set where the OS has one)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 0
+
+
+def add_output_flags(p, default_out: str, quick: dict, what: str = "tiny sizes for tests") -> None:
+  """--out (where the JSON result goes) and --quick (the `quick` overrides, for the tests)."""
+  p.add_argument("--out", default=default_out, help="where to write the JSON result")
+  sets = ", ".join(f"{k}={v}" for k, v in quick.items())
+  p.add_argument("--quick", action="store_true", help=f"{what}: sets {sets}")
+
+
+def apply_quick(args, quick: dict) -> None:
+  """Applies the --quick overrides when --quick was given."""
+  if args.quick:
+    for k, v in quick.items():
+      setattr(args, k, v)
+
+
 def cli(script: str, argv: Sequence[str] | None, parse_args: Callable, run: Callable,
         summary: Callable[[dict], str]) -> dict[str, Any]:
   """Parses `argv` (default sys.argv[1:]), runs, prints the summary, writes `args.out`

@@ -81,14 +81,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--runs", type=int, default=5, help="timed growths (one copy timed before each)")
   p.add_argument("--warmup", type=int, default=1, help="untimed growths after compiling")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default=DEFAULT_OUT, help="where to write the JSON result")
-  quick = ", ".join(f"{k}={v}" for k, v in QUICK.items())
-  p.add_argument("--quick", action="store_true",
-                 help=f"tiny sizes for tests (nano -> tiny): sets {quick}")
+  common.add_output_flags(p, DEFAULT_OUT, QUICK, "tiny sizes for tests (nano -> tiny)")
   args = p.parse_args(argv)
-  if args.quick:
-    for k, v in QUICK.items():
-      setattr(args, k, v)
+  common.apply_quick(args, QUICK)
   if args.runs <= 0 or args.warmup < 0:
     p.error(f"--runs must be > 0 and --warmup >= 0, got {args.runs} and {args.warmup}")
   if args.width is None:

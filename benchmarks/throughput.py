@@ -117,18 +117,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--torch_compile", choices=("auto", "on", "off"), default="auto",
                  help="torch.compile the reference (auto: on CUDA only; on this CPU it took "
                  "58 s and gained nothing, benchmarks/README.md)")
-  p.add_argument("--out", default=DEFAULT_OUT, help="where to write the JSON result")
-  quick = ", ".join(f"{k}={v}" for k, v in QUICK.items())
-  p.add_argument("--quick", action="store_true", help=f"tiny sizes for tests: sets {quick}")
+  common.add_output_flags(p, DEFAULT_OUT, QUICK)
   args = p.parse_args(argv)
   if args.preset is None:
     args.preset = "cpu" if jax.default_backend() == "cpu" else "gpt2-124m"
   for k, v in PRESETS[args.preset].items():
     if getattr(args, k, None) is None:
       setattr(args, k, v)
-  if args.quick:
-    for k, v in QUICK.items():
-      setattr(args, k, v)
+  common.apply_quick(args, QUICK)
   if args.scan_unroll <= 0 or args.loss_chunk < 0:
     p.error(f"--scan_unroll must be >= 1 and --loss_chunk >= 0, got {args.scan_unroll}, "
             f"{args.loss_chunk}")
@@ -374,12 +370,6 @@ def bench_style(style: str, args: argparse.Namespace, mesh, reference: MatmulRef
   return row
 
 
-def _cpus() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 0
-
 
 def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
   """Runs the whole benchmark and returns the result dict (also what is written as JSON)."""
@@ -409,7 +399,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
           "device_kind": device.device_kind,
           "devices_visible": jax.device_count(),
           "devices_used": len({i for r in rows for i in r["device_ids"]}),
-          "cpus": _cpus(),
+          "cpus": common.cpus(),
           "processor": platform.processor() or platform.machine(),
           "python": platform.python_version(),
           "jax": jax.__version__,

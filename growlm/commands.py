@@ -99,9 +99,9 @@ def _first_eval_batches(config: RunConfig, vocab_size: int) -> tuple[str, list[d
     raise GrowlmError(f"data.tokenizer has {tokenizer.vocab_size} tokens, more than the source "
                       f"model's vocab_size={vocab_size}; accepted: the source's own tokenizer")
   name, source, split = d.eval_sources()[0]
-  corpus = data_lib.load_corpus(source, split, eval_fraction=d.eval_fraction,
-                                max_bytes=d.max_bytes, data_dir=d.data_dir or None)
-  stream = data_lib.tokenize_corpus(corpus, tokenizer)
+  stream = data_lib.token_stream(source, split, tokenizer, eval_fraction=d.eval_fraction,
+                                 max_bytes=d.max_bytes, data_dir=d.data_dir or None,
+                                 max_tokens=config.eval.batches * d.batch_size * d.seq_len + 1)
   return name, data_lib.eval_batches(stream, d.seq_len, d.batch_size, config.eval.batches)
 
 

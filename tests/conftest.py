@@ -50,6 +50,22 @@ def byte_level_bpe(texts, vocab_size: int):
   return tok
 
 
+def load_benchmark(name: str):
+  """benchmarks/NAME.py as a module (benchmarks/ is not a package)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(f"growlm_bench_{name}",
+                                                REPO / "benchmarks" / f"{name}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def positive_finite(x) -> bool:
+  """A real number above zero (what every measured time and rate must be)."""
+  import math  # pylint: disable=g-import-not-at-top
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
 # The longest files first: `make test` gives each of its two workers one file at a time, and a
 # long file started last would leave the other worker idle at the end.
 _LONG_FILES = ("test_train.py", "test_readme.py", "test_reliability.py", "test_grow_training.py",

@@ -32,7 +32,7 @@ LAYERS = [
     ("commands",),
     ("experiments",),
     ("cli",),
-    ("main", "grow_main", "hf_main", "demo"),
+    ("main", "grow_main", "hf_main", "demo", "prepare"),
 ]
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 MAX_LINES = 400

@@ -4,7 +4,6 @@ No timing thresholds: only that rates are positive and finite, and that every de
 (tokens/sec, achieved FLOP/s, MFU) follows from the measured ones as documented.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -16,6 +15,8 @@ from pathlib import Path
 import jax
 import pytest
 
+from conftest import load_benchmark, positive_finite
+
 from growlm.model import flops
 from growlm.model.config import ModelConfig
 
@@ -26,18 +27,6 @@ PART_FIELDS = ("flops_per_token", "compile_seconds", "step_seconds", "median_ste
                "matmul_flops_per_sec", "matmul_gflops", "mfu", "tokens_per_sec_best",
                "achieved_flops_per_sec_best", "matmul_flops_per_sec_best", "mfu_best",
                "spec_peak_flops_per_sec", "mfu_spec", "xla_memory")
-
-
-def _load_script():
-  """The benchmark as a module (benchmarks/ is not a package)."""
-  spec = importlib.util.spec_from_file_location("growlm_bench_throughput", SCRIPT)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-def _positive_finite(x) -> bool:
-  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
 def _check_result(result: dict, styles: list[str]) -> None:
@@ -68,11 +57,11 @@ def _check_result(result: dict, styles: list[str]) -> None:
       for key in PART_FIELDS:
         assert key in r, (part, key)
       assert len(r["step_seconds"]) == steps and len(r["matmul_seconds"]) == steps
-      assert all(_positive_finite(t) for t in r["step_seconds"] + r["matmul_seconds"])
+      assert all(positive_finite(t) for t in r["step_seconds"] + r["matmul_seconds"])
       all_matmul_s += r["matmul_seconds"]
-      assert _positive_finite(r["compile_seconds"])
-      assert _positive_finite(r["tokens_per_sec"])
-      assert _positive_finite(r["matmul_gflops"])
+      assert positive_finite(r["compile_seconds"])
+      assert positive_finite(r["tokens_per_sec"])
+      assert positive_finite(r["matmul_gflops"])
       # Each derived number follows from the raw timings.
       median_step = statistics.median(r["step_seconds"])
       assert r["median_step_seconds"] == pytest.approx(median_step, rel=1e-12)
@@ -101,8 +90,8 @@ def _check_result(result: dict, styles: list[str]) -> None:
 
   # The run's reference rate: positive, finite, the median of every timed matmul.
   assert mm["reps"] == len(all_matmul_s) == 2 * steps * len(styles)
-  assert _positive_finite(result["matmul_gflops"])
-  assert _positive_finite(result["matmul_flops_per_sec"])
+  assert positive_finite(result["matmul_gflops"])
+  assert positive_finite(result["matmul_flops_per_sec"])
   assert result["matmul_flops_per_sec"] == pytest.approx(
       flops_per_matmul / statistics.median(all_matmul_s), rel=1e-12)
   assert result["matmul_gflops"] == pytest.approx(result["matmul_flops_per_sec"] / 1e9,
@@ -117,7 +106,7 @@ def _check_torch(row: dict, steps: int) -> None:
     assert "gpt2 style only" in t["skipped"]
     return
   assert len(t["step_seconds"]) == steps
-  assert all(_positive_finite(x) for x in t["step_seconds"])
+  assert all(positive_finite(x) for x in t["step_seconds"])
   median = statistics.median(t["step_seconds"])
   assert t["tokens_per_sec"] == pytest.approx(row["tokens_per_step"] / median, rel=1e-12)
   assert row["growlm_over_torch"] == pytest.approx(
@@ -134,14 +123,14 @@ def _check_torch(row: dict, steps: int) -> None:
     ("NVIDIA A100-SXM4-80GB", 312), ("TPU v4", 275), ("TPU v5 lite", 197), ("TPU v5", 459),
     ("TPU v5p", 459), ("TPU v6 lite", 918), ("cpu", None), ("NVIDIA GeForce RTX 4090", None)])
 def test_spec_peaks(kind, tflops):
-  peak = _load_script().spec_peak_flops(kind)
+  peak = load_benchmark("throughput").spec_peak_flops(kind)
   assert peak == (None if tflops is None else tflops * 1e12)
 
 
 def test_quick_in_process_uses_one_device(tmp_path):
   """Called as a function in this 8-fake-device process: still measures on one device."""
   out = tmp_path / "bench.json"
-  result = _load_script().main(["--quick", "--styles", "gpt2", "--out", str(out)])
+  result = load_benchmark("throughput").main(["--quick", "--styles", "gpt2", "--out", str(out)])
   assert result["machine"]["devices_visible"] == jax.device_count()
   _check_result(result, ["gpt2"])
   assert json.loads(out.read_text()) == json.loads(json.dumps(result))

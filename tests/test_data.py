@@ -364,3 +364,24 @@ def test_tfds_stdlib_read_in_fresh_process(tmp_path):
   n_docs, digest = json.loads(out.stdout.strip().splitlines()[-1])
   assert n_docs == len(expected) > 0
   assert digest == hashlib.sha256("\0".join(expected).encode()).hexdigest()
+
+
+def test_site_packages_corpus_is_listed_deterministically_and_split_by_path():
+  """The larger local corpus: every installed .py file once, hash-ordered, no __pycache__; its
+  units are those files in that order, and train/eval split them by path hash."""
+  files = data.site_packages_files()
+  rels = [rel for rel, _ in files]
+  assert len(rels) > 1000 and len(set(rels)) == len(rels)
+  assert all(rel.endswith(".py") and "__pycache__" not in rel for rel in rels)
+  assert any(rel.startswith("numpy/") for rel in rels) and any(rel.startswith("jax/") for rel in rels)
+  assert rels == [rel for rel, _ in sorted(files, key=lambda f: hashlib.sha256(
+      f[0].encode()).hexdigest())]
+  assert data.site_packages_files() == files
+  units = data.list_units("site-packages")
+  assert [u.id for u in units] == rels
+  assert sum(u.size for u in units) > 50e6
+  from growlm.data import units as units_lib
+  held_out = [u for u in units[:400] if units_lib.unit_documents(u, "eval", eval_fraction=0.05)]
+  assert 5 <= len(held_out) <= 40
+  for u in held_out:
+    assert not units_lib.unit_documents(u, "train", eval_fraction=0.05)

@@ -6,15 +6,13 @@ buffer sizes are deterministic, so the growth's memory bound (source + target + 
 buffer) is checked, and so is that growth outputs the target alone (no multiplier trees).
 """
 
-import importlib.util
-import math
 import statistics
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_benchmark, positive_finite
 from growlm.grow import GrowthPlan, grown_config
 from growlm.model import decoder as model
 from growlm.model.config import ModelConfig
@@ -22,27 +20,15 @@ from growlm.model.config import ModelConfig
 SCRIPT = REPO / "benchmarks" / "growth.py"
 
 
-def _load_script():
-  """The benchmark as a module (benchmarks/ is not a package)."""
-  spec = importlib.util.spec_from_file_location("growlm_bench_growth", SCRIPT)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
 def _bytes(cfg: ModelConfig) -> int:
   shapes, _ = model.abstract_params(cfg)
   return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
 
 
-def _positive_finite(x) -> bool:
-  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
-
-
 @pytest.mark.parametrize("opt_state", ["none", "grow"])
 def test_quick_growth_benchmark(tmp_path, opt_state):
   """--quick (gpt2 nano -> tiny, mean_fill + identity) in process: every figure recomputed."""
-  mod = _load_script()
+  mod = load_benchmark("growth")
   out = tmp_path / "growth.json"
   r = mod.main(["--quick", "--opt_state", opt_state, "--out", str(out)])
   assert out.exists() and r["quick"] is True
@@ -57,8 +43,8 @@ def test_quick_growth_benchmark(tmp_path, opt_state):
   assert r["target_param_bytes"] == _bytes(dst)
   runs = r["settings"]["runs"]
   assert len(r["growth_seconds"]) == runs and len(r["copy"]["seconds"]) == runs
-  assert all(_positive_finite(t) for t in r["growth_seconds"] + r["copy"]["seconds"])
-  assert _positive_finite(r["compile_seconds"])
+  assert all(positive_finite(t) for t in r["growth_seconds"] + r["copy"]["seconds"])
+  assert positive_finite(r["compile_seconds"])
   # The copy moves a float32 buffer of the target's size: read once, written once.
   copy = r["copy"]
   assert copy["buffer_bytes"] == r["bytes_written"] // 4 * 4

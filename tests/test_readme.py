@@ -281,6 +281,32 @@ def check_main_files(r: Result, ws: Path):
   assert "tinyshakespeare/input.txt" in manifest and "wikitext-2/test.txt" in manifest
 
 
+def check_prepare_corpus(r: Result, ws: Path):
+  """Token shards and a manifest of the corpus (stdlib here: the same code path, 20x smaller)."""
+  manifest = _json(ws / "runs/data/site-packages/manifest.json")
+  assert manifest["source"] == "stdlib" and manifest["dtype"] == "uint16"
+  assert manifest["splits"]["train"]["n_tokens"] > 10_000_000
+  assert "--config.data.train=prepared:runs/data/site-packages" in r.stdout
+
+
+def check_train_prepared(r: Result, ws: Path):
+  """Trained on the prepared shards, evaluated on their eval split."""
+  run = ws / "runs/sp"
+  _check_trained(run)
+  manifest = _json(run / "data_manifest.json")
+  assert manifest["train"]["spec"] == "prepared:runs/data/site-packages"
+  assert manifest["eval/heldout"]["split"] == "eval"
+
+
+def check_prepare_jsonl(r: Result, ws: Path):
+  """The JSONL rows' `content`, tokenized with HF_DIR's tokenizer.json."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  manifest = _json(ws / "runs/data/corpus/manifest.json")
+  tok = (ws / "HF_DIR" / "tokenizer.json").read_bytes()
+  assert manifest["tokenizer"]["sha256"] == hashlib.sha256(tok).hexdigest()
+  assert sum(manifest["splits"][s]["n_documents"] for s in ("train", "eval")) == 300
+
+
 def check_grow_main(r: Result, ws: Path):
   """An exactly grown run dir at step 0 with its preservation report."""
   run = ws / "runs/tiny-grown"
@@ -479,6 +505,18 @@ CASES: dict[str, Case] = {
          "hf-train-as-is", check_hf_as_is),
     (_CMD + "hf_main export --run=runs/grown --out=HF_OUT2 --tokenizer_from=HF_DIR "
      "--dtype=bfloat16"): Case("hf-export", check_hf_export, after=("hf-train",)),
+    (_CMD + "prepare --source=site-packages --tokenizer=bytes "
+     "--out=runs/data/site-packages"): Case(
+         "prepare-corpus", check_prepare_corpus, subs=(("site-packages --", "stdlib --"),),
+         reason="the stdlib corpus (12 MB, the same code path) instead of 275 MB"),
+    (_CMD + "main --config=configs/default.py:size=small --workdir=runs/sp "
+     "--config.data.train=prepared:runs/data/site-packages"): Case(
+         "main-prepared", check_train_prepared, after=("prepare-corpus",),
+         flags=(("--config.data.max_bytes", "0"),),
+         reason="runlocal caps in-memory sources with data.max_bytes, which prepared data "
+                "refuses; set back to 0"),
+    (_CMD + "prepare --source='jsonl:corpus/*.jsonl' --text_field=content --tokenizer=HF_DIR "
+     "--out=runs/data/corpus"): Case("prepare-jsonl", check_prepare_jsonl),
 }
 BY_KEY = {c.key: c for c in CASES.values()}
 # Longest first, so the slowest chain starts at once.
@@ -554,6 +592,13 @@ def workspace(tmp_path_factory) -> Path:
   _write_text(base / "shared/datasets/tinyshakespeare/input.txt", 800, seed=0)
   _write_text(base / "shared/datasets/wikitext-2/test.txt", 200, seed=1)
   _write_hf_dir(ws / "HF_DIR")
+  (ws / "corpus").mkdir()
+  for part in range(3):
+    _write_text(ws / "corpus" / "lines.txt", 100, seed=10 + part)
+    lines = (ws / "corpus" / "lines.txt").read_text().splitlines()
+    (ws / "corpus" / f"part-{part}.jsonl").write_text(
+        "".join(json.dumps({"id": i, "content": line}) + "\n" for i, line in enumerate(lines)))
+  (ws / "corpus" / "lines.txt").unlink()
   return ws
 
 

@@ -281,12 +281,18 @@ def _two_processes(workdir, extra):
 
 
 @pytest.mark.slow
-def test_two_processes_train_checkpoint_resume(tmp_path):
+@pytest.mark.parametrize("source", ["in-memory", "prepared"])
+def test_two_processes_train_checkpoint_resume(tmp_path, source):
   """2 processes x 2 CPU devices (jax.distributed over localhost, as on a multi-host TPU VM)
-  train, stop at a checkpoint, resume, and log the losses of one 4-device process."""
+  train, stop at a checkpoint, resume, and log the losses of one 4-device process; on the
+  in-memory corpus, and streamed from prepared shards (each process reading its own rows)."""
   args = ["--config=configs/default.py:size=nano,runlocal", "--config.log.every_steps=1",
           "--config.log.progress_bar=False", "--config.mesh.data=2", "--config.mesh.fsdp=2",
           "--config.mesh.tensor=1"]
+  if source == "prepared":
+    from growlm import data  # pylint: disable=g-import-not-at-top
+    data.prepare_tokens("stdlib", "bytes", str(tmp_path / "prep"), progress=False)
+    args += [f"--config.data.train=prepared:{tmp_path / 'prep'}", "--config.data.max_bytes=0"]
   single = _cli([*args, f"--workdir={tmp_path}/single", "--cpu_devices=4"])
   assert single.returncode == 0, single.stderr[-3000:]
   _two_processes(tmp_path / "multi", [*args, "--config.train.stop_at=10"])

@@ -26,8 +26,8 @@ def base_config(size: str = "tiny", style: str = "gpt2") -> ml_collections.Confi
   c.model = ml_collections.ConfigDict(make_model_config(size, style).to_dict())  # ModelConfig
 
   c.data = ml_collections.ConfigDict()
-  c.data.tokenizer = "bytes"       # 'bytes' or a path to a Hugging Face tokenizer.json
-  c.data.train = "stdlib"          # training source: stdlib | file:GLOB[,GLOB] | tfds:NAME[:SPLIT]
+  c.data.tokenizer = "bytes"       # 'bytes', a Hugging Face tokenizer.json or SentencePiece .model
+  c.data.train = "stdlib"          # stdlib | site-packages | file:|jsonl:|parquet:GLOB | tfds:NAME | prepared:DIR
   c.data.eval = ml_collections.ConfigDict({"heldout": "train@eval"})  # name -> SOURCE[@SPLIT]
   c.data.eval_fraction = 0.05      # share of each source held out as its eval split
   c.data.max_bytes = 0             # cap on each source's bytes (0: no cap)

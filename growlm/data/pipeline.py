@@ -57,9 +57,9 @@ def num_windows(stream: TokenStream, seq_len: int) -> int:
   return max(0, (int(stream.tokens.size) - 1) // seq_len)
 
 
-def _check_layout(stream: TokenStream, seq_len: int, global_batch: int,
-                  process_index: int, process_count: int) -> int:
-  """Validates the batch layout; returns the number of windows."""
+def check_layout(n_tokens: int, seq_len: int, global_batch: int, process_index: int,
+                 process_count: int, what: str) -> int:
+  """Validates the batch layout over a stream of `n_tokens`; returns the number of windows."""
   for field, value, low in (("seq_len", seq_len, 1), ("global_batch", global_batch, 1),
                             ("process_count", process_count, 1),
                             ("process_index", process_index, 0)):
@@ -71,13 +71,36 @@ def _check_layout(stream: TokenStream, seq_len: int, global_batch: int,
   if global_batch % process_count:
     raise GrowlmError(f"global_batch={global_batch} not accepted: it must be divisible by "
                       f"process_count={process_count}")
-  n_windows = num_windows(stream, seq_len)
+  n_windows = max(0, (int(n_tokens) - 1) // seq_len)
   if n_windows < global_batch:
     raise GrowlmError(
-        f"dataset {stream.manifest.get('spec')!r} split {stream.manifest.get('split')!r} has "
-        f"{stream.tokens.size} tokens: too few for one batch of {global_batch} x {seq_len} "
+        f"{what} has {n_tokens} tokens: too few for one batch of {global_batch} x {seq_len} "
         f"(needs {global_batch * seq_len + 1})")
   return n_windows
+
+
+def _check_layout(stream: TokenStream, seq_len: int, global_batch: int,
+                  process_index: int, process_count: int) -> int:
+  """Validates the batch layout; returns the number of windows."""
+  return check_layout(stream.tokens.size, seq_len, global_batch, process_index, process_count,
+                      f"dataset {stream.manifest.get('spec')!r} split "
+                      f"{stream.manifest.get('split')!r}")
+
+
+def check_state(state: dict, mine: dict) -> None:
+  """Refuses an iterator state of other data or another layout, or with a bad step."""
+  if not isinstance(state, dict):
+    raise GrowlmError(f"data iterator state must be a dict, got {type(state).__name__}")
+  for field in ("seed", "seq_len", "global_batch", "manifest_sha256"):
+    if field not in state:
+      raise GrowlmError(f"data iterator state has no {field!r} (needs: {', '.join(mine)})")
+    if state[field] != mine[field]:
+      raise GrowlmError(
+          f"data iterator state {field}={state[field]!r} differs from this run's "
+          f"{mine[field]!r}: a resumed run must see the same data")
+  step = state.get("step")
+  if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+    raise GrowlmError(f"data iterator state step={step!r} not accepted (accepted: an int >= 0)")
 
 
 def _gather(tokens_N: np.ndarray, windows_B: np.ndarray, seq_len: int) -> dict:
@@ -103,6 +126,7 @@ class DataIterator:
       raise GrowlmError(f"data seed={seed!r} not accepted (accepted: an int >= 0)")
     self.n_windows = _check_layout(stream, seq_len, global_batch, process_index, process_count)
     self.stream = stream
+    self.manifest = stream.manifest
     self.seq_len = int(seq_len)
     self.global_batch = int(global_batch)
     self.seed = int(seed)
@@ -153,20 +177,8 @@ class DataIterator:
 
   def set_state(self, state: dict) -> None:
     """Resumes from `get_state()` output; the data and layout must be the same."""
-    if not isinstance(state, dict):
-      raise GrowlmError(f"data iterator state must be a dict, got {type(state).__name__}")
-    mine = self.get_state()
-    for field in ("seed", "seq_len", "global_batch", "manifest_sha256"):
-      if field not in state:
-        raise GrowlmError(f"data iterator state has no {field!r} (needs: {', '.join(mine)})")
-      if state[field] != mine[field]:
-        raise GrowlmError(
-            f"data iterator state {field}={state[field]!r} differs from this run's "
-            f"{mine[field]!r}: a resumed run must see the same data")
-    step = state.get("step")
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-      raise GrowlmError(f"data iterator state step={step!r} not accepted (accepted: an int >= 0)")
-    self.step = int(step)
+    check_state(state, self.get_state())
+    self.step = int(state["step"])
 
 
 def eval_batches(stream: TokenStream, seq_len: int, global_batch: int, n_batches: int, *,

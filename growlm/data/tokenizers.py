@@ -4,13 +4,17 @@
                              document, 257 pads; needs nothing installed.
   a tokenizer.json path      HFTokenizer: a local Hugging Face tokenizer (or a folder
                              holding tokenizer.json), through the `tokenizers` library.
+  a .model path              SentencePieceTokenizer: a SentencePiece model (or a folder
+                             holding tokenizer.model), through `sentencepiece`.
 
-Both have `name`, `vocab_size`, `eot_id`, `pad_id`, `encode`, `encode_batch` and
-`decode`; `make_tokenizer(spec)` picks one.
+All have `name`, `vocab_size`, `eot_id`, `pad_id`, `sha256` (of the tokenizer file: what
+prepared data and a run are checked against), `encode`, `encode_batch` and `decode`;
+`make_tokenizer(spec)` picks one.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -32,6 +36,7 @@ class ByteTokenizer:
   eot_id = 256
   pad_id = 257
   vocab_size = 258
+  sha256 = hashlib.sha256(b"growlm bytes tokenizer: ids 0..255 bytes, 256 eot, 257 pad").hexdigest()
 
   def encode(self, text: str) -> np.ndarray:
     """Returns the UTF-8 bytes of `text` as int32 ids."""
@@ -63,6 +68,7 @@ class HFTokenizer:
           f"tokenizer {str(path)!r} is not a readable Hugging Face tokenizer.json ({first})"
       ) from e
     self.vocab_size = self._tok.get_vocab_size()
+    self.sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     eot = self._find(_EOT_TOKENS)
     if eot is None:
       raise GrowlmError(
@@ -102,6 +108,42 @@ class HFTokenizer:
     return self._tok.decode(ids, skip_special_tokens=True)
 
 
+class SentencePieceTokenizer:
+  """A local SentencePiece `.model` file, through the `sentencepiece` library."""
+
+  def __init__(self, path: str):
+    """Loads `path`; the model must define an end-of-sentence piece (its eos id)."""
+    import sentencepiece  # pylint: disable=g-import-not-at-top
+    self.name = str(path)
+    data = Path(path).read_bytes()
+    try:
+      self._sp = sentencepiece.SentencePieceProcessor(model_proto=data)
+    except Exception as e:  # The C++ error text can span lines.
+      first = str(e).splitlines()[0] if str(e) else type(e).__name__
+      raise GrowlmError(
+          f"tokenizer {str(path)!r} is not a readable SentencePiece model ({first})") from e
+    self.sha256 = hashlib.sha256(data).hexdigest()
+    self.vocab_size = int(self._sp.get_piece_size())
+    if self._sp.eos_id() < 0:
+      raise GrowlmError(f"tokenizer {str(path)!r} has no end-of-sentence piece (eos_id = -1); "
+                        "accepted: a SentencePiece model trained with an eos piece")
+    self.eot_id = int(self._sp.eos_id())
+    self.pad_id = int(self._sp.pad_id()) if self._sp.pad_id() >= 0 else self.eot_id
+
+  def encode(self, text: str) -> np.ndarray:
+    """Token ids of `text` as int32, no bos/eos added."""
+    return np.asarray(self._sp.encode(text), dtype=np.int32)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    """Encodes each text; same as `encode` on each."""
+    return [np.asarray(ids, dtype=np.int32) for ids in self._sp.encode(list(texts))]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Ids back to text, control pieces (bos, eos, pad) dropped."""
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    return self._sp.decode([i for i in ids if not self._sp.is_control(i)])
+
+
 def _newline_chunks(text: str, size: int) -> list[str]:
   """Splits `text` into pieces of about `size` characters, each cut after a newline."""
   out, start = [], 0
@@ -116,15 +158,21 @@ def _newline_chunks(text: str, size: int) -> list[str]:
   return out
 
 
-def make_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
-  """'bytes' -> ByteTokenizer; a tokenizer.json path (or a folder holding one) -> HFTokenizer."""
+def make_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer | SentencePieceTokenizer:
+  """'bytes' -> ByteTokenizer; a tokenizer.json path (or a folder holding one) -> HFTokenizer;
+  a SentencePiece .model path (or a folder holding tokenizer.model) -> SentencePieceTokenizer."""
   if spec == "bytes":
     return ByteTokenizer()
   path = Path(spec) if isinstance(spec, str) and spec else None
-  if path is not None and path.is_dir() and (path / "tokenizer.json").is_file():
-    path = path / "tokenizer.json"
+  if path is not None and path.is_dir():
+    for name in ("tokenizer.json", "tokenizer.model"):
+      if (path / name).is_file():
+        path = path / name
+        break
   if path is None or not path.is_file():
     raise GrowlmError(
         f"tokenizer {spec!r} not found (accepted: 'bytes', a path to a Hugging Face "
-        "tokenizer.json, or a folder holding one)")
+        "tokenizer.json or a SentencePiece .model, or a folder holding one)")
+  if path.suffix == ".model":
+    return SentencePieceTokenizer(str(path))
   return HFTokenizer(str(path))

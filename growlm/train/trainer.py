@@ -102,16 +102,24 @@ def make_train_step(cfg, optimizer: optax.GradientTransformation, schedule: opta
   return step
 
 
-def load_streams(config: RunConfig, tokenizer) -> tuple[data_lib.TokenStream, dict, dict]:
-  """(train stream, eval streams by name, data manifests) of the run's data section."""
+def load_data(config: RunConfig, tokenizer) -> tuple[Any, dict, dict]:
+  """(training iterator, eval streams by name, data manifests) of the run's data section.
+
+  A "prepared:DIR" source streams from its token shards (growlm.data.stream); evaluation reads
+  only the tokens its batches need, from the start of each eval split.
+  """
   d = config.data
   kw = dict(eval_fraction=d.eval_fraction, max_bytes=d.max_bytes, data_dir=d.data_dir or None)
-  train = data_lib.tokenize_corpus(data_lib.load_corpus(d.train, "train", **kw), tokenizer)
-  evals, manifests = {}, {"train": train.manifest}
+  iterator = data_lib.train_iterator(d.train, tokenizer, seq_len=d.seq_len,
+                                     global_batch=d.batch_size, seed=d.seed,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count(), **kw)
+  evals, manifests = {}, {"train": iterator.manifest}
+  eval_tokens = config.eval.batches * d.batch_size * d.seq_len + 1
   for name, source, split in d.eval_sources():
-    evals[name] = data_lib.tokenize_corpus(data_lib.load_corpus(source, split, **kw), tokenizer)
+    evals[name] = data_lib.token_stream(source, split, tokenizer, max_tokens=eval_tokens, **kw)
     manifests[f"eval/{name}"] = evals[name].manifest
-  return train, evals, manifests
+  return iterator, evals, manifests
 
 
 def require_config(workdir: str) -> dict | None:
@@ -165,10 +173,7 @@ def train(config: RunConfig, workdir: str, initialize: Initializer, *,
   if d.batch_size % sharding.batch_shards(mesh, rules):
     raise GrowlmError(f"data.batch_size={d.batch_size} is not a multiple of the batch shards "
                       f"({sharding.batch_shards(mesh, rules)} = mesh data x fsdp)")
-  train_stream, eval_streams, manifests = load_streams(config, tokenizer)
-  iterator = data_lib.DataIterator(train_stream, d.seq_len, d.batch_size, d.seed,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count())
+  iterator, eval_streams, manifests = load_data(config, tokenizer)
 
   schedule = optim.make_schedule(t.lr, t.warmup_steps, t.num_steps, t.schedule, t.final_lr_ratio)
   optimizer = optim.make_optimizer(t, schedule, lr_multipliers=config.init.lr_multipliers)
