@@ -17,7 +17,7 @@ the lines above it (tests/test_architecture.py checks the import graph):
   commands      the library form of every command (train, grow, HF grow/train/export)
   experiments/  sweeps as config code, the launcher, analysis of grown vs scratch runs
   cli/          absl entry points (growlm.main, growlm.grow_main, growlm.hf_main, growlm.demo,
-                growlm.prepare)
+                growlm.prepare, growlm.sample)
 
 docs/design.md describes the architecture and the mathematics of exact growth.
 """

@@ -4,6 +4,7 @@
   grow_into(config, source, out)         python -m growlm.grow_main
   grow_to_hf / grow_to_run / train_from_hf / export_run
                                          python -m growlm.hf_main grow | train | export
+  sample(prompts, workdir= | hf=)        python -m growlm.sample
 
 Each takes a ConfigDict or a RunConfig (resolved here, once; the caller's config is never
 changed) and composes the stages: the initialisation seam (resume | grow | fresh) in front of
@@ -29,6 +30,7 @@ from growlm.grow import report as report_lib
 from growlm.init import seam
 from growlm.init import source as source_lib
 from growlm.interop import hf as hf_lib
+from growlm.model import generate as generate_lib
 from growlm.train import trainer
 
 # Fields growth keeps (growlm.grow.core), so they are the source's whatever the config says.
@@ -183,3 +185,50 @@ def export_run(run: str, out: str, *, tokenizer_from: str | None = None,
                           token_ids=token_ids, dtype=dtype)
 
 
+
+
+def load_for_sampling(*, workdir: str | None = None, hf: str | None = None):
+  """(ModelConfig, params, tokenizer) of a run's newest checkpoint or of an HF directory."""
+  if bool(workdir) == bool(hf):
+    raise GrowlmError("give one of --workdir=RUN and --hf=HF_DIR")
+  if hf:
+    if not hf_lib.is_hf_dir(hf):
+      raise GrowlmError(f"--hf={hf} is not a Hugging Face model directory (config.json with a "
+                        "model_type, model.safetensors)")
+    imported = hf_lib.import_hf(hf)
+    return imported.config, imported.params, data_lib.make_tokenizer(hf)
+  if hf_lib.is_hf_dir(workdir):
+    raise GrowlmError(f"--workdir={workdir} is a Hugging Face directory; accepted: --hf={workdir}")
+  src = source_lib.read_source(workdir, what="--workdir")
+  tokenizer = data_lib.make_tokenizer((src.config.get("data") or {}).get("tokenizer", "bytes"))
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  src = source_lib.restore_source(src, mesh, sharding.DEFAULT_RULES)
+  return src.model, jax.device_get(src.state.params), tokenizer
+
+
+def sample(prompts: list[str], *, workdir: str | None = None, hf: str | None = None,
+           max_new_tokens: int = 100, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0, num_samples: int = 1, seed: int = 0) -> list[list[str]]:
+  """`sample`: for each prompt, `num_samples` continuations (text after the prompt, up to the
+  first end-of-text). A prompt starts a new document, as training data does: the tokenizer's
+  end-of-text id goes first. Greedy at temperature 0 (all samples then agree)."""
+  cfg, params, tok = load_for_sampling(workdir=workdir, hf=hf)
+  if num_samples < 1:
+    raise GrowlmError(f"num_samples={num_samples}; accepted: an int >= 1")
+  if not prompts:
+    raise GrowlmError("no prompt; accepted: one or more --prompt=TEXT")
+  out = []
+  for i, prompt in enumerate(prompts):
+    ids = [tok.eot_id] + [int(t) for t in tok.encode(prompt)]
+    generate_lib.check_request(cfg, len(ids), max_new_tokens, temperature, top_k, top_p)
+    prompt_BxP = jax.numpy.asarray([ids] * num_samples, jax.numpy.int32)
+    new_BxN = jax.device_get(generate_lib.generate(
+        cfg, params, prompt_BxP, jax.random.fold_in(jax.random.key(seed), i),
+        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+        top_p=float(top_p)))
+    texts = []
+    for row in new_BxN.tolist():
+      row = row[:row.index(tok.eot_id)] if tok.eot_id in row else row
+      texts.append(tok.decode(row))
+    out.append(texts)
+  return out

@@ -32,7 +32,7 @@ LAYERS = [
     ("commands",),
     ("experiments",),
     ("cli",),
-    ("main", "grow_main", "hf_main", "demo", "prepare"),
+    ("main", "grow_main", "hf_main", "demo", "prepare", "sample"),
 ]
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 MAX_LINES = 400

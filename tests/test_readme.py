@@ -307,6 +307,18 @@ def check_prepare_jsonl(r: Result, ws: Path):
   assert sum(manifest["splits"][s]["n_documents"] for s in ("train", "eval")) == 300
 
 
+def check_sample_run(r: Result, ws: Path):
+  """The prompt and its greedy continuation, printed."""
+  lines = r.stdout.splitlines()
+  assert lines[0] == "--- prompt: 'def main('" and lines[1].startswith("def main(")
+
+
+def check_sample_hf(r: Result, ws: Path):
+  """Three sampled continuations of the prompt from the HF directory."""
+  heads = [l for l in r.stdout.splitlines() if l.startswith("--- prompt")]
+  assert heads == [f"--- prompt (sample {i} of 3): 'import os'" for i in (1, 2, 3)]
+
+
 def check_grow_main(r: Result, ws: Path):
   """An exactly grown run dir at step 0 with its preservation report."""
   run = ws / "runs/tiny-grown"
@@ -515,6 +527,10 @@ CASES: dict[str, Case] = {
          flags=(("--config.data.max_bytes", "0"),),
          reason="runlocal caps in-memory sources with data.max_bytes, which prepared data "
                 "refuses; set back to 0"),
+    (_CMD + "sample --workdir=runs/tiny --prompt='def main(' --max_new_tokens=80"): Case(
+        "sample-run", check_sample_run, after=("main-tiny",)),
+    (_CMD + "sample --hf=HF_DIR --prompt='import os' --temperature=0.8 --top_p=0.95 "
+     "--num_samples=3 --max_new_tokens=40"): Case("sample-hf", check_sample_hf),
     (_CMD + "prepare --source='jsonl:corpus/*.jsonl' --text_field=content --tokenizer=HF_DIR "
      "--out=runs/data/corpus"): Case("prepare-jsonl", check_prepare_jsonl),
 }

@@ -179,4 +179,9 @@ def test_notebook_executes_headless(quick_sweep, monkeypatch):
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
   assert any("image/png" in o.get("data", {}) for o in outputs)
   assert any("grown_tile" in o.get("data", {}).get("text/markdown", "") for o in outputs)
+  samples = [o["data"]["text/markdown"] for o in outputs
+             if o.get("data", {}).get("text/markdown", "").startswith("Samples")]
+  assert len(samples) == 1
+  rows = {line.split(" | ")[0].strip("| ") for line in samples[0].splitlines()[4:]}
+  assert rows == {"source", "grown_tile", "grown_zeros", "scratch"}
   assert os.environ.get("GROWLM_SWEEP_DIR") == str(quick_sweep)

@@ -79,6 +79,19 @@ def choose(impl: str, dtype: str, head_dim: int, seq_len: int, platform: str | N
 
 def naive(q_BxLxHxE: Array, k_BxSxKxE: Array, v_BxSxKxE: Array) -> Array:
   """The reference: full [L, S] scores in >= float32, causal mask, softmax, weighted sum."""
+  L = q_BxLxHxE.shape[1]
+  return _masked(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, jnp.tril(jnp.ones((L, L), dtype=bool)))
+
+
+def cached(q_BxLxHxE: Array, k_BxTxKxE: Array, v_BxTxKxE: Array, positions_L: Array) -> Array:
+  """Attention of L new queries at `positions_L` over a key/value cache of T slots: query l
+  reads the slots s <= positions_L[l] (later slots are unwritten or in its future)."""
+  T = k_BxTxKxE.shape[1]
+  return _masked(q_BxLxHxE, k_BxTxKxE, v_BxTxKxE, jnp.arange(T)[None, :] <= positions_L[:, None])
+
+
+def _masked(q_BxLxHxE: Array, k_BxSxKxE: Array, v_BxSxKxE: Array, mask_LxS: Array) -> Array:
+  """Softmax attention with scale 1/sqrt(E) under a boolean mask, scores in >= float32."""
   B, L, H, E = q_BxLxHxE.shape
   K = k_BxSxKxE.shape[2]
   G = H // K
@@ -87,8 +100,7 @@ def naive(q_BxLxHxE: Array, k_BxSxKxE: Array, v_BxSxKxE: Array) -> Array:
   q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, G, E)
   logits_BxKxGxLxS = jnp.einsum("blkge,bske->bkgls", q_BxLxKxGxE, k_BxSxKxE,
                                 preferred_element_type=acc) / jnp.sqrt(E).astype(acc)
-  causal_LxS = jnp.tril(jnp.ones((L, L), dtype=bool))
-  logits_BxKxGxLxS = jnp.where(causal_LxS, logits_BxKxGxLxS, jnp.finfo(acc).min)
+  logits_BxKxGxLxS = jnp.where(mask_LxS, logits_BxKxGxLxS, jnp.finfo(acc).min)
   probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(dt)
   ctx_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", probs, v_BxSxKxE)
   return ctx_BxLxKxGxE.reshape(B, L, H, E)
