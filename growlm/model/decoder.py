@@ -93,9 +93,39 @@ def apply_rope(x_BxLxHxE: Array, cos_LxE2: Array, sin_LxE2: Array) -> Array:
   return out.astype(x_BxLxHxE.dtype)
 
 
+def attention_inputs(cfg: ModelConfig, p: dict, x_BxLxD: Array, positions_L: Array
+                     ) -> tuple[Array, Array, Array]:
+  """q [B, L, H, E] and k, v [B, L, K, E] of one layer's attention (`p`: its parameters) in the
+  compute dtype, biased and, under RoPE, rotated to `positions_L`."""
+  dt = _dtype(cfg.dtype)
+  x = x_BxLxD.astype(dt)
+  q_BxLxHxE = jnp.einsum("bld,dhe->blhe", x, p["query"].astype(dt))
+  k_BxSxKxE = jnp.einsum("bsd,dke->bske", x, p["key"].astype(dt))
+  v_BxSxKxE = jnp.einsum("bsd,dke->bske", x, p["value"].astype(dt))
+  if cfg.use_bias:
+    q_BxLxHxE += p["query_bias"].astype(dt)
+    k_BxSxKxE += p["key_bias"].astype(dt)
+    v_BxSxKxE += p["value_bias"].astype(dt)
+  if cfg.positions == "rope":
+    cos, sin = rope_tables(positions_L, cfg.head_dim, cfg.rope_theta, _acc_dtype(dt))
+    q_BxLxHxE = apply_rope(q_BxLxHxE, cos, sin)
+    k_BxSxKxE = apply_rope(k_BxSxKxE, cos, sin)
+  return q_BxLxHxE, k_BxSxKxE, v_BxSxKxE
+
+
+def attention_output(cfg: ModelConfig, p: dict, ctx_BxLxHxE: Array) -> Array:
+  """The attention context projected back to the residual stream (plus its bias)."""
+  dt = _dtype(cfg.dtype)
+  out_BxLxD = jnp.einsum("blhe,hed->bld", ctx_BxLxHxE, p["out"].astype(dt))
+  if cfg.use_bias:
+    out_BxLxD += p["out_bias"].astype(dt)
+  return out_BxLxD
+
+
 class Attention(nn.Module):
   """Causal multi-head attention with grouped KV heads (query head h reads kv head h // G); the
-  kernel is `cfg.attention` (growlm.model.attention)."""
+  kernel is `cfg.attention` (growlm.model.attention). The projections are `attention_inputs`
+  and `attention_output`, which the cached decoder (growlm.model.generate) calls too."""
   cfg: ModelConfig
   deterministic: bool = True
 
@@ -103,33 +133,24 @@ class Attention(nn.Module):
   def __call__(self, x_BxLxD: Array) -> Array:
     cfg = self.cfg
     D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    dt = _dtype(cfg.dtype)
     in_init = _fan_in_init(1.0, 0, (1, 2))
     out_init = _fan_in_init(1.0 / (2 * cfg.n_layers), (0, 1), 2)
-    w_q = _param(self, "query", in_init, (D, H, E), ("embed", "heads", "head_dim"), cfg)
-    w_k = _param(self, "key", in_init, (D, K, E), ("embed", "kv_heads", "head_dim"), cfg)
-    w_v = _param(self, "value", in_init, (D, K, E), ("embed", "kv_heads", "head_dim"), cfg)
-    w_o = _param(self, "out", out_init, (H, E, D), ("heads", "head_dim", "embed"), cfg)
-    x = x_BxLxD.astype(dt)
-    q_BxLxHxE = jnp.einsum("bld,dhe->blhe", x, w_q.astype(dt))
-    k_BxSxKxE = jnp.einsum("bsd,dke->bske", x, w_k.astype(dt))
-    v_BxSxKxE = jnp.einsum("bsd,dke->bske", x, w_v.astype(dt))
+    # Created in this order (it fixes each parameter's init draw).
+    p = {"query": _param(self, "query", in_init, (D, H, E), ("embed", "heads", "head_dim"), cfg),
+         "key": _param(self, "key", in_init, (D, K, E), ("embed", "kv_heads", "head_dim"), cfg),
+         "value": _param(self, "value", in_init, (D, K, E), ("embed", "kv_heads", "head_dim"),
+                         cfg),
+         "out": _param(self, "out", out_init, (H, E, D), ("heads", "head_dim", "embed"), cfg)}
     if cfg.use_bias:
       zeros = nn.initializers.zeros
-      q_BxLxHxE += _param(self, "query_bias", zeros, (H, E), ("heads", "head_dim"), cfg).astype(dt)
-      k_BxSxKxE += _param(self, "key_bias", zeros, (K, E), ("kv_heads", "head_dim"), cfg).astype(dt)
-      v_BxSxKxE += _param(self, "value_bias", zeros, (K, E), ("kv_heads", "head_dim"),
-                          cfg).astype(dt)
-    L = x.shape[1]
-    if cfg.positions == "rope":
-      cos, sin = rope_tables(jnp.arange(L), E, cfg.rope_theta, _acc_dtype(dt))
-      q_BxLxHxE = apply_rope(q_BxLxHxE, cos, sin)
-      k_BxSxKxE = apply_rope(k_BxSxKxE, cos, sin)
+      p["query_bias"] = _param(self, "query_bias", zeros, (H, E), ("heads", "head_dim"), cfg)
+      p["key_bias"] = _param(self, "key_bias", zeros, (K, E), ("kv_heads", "head_dim"), cfg)
+      p["value_bias"] = _param(self, "value_bias", zeros, (K, E), ("kv_heads", "head_dim"), cfg)
+      p["out_bias"] = _param(self, "out_bias", zeros, (D,), ("embed",), cfg)
+    q_BxLxHxE, k_BxSxKxE, v_BxSxKxE = attention_inputs(cfg, p, x_BxLxD,
+                                                       jnp.arange(x_BxLxD.shape[1]))
     ctx_BxLxHxE = attention.attend(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, cfg.attention)
-    out_BxLxD = jnp.einsum("blhe,hed->bld", ctx_BxLxHxE, w_o.astype(dt))
-    if cfg.use_bias:
-      out_BxLxD += _param(self, "out_bias", nn.initializers.zeros, (D,), ("embed",),
-                          cfg).astype(dt)
+    out_BxLxD = attention_output(cfg, p, ctx_BxLxHxE)
     return nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)(out_BxLxD)
 
 

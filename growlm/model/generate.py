@@ -3,9 +3,10 @@
 `forward(cfg, params, cache, tokens_BxL, pos0)` runs L new tokens at positions pos0 ..
 pos0 + L - 1 and returns their logits and the cache with their keys and values written in: the
 same function as `decoder.apply` on the whole sequence (tests/test_sample.py checks the logits
-step by step), computed with the decoder's own Norm and Mlp modules and its RoPE tables, and
-attention `attention.cached` over the cache. `generate` prefills the prompt in one call and then
-decodes one token per step inside a `lax.scan`, all under one jit.
+step by step), computed with the decoder's own Norm and Mlp modules and attention projections
+(`attention_inputs`, `attention_output`), and `attention.cached` over the cache. `generate`
+prefills the prompt in one call and then decodes one token per step inside a `lax.scan`, all
+under one jit.
 
 Sampling (`sample_logits`): temperature 0 is greedy (argmax); otherwise logits / temperature,
 optionally restricted to the top_k largest and to the smallest set whose probability reaches
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 from growlm.errors import GrowlmError
 from growlm.model import attention
 from growlm.model.config import ModelConfig
-from growlm.model.decoder import Mlp, Norm, apply_rope, rope_tables
+from growlm.model.decoder import Mlp, Norm, attention_inputs, attention_output
 
 Array = jax.Array
 
@@ -38,28 +39,12 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int) -> dict:
 def _attention(cfg: ModelConfig, p: dict, x_BxLxD: Array, k_BxTxKxE: Array, v_BxTxKxE: Array,
                positions_L: Array) -> tuple[Array, Array, Array]:
   """One layer's attention on new tokens; returns (output, updated k cache, updated v cache)."""
-  dt = jnp.dtype(cfg.dtype)
-  x = x_BxLxD.astype(dt)
-  q_BxLxHxE = jnp.einsum("bld,dhe->blhe", x, p["query"].astype(dt))
-  k_BxLxKxE = jnp.einsum("bld,dke->blke", x, p["key"].astype(dt))
-  v_BxLxKxE = jnp.einsum("bld,dke->blke", x, p["value"].astype(dt))
-  if cfg.use_bias:
-    q_BxLxHxE += p["query_bias"].astype(dt)
-    k_BxLxKxE += p["key_bias"].astype(dt)
-    v_BxLxKxE += p["value_bias"].astype(dt)
-  if cfg.positions == "rope":
-    cos, sin = rope_tables(positions_L, cfg.head_dim, cfg.rope_theta,
-                           jnp.promote_types(dt, jnp.float32))
-    q_BxLxHxE = apply_rope(q_BxLxHxE, cos, sin)
-    k_BxLxKxE = apply_rope(k_BxLxKxE, cos, sin)
+  q_BxLxHxE, k_BxLxKxE, v_BxLxKxE = attention_inputs(cfg, p, x_BxLxD, positions_L)
   start = (0, positions_L[0], 0, 0)
   k_BxTxKxE = jax.lax.dynamic_update_slice(k_BxTxKxE, k_BxLxKxE.astype(k_BxTxKxE.dtype), start)
   v_BxTxKxE = jax.lax.dynamic_update_slice(v_BxTxKxE, v_BxLxKxE.astype(v_BxTxKxE.dtype), start)
   ctx_BxLxHxE = attention.cached(q_BxLxHxE, k_BxTxKxE, v_BxTxKxE, positions_L)
-  out_BxLxD = jnp.einsum("blhe,hed->bld", ctx_BxLxHxE, p["out"].astype(dt))
-  if cfg.use_bias:
-    out_BxLxD += p["out_bias"].astype(dt)
-  return out_BxLxD, k_BxTxKxE, v_BxTxKxE
+  return attention_output(cfg, p, ctx_BxLxHxE), k_BxTxKxE, v_BxTxKxE
 
 
 def forward(cfg: ModelConfig, params: dict, cache: dict, tokens_BxL: Array, pos0
