@@ -91,25 +91,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return args
 
 
-
 def corpus_sample(max_bytes: int) -> list[tuple[str, str]]:
   """(relative path, text) of the stdlib's .py files in source order whose UTF-8 bytes fit in
-  `max_bytes` together (whole files: one that would overflow is passed over; the first file is
-  taken whatever its size; files that are not UTF-8 are skipped, as the source skips them)."""
-  out, total = [], 0
-  for rel, path in data.stdlib_files():
-    if out and total + path.stat().st_size > max_bytes:
-      continue
-    try:
-      text = path.read_text(encoding="utf-8")
-    except (UnicodeDecodeError, OSError):
-      continue
-    size = len(text.encode("utf-8"))
-    if out and total + size > max_bytes:
-      continue
-    out.append((rel, text))
-    total += size
-  return out
+  `max_bytes` together (the stdlib source's own byte cap: whole files, one that would overflow
+  is passed over)."""
+  return data.load_documents("stdlib", "all", max_bytes=max_bytes)
 
 
 def make_source(args: argparse.Namespace, tmp: str) -> tuple[str, str]:
@@ -128,22 +114,15 @@ def make_source(args: argparse.Namespace, tmp: str) -> tuple[str, str]:
 
 
 def train_bpe(args: argparse.Namespace, path: str) -> dict[str, Any]:
-  """Trains a byte-level BPE (tests/conftest.py's recipe) on the first `bpe_kb` KB; saves it."""
-  import tokenizers  # pylint: disable=g-import-not-at-top
+  """Trains a byte-level BPE (`data.train_byte_level_bpe`) on the first `bpe_kb` KB; saves it."""
   texts = [t for _, t in corpus_sample(args.bpe_kb * 1000)]
   t0 = time.perf_counter()
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=args.bpe_vocab, special_tokens=["<pad>", "<|endoftext|>"], show_progress=False,
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(texts, trainer)
+  tok = data.train_byte_level_bpe(texts, args.bpe_vocab)
   seconds = time.perf_counter() - t0
   tok.save(path)
   loaded = data.make_tokenizer(path)
   return {"kind": "byte-level BPE tokenizer.json trained by this run with the `tokenizers` "
-                  "library (special tokens <pad>, <|endoftext|>; tests/conftest.py's recipe)",
+                  "library (special tokens <pad>, <|endoftext|>; data.train_byte_level_bpe)",
           "vocab_size_asked": args.bpe_vocab, "vocab_size": int(loaded.vocab_size),
           "trained_on_files": len(texts),
           "trained_on_bytes": sum(len(t.encode("utf-8")) for t in texts),

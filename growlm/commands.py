@@ -103,7 +103,8 @@ def _first_eval_batches(config: RunConfig, vocab_size: int) -> tuple[str, list[d
   name, source, split = d.eval_sources()[0]
   stream = data_lib.token_stream(source, split, tokenizer, eval_fraction=d.eval_fraction,
                                  max_bytes=d.max_bytes, data_dir=d.data_dir or None,
-                                 max_tokens=config.eval.batches * d.batch_size * d.seq_len + 1)
+                                 max_tokens=data_lib.eval_tokens(d.seq_len, d.batch_size,
+                                                                 config.eval.batches))
   return name, data_lib.eval_batches(stream, d.seq_len, d.batch_size, config.eval.batches)
 
 
@@ -174,17 +175,25 @@ def export_run(run: str, out: str, *, tokenizer_from: str | None = None,
   token_ids = None
   if not (tokenizer_from and os.path.isfile(os.path.join(tokenizer_from, "config.json"))):
     try:
-      tok = data_lib.make_tokenizer((src.config.get("data") or {}).get("tokenizer", "bytes"))
+      tok = _run_tokenizer(src.config)
       token_ids = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id,
                    "pad_token_id": tok.pad_id}
     except GrowlmError:
       pass  # the run's tokenizer file is gone: the ids are left unset, the weights still export
-  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  src = source_lib.restore_source(src, mesh, sharding.DEFAULT_RULES)
+  src = _restore_here(src)
   return hf_lib.export_hf(src.state.params, src.model, out, tokenizer_from=tokenizer_from,
                           token_ids=token_ids, dtype=dtype)
 
 
+def _run_tokenizer(run_cfg: dict):
+  """The tokenizer a run trained with (its data.tokenizer)."""
+  return data_lib.make_tokenizer((run_cfg.get("data") or {}).get("tokenizer", "bytes"))
+
+
+def _restore_here(src: source_lib.Source) -> source_lib.Source:
+  """The source's newest checkpoint restored onto all of this process's devices."""
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  return source_lib.restore_source(src, mesh, sharding.DEFAULT_RULES)
 
 
 def load_for_sampling(*, workdir: str | None = None, hf: str | None = None):
@@ -200,9 +209,8 @@ def load_for_sampling(*, workdir: str | None = None, hf: str | None = None):
   if hf_lib.is_hf_dir(workdir):
     raise GrowlmError(f"--workdir={workdir} is a Hugging Face directory; accepted: --hf={workdir}")
   src = source_lib.read_source(workdir, what="--workdir")
-  tokenizer = data_lib.make_tokenizer((src.config.get("data") or {}).get("tokenizer", "bytes"))
-  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  src = source_lib.restore_source(src, mesh, sharding.DEFAULT_RULES)
+  tokenizer = _run_tokenizer(src.config)
+  src = _restore_here(src)
   return src.model, jax.device_get(src.state.params), tokenizer
 
 

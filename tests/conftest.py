@@ -39,15 +39,8 @@ def run_config(**overrides):
 def byte_level_bpe(texts, vocab_size: int):
   """A small byte-level BPE `tokenizers.Tokenizer` (special tokens <pad>, <|endoftext|>) trained
   on `texts`, as GPT-2's tokenizer.json is built; for tests of the HF tokenizer path."""
-  import tokenizers  # pylint: disable=g-import-not-at-top
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=vocab_size, special_tokens=["<pad>", "<|endoftext|>"],
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(texts, trainer)
-  return tok
+  from growlm.data import train_byte_level_bpe  # pylint: disable=g-import-not-at-top
+  return train_byte_level_bpe(texts, vocab_size)
 
 
 def load_benchmark(name: str):

@@ -18,7 +18,8 @@ Callers import the package, not its modules: `data.make_tokenizer("bytes")`,
 """
 
 from growlm.data.documents import SPLITS, Corpus, documents_sha256, truncate_utf8
-from growlm.data.pipeline import DataIterator, TokenStream, eval_batches, num_windows
+from growlm.data.pipeline import DataIterator, TokenStream, eval_batches, eval_tokens
+from growlm.data.pipeline import num_windows
 from growlm.data.pipeline import tokenize_corpus
 from growlm.data.prepare_tokens import prepare_tokens
 from growlm.data.shards import PreparedSplit, read_manifest
@@ -27,15 +28,16 @@ from growlm.data.stream import PreparedIterator, open_split, prepared_dir, token
 from growlm.data.stream import train_iterator
 from growlm.data.tfds_prepare import prepare_text_dataset
 from growlm.data.tokenizers import ByteTokenizer, HFTokenizer, SentencePieceTokenizer
-from growlm.data.tokenizers import make_tokenizer
+from growlm.data.tokenizers import make_tokenizer, train_byte_level_bpe
 from growlm.data.units import list_units, resolve_file_patterns, site_packages_files
 from growlm.data.units import stdlib_files
 
 __all__ = [
     "SOURCE_FORMS", "SPLITS", "ByteTokenizer", "Corpus", "DataIterator", "HFTokenizer",
     "PreparedIterator", "PreparedSplit", "SentencePieceTokenizer", "TokenStream",
-    "documents_sha256", "eval_batches", "list_units", "load_corpus", "load_documents",
-    "make_tokenizer", "num_windows", "open_split", "prepare_text_dataset", "prepare_tokens",
-    "prepared_dir", "read_manifest", "resolve_file_patterns", "site_packages_files",
-    "stdlib_files", "token_stream", "tokenize_corpus", "train_iterator", "truncate_utf8",
+    "documents_sha256", "eval_batches", "eval_tokens", "list_units", "load_corpus",
+    "load_documents", "make_tokenizer", "num_windows", "open_split", "prepare_text_dataset",
+    "prepare_tokens", "prepared_dir", "read_manifest", "resolve_file_patterns",
+    "site_packages_files", "stdlib_files", "token_stream", "tokenize_corpus", "train_iterator",
+    "train_byte_level_bpe", "truncate_utf8",
 ]

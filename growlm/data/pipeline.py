@@ -54,7 +54,17 @@ def tokenize_corpus(corpus: documents.Corpus, tokenizer: Any) -> TokenStream:
 
 def num_windows(stream: TokenStream, seq_len: int) -> int:
   """How many packed windows of `seq_len` targets the stream holds."""
-  return max(0, (int(stream.tokens.size) - 1) // seq_len)
+  return _windows(stream.tokens.size, seq_len)
+
+
+def _windows(n_tokens: int, seq_len: int) -> int:
+  """Packed windows of `seq_len` targets in `n_tokens` tokens (stride seq_len, one overlap)."""
+  return max(0, (int(n_tokens) - 1) // seq_len)
+
+
+def eval_tokens(seq_len: int, global_batch: int, n_batches: int) -> int:
+  """The tokens `eval_batches` reads at most: the first n_batches * global_batch windows."""
+  return n_batches * global_batch * seq_len + 1
 
 
 def check_layout(n_tokens: int, seq_len: int, global_batch: int, process_index: int,
@@ -71,7 +81,7 @@ def check_layout(n_tokens: int, seq_len: int, global_batch: int, process_index: 
   if global_batch % process_count:
     raise GrowlmError(f"global_batch={global_batch} not accepted: it must be divisible by "
                       f"process_count={process_count}")
-  n_windows = max(0, (int(n_tokens) - 1) // seq_len)
+  n_windows = _windows(n_tokens, seq_len)
   if n_windows < global_batch:
     raise GrowlmError(
         f"{what} has {n_tokens} tokens: too few for one batch of {global_batch} x {seq_len} "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import json
 import multiprocessing
 import os
 import sys
@@ -61,41 +60,44 @@ def _sha_lines(lines) -> str:
 
 
 def _run_part(job: dict) -> dict:
-  """Tokenizes one part into its shards and writes its marker; returns the marker."""
+  """Tokenizes one part into its shards (each unit read once, for both splits) and writes its
+  marker; returns the marker."""
   tok = _tokenizer(job["tokenizer"])
-  dtype = np.dtype(job["dtype"])
   eot = np.asarray([tok.eot_id], dtype=np.int64)
-  marker: dict[str, Any] = {"part": job["part"], "splits": {}}
-  source_lines = []
-  for split in shards.SPLITS:
-    path = os.path.join(job["out"], shards.shard_name(split, job["part"], job["n_parts"]))
-    writer = shards.ShardWriter(path, dtype, job["record_tokens"])
-    n_docs = n_bytes = 0
-    try:
-      for unit_fields in job["units"]:
-        unit = units.Unit(**unit_fields)
-        docs = [(i, t) for i, t in units.unit_documents(
-            unit, split, eval_fraction=job["eval_fraction"], text_field=job["text_field"],
-            data_dir=job["data_dir"]) if t]
+  writers = {split: shards.ShardWriter(
+      os.path.join(job["out"], shards.shard_name(split, job["part"], job["n_parts"])),
+      np.dtype(job["dtype"]), job["record_tokens"]) for split in shards.SPLITS}
+  counts = {split: {"n_documents": 0, "n_bytes": 0} for split in shards.SPLITS}
+  source_lines: dict[str, list[str]] = {split: [] for split in shards.SPLITS}
+  try:
+    for unit_fields in job["units"]:
+      by_split = units.unit_splits(
+          units.Unit(**unit_fields), shards.SPLITS, eval_fraction=job["eval_fraction"],
+          text_field=job["text_field"], data_dir=job["data_dir"])
+      for split, found in by_split.items():
+        docs = [(doc_id, text) for doc_id, text in found if text]
         for (doc_id, text), ids in zip(docs, tok.encode_batch([t for _, t in docs])):
           data = text.encode("utf-8")
-          source_lines.append(f"{split}\t{doc_id}\t{hashlib.sha256(data).hexdigest()}")
+          source_lines[split].append(f"{split}\t{doc_id}\t{hashlib.sha256(data).hexdigest()}")
           if ids.size and (int(ids.max()) >= tok.vocab_size or int(ids.min()) < 0):
             raise GrowlmError(f"tokenizer {job['tokenizer']!r} gave ids outside its vocabulary")
-          writer.add(eot)
-          writer.add(ids)
-          n_docs += 1
-          n_bytes += len(data)
-    except BaseException:
+          writers[split].add(eot)
+          writers[split].add(ids)
+          counts[split]["n_documents"] += 1
+          counts[split]["n_bytes"] += len(data)
+  except BaseException:
+    for writer in writers.values():
       writer.abandon()
-      raise
+    raise
+  marker: dict[str, Any] = {"part": job["part"], "splits": {}}
+  for split, writer in writers.items():
     if writer.n_tokens:
       entry = writer.close()
     else:
       writer.abandon()
       entry = {"file": None, "n_tokens": 0, "n_records": 0, "file_bytes": 0, "sha256": None}
-    marker["splits"][split] = {**entry, "n_documents": n_docs, "n_bytes": n_bytes}
-  marker["source_sha256"] = _sha_lines(source_lines)
+    marker["splits"][split] = {**entry, **counts[split]}
+  marker["source_sha256"] = _sha_lines(source_lines["train"] + source_lines["eval"])
   write_json_atomic(os.path.join(job["out"], shards.marker_name(job["part"], job["n_parts"])),
                     marker)
   return marker
@@ -246,5 +248,4 @@ def _manifest(plan: dict, markers: list[dict]) -> dict:
     }
   source_sha = _sha_lines(m["source_sha256"] for m in markers)
   return {**plan, "splits": splits, "source_sha256": source_sha,
-          "sha256": _sha_lines(json.dumps([source_sha, splits["train"]["sha256"],
-                                           splits["eval"]["sha256"]]).split())}
+          "sha256": _sha_lines([source_sha, splits["train"]["sha256"], splits["eval"]["sha256"]])}

@@ -43,7 +43,7 @@ def _stdlib_capped(split: str, eval_fraction: float, max_bytes: int) -> list[tup
     if total + n > max_bytes:
       continue
     total += n
-    if units.unit_documents(unit, split, eval_fraction=eval_fraction):
+    if units.in_split(unit, split, eval_fraction):
       docs.append(found[0])
   return docs
 

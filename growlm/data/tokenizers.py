@@ -158,6 +158,22 @@ def _newline_chunks(text: str, size: int) -> list[str]:
   return out
 
 
+def train_byte_level_bpe(texts: Sequence[str], vocab_size: int):
+  """A byte-level BPE `tokenizers.Tokenizer` trained on `texts` as GPT-2's tokenizer.json is
+  built (special tokens <pad> and <|endoftext|>, the 256 byte symbols always in); `.save(path)`
+  writes a tokenizer.json that `make_tokenizer` reads. Its vocabulary may come out smaller than
+  `vocab_size` when the texts offer fewer merges."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=["<pad>", "<|endoftext|>"], show_progress=False,
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(texts, trainer)
+  return tok
+
+
 def make_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer | SentencePieceTokenizer:
   """'bytes' -> ByteTokenizer; a tokenizer.json path (or a folder holding one) -> HFTokenizer;
   a SentencePiece .model path (or a folder holding tokenizer.model) -> SentencePieceTokenizer."""

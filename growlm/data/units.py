@@ -191,40 +191,64 @@ def _field(row, text_field: str, where: str) -> str:
   return value
 
 
-def unit_documents(unit: Unit, split: str, *, eval_fraction: float, text_field: str = "text",
-                   data_dir: str | None = None) -> list[tuple[str, str]]:
-  """(document id, text) of the unit's documents in `split` ("train", "eval" or "all")."""
+def unit_splits(unit: Unit, splits, *, eval_fraction: float, text_field: str = "text",
+                data_dir: str | None = None) -> dict[str, list[tuple[str, str]]]:
+  """{split: (document id, text) of the unit's documents in it} for each of `splits` ("train",
+  "eval", "all"), reading the unit once (and not at all when none of them holds it)."""
+  out: dict[str, list[tuple[str, str]]] = {split: [] for split in splits}
   if unit.kind in ("stdlib", "site-packages"):
-    if not _in_split(unit.id, split, eval_fraction):
-      return []
-    try:   # an installed tree may hold a non-UTF-8 file: it is not part of the corpus
-      return [(unit.id, Path(unit.path).read_bytes().decode("utf-8"))]
-    except UnicodeDecodeError:
-      return []
-  if unit.kind == "file":
+    wanted = [split for split in splits if _in_split(unit.id, split, eval_fraction)]
+    if wanted:
+      try:   # an installed tree may hold a non-UTF-8 file: it is not part of the corpus
+        text = Path(unit.path).read_bytes().decode("utf-8")
+      except UnicodeDecodeError:
+        return out
+      for split in wanted:
+        out[split].append((unit.id, text))
+  elif unit.kind == "file":
     try:
       text = Path(unit.path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
       raise GrowlmError(f"file {unit.path!r} is not UTF-8 text (byte {e.start})") from e
     cut = _tail_cut(text, eval_fraction)
-    if split == "all":
-      return [(unit.path, text)]
-    return [(f"{unit.path}#{split}", text[:cut] if split == "train" else text[cut:])]
-  if unit.kind in ("jsonl", "parquet"):
-    out = []
+    for split in splits:
+      out[split].append((unit.path, text) if split == "all" else
+                        (f"{unit.path}#{split}", text[:cut] if split == "train" else text[cut:]))
+  elif unit.kind in ("jsonl", "parquet"):
     for row, text in _rows(unit, text_field):
       doc_id = f"{unit.path}:{row}"
-      if _in_split(doc_id, split, eval_fraction):
-        out.append((doc_id, text))
-    return out
-  if unit.kind == "tfds":
+      for split in splits:
+        if _in_split(doc_id, split, eval_fraction):
+          out[split].append((doc_id, text))
+  elif unit.kind == "tfds":
     from growlm.data import tfds_text  # pylint: disable=g-import-not-at-top
     role = "train" if unit.path == "train" else "eval"
-    if split not in ("all", role):
-      return []
-    name = unit.id.rsplit("/", 2)[0]
-    return tfds_text.read_range(name, unit.path, unit.start, unit.stop, data_dir, text_field)
-  raise GrowlmError(f"unit kind {unit.kind!r} not understood")
+    wanted = [split for split in splits if split in ("all", role)]
+    if wanted:
+      docs = tfds_text.read_range(_tfds_name(unit), unit.path, unit.start, unit.stop, data_dir,
+                                  text_field)
+      for split in wanted:
+        out[split] = list(docs)
+  else:
+    raise GrowlmError(f"unit kind {unit.kind!r} not understood")
+  return out
+
+
+def unit_documents(unit: Unit, split: str, *, eval_fraction: float, text_field: str = "text",
+                   data_dir: str | None = None) -> list[tuple[str, str]]:
+  """(document id, text) of the unit's documents in `split` ("train", "eval" or "all")."""
+  return unit_splits(unit, (split,), eval_fraction=eval_fraction, text_field=text_field,
+                     data_dir=data_dir)[split]
+
+
+def in_split(unit: Unit, split: str, eval_fraction: float) -> bool:
+  """Whether a hash-split unit (stdlib, site-packages) belongs to `split`."""
+  return _in_split(unit.id, split, eval_fraction)
+
+
+def _tfds_name(unit: Unit) -> str:
+  """The tfds NAME of a tfds unit (its id is NAME/split/start)."""
+  return unit.id.rsplit("/", 2)[0]
 
 
 def check_text_field(unit: Unit, text_field: str, data_dir: str | None = None) -> None:
@@ -233,5 +257,5 @@ def check_text_field(unit: Unit, text_field: str, data_dir: str | None = None) -
     next(_rows(unit, text_field), None)
   elif unit.kind == "tfds" and unit.stop > unit.start:
     from growlm.data import tfds_text  # pylint: disable=g-import-not-at-top
-    tfds_text.read_range(unit.id.rsplit("/", 2)[0], unit.path, unit.start, unit.start + 1,
-                         data_dir, text_field)
+    tfds_text.read_range(_tfds_name(unit), unit.path, unit.start, unit.start + 1, data_dir,
+                         text_field)

@@ -115,7 +115,7 @@ def load_data(config: RunConfig, tokenizer) -> tuple[Any, dict, dict]:
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count(), **kw)
   evals, manifests = {}, {"train": iterator.manifest}
-  eval_tokens = config.eval.batches * d.batch_size * d.seq_len + 1
+  eval_tokens = data_lib.eval_tokens(d.seq_len, d.batch_size, config.eval.batches)
   for name, source, split in d.eval_sources():
     evals[name] = data_lib.token_stream(source, split, tokenizer, max_tokens=eval_tokens, **kw)
     manifests[f"eval/{name}"] = evals[name].manifest
