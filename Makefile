@@ -1,5 +1,5 @@
 # One command each on a fresh machine: `make demo`, `make test`, `make bench` (and `make corpus`).
-# Each creates .venv with the pinned set (setup.cfg) first; re-running is a no-op once installed.
+# Each creates .venv with the pinned CPU set (constraints/cpu.txt) first; re-running is a no-op once installed.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -15,11 +15,11 @@ CORPUS ?= runs/data/site-packages
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml constraints/cpu.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 11), "growlm needs Python >= 3.11, got " + sys.version.split()[0]'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q -c constraints/cpu.txt -e '.[$(EXTRAS)]'
 	touch $@
 
 test: install

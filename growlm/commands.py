@@ -14,15 +14,14 @@ renamed at the end, so on any error nothing is left at OUT.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
-import shutil
 from typing import Any, Callable
 
 import jax
 
 from growlm import data as data_lib
-from growlm import sharding
+from growlm import fs, rundir, sharding
 from growlm.config.typed import RunConfig, resolve
 from growlm.errors import GrowlmError
 from growlm.grow import core as grow_core
@@ -53,7 +52,8 @@ def train(config: Any, workdir: str, *, params_fn: Callable[[Any], Any] | None =
 
 
 def _check_out(out: str) -> None:
-  if os.path.exists(out):
+  fs.check_bucket(out, "--out")
+  if fs.exists(out):
     raise GrowlmError(f"--out={out} exists; accepted: a path that does not exist yet")
 
 
@@ -64,16 +64,17 @@ def grow_into(config: Any, source: str, out: str) -> dict[str, Any]:
   config = resolve(config)
   config = config.replace(init=dataclasses.replace(config.init, source=source))
   partial = out.rstrip("/") + ".partial"
-  if jax.process_index() == 0 and os.path.exists(partial):
-    shutil.rmtree(partial)
+  if jax.process_index() == 0 and fs.exists(partial):
+    fs.rmtree(partial)
   try:
     summary = train(config, partial, stop_after_init=True)
   except BaseException:
     if jax.process_index() == 0:
-      shutil.rmtree(partial, ignore_errors=True)
+      with contextlib.suppress(Exception):
+        fs.rmtree(partial)
     raise
   if jax.process_index() == 0:
-    os.rename(partial, out)
+    fs.rename(partial, out, last=rundir.CONFIG)   # a copy on gs://: config.json, what marks a run, last
   return summary
 
 
@@ -131,7 +132,7 @@ def grow_to_hf(config: Any, source: str, out: str, *, as_is: bool = False) -> di
   params = jax.jit(run)(src.params, jax.random.PRNGKey(config.init.seed))
   report = report_lib.preservation_report(
       src.config, src.params, grown_cfg, params, batches, plan,
-      extra={"source": os.path.abspath(source), "source_step": 0, "source_flops": 0.0,
+      extra={"source": fs.absolute(source), "source_step": 0, "source_flops": 0.0,
              "eval_dataset": name})
   print(report_lib.format_report(report), flush=True)
   arch = hf_lib.export_hf(params, grown_cfg, out, tokenizer_from=source,
@@ -159,7 +160,7 @@ def _tokenizer_source(run_cfg: dict) -> str | None:
   if source and hf_lib.is_hf_dir(source):
     return source
   tok = (run_cfg.get("data") or {}).get("tokenizer", "bytes")
-  return tok if tok != "bytes" and os.path.exists(tok) else None
+  return tok if tok != "bytes" and fs.exists(tok) else None
 
 
 def export_run(run: str, out: str, *, tokenizer_from: str | None = None,
@@ -173,7 +174,7 @@ def export_run(run: str, out: str, *, tokenizer_from: str | None = None,
   hf_lib.hf_architecture(src.model)   # refuse before reading any arrays
   tokenizer_from = tokenizer_from or _tokenizer_source(src.config)
   token_ids = None
-  if not (tokenizer_from and os.path.isfile(os.path.join(tokenizer_from, "config.json"))):
+  if not (tokenizer_from and fs.isfile(fs.join(tokenizer_from, "config.json"))):
     try:
       tok = _run_tokenizer(src.config)
       token_ids = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id,

@@ -6,28 +6,26 @@ same plot for each run; only reads files.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from typing import Any
 
 import numpy as np
 
-from growlm import rundir
+from growlm import fs, rundir
 
 
 def load_run(run_dir: str) -> dict[str, Any] | None:
   """{'name', 'dir', 'config', 'rows', 'report'} or None if the dir holds no run."""
-  path = os.path.join(run_dir, "config.json")
-  if not os.path.exists(path):
+  path = fs.join(run_dir, rundir.CONFIG)
+  if not fs.exists(path):
     return None
-  with open(path) as f:
-    config = json.load(f)
-  report_path = os.path.join(run_dir, "growth_report.json")
+  config = json.loads(fs.read_bytes(path))
+  report_path = fs.join(run_dir, rundir.GROWTH_REPORT)
   report = None
-  if os.path.exists(report_path):
-    with open(report_path) as f:
-      report = json.load(f)
-  return {"name": os.path.basename(os.path.normpath(run_dir)), "dir": run_dir, "config": config,
+  if fs.exists(report_path):
+    report = json.loads(fs.read_bytes(report_path))
+  return {"name": fs.basename(run_dir), "dir": run_dir, "config": config,
           "rows": rundir.read_metrics(rundir.metrics_path(run_dir)), "report": report}
 
 
@@ -90,6 +88,11 @@ def plot_loss_curves(runs: list[dict], path: str) -> str:
     ax.legend(fontsize=8)
   fig.suptitle("loss vs compute (star: growth point)")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  if fs.is_url(path):
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    fs.write_bytes_atomic(path, buf.getvalue())
+  else:
+    fig.savefig(path, dpi=110)
   plt.close(fig)
   return path

@@ -6,7 +6,8 @@ that time out), so a run holds a lease while it writes:
   RUN/.growlm-lock.json   {"host", "pid", "pid_space", "token", "started", "heartbeat", "command"}
 
 Not flock: it is unreliable on the shared filesystems run dirs live on (NFS, GCS FUSE); a lease
-needs only exclusive create, atomic rename and wall-clock time. A lease whose heartbeat is older
+needs only exclusive create, atomic rename and wall-clock time. On gs:// the same lease is kept
+with compare-and-swap on object generations instead (growlm.lease_gcs). A lease whose heartbeat is older
 than `stale_after_s`, or whose pid no longer runs on this host, is stale and is taken over. This
 module owns the lease: its name and format, `check_free` (the read-only early check) and `RunLock`
 (acquire, heartbeat, release). Standard library only: it sits with the foundations, below JAX.
@@ -26,17 +27,16 @@ import threading
 import time
 from typing import Any
 
+from growlm import fs, lease_posix
 from growlm.errors import GrowlmError
 
 LEASE = ".growlm-lock.json"
-_GUARD = ".takeover"  # suffix of the lease name: the take-over guard, held for milliseconds
 _ATTEMPTS = 5  # rounds of create / inspect / take over before giving up on a changing lease
-_GUARD_WAIT_S = 2.0  # how long a launch waits for another launch's take-over to finish
 
 
 def lease_path(workdir: str) -> str:
   """The lease file of the run dir `workdir`."""
-  return os.path.join(workdir, LEASE)
+  return fs.join(workdir, LEASE)
 
 
 def _pid_space() -> str:
@@ -63,6 +63,7 @@ class _Seen:
   lease: dict[str, Any] | None
   why: str  # why it is unreadable ("" when it is a lease)
   mtime: float
+  generation: int = 0  # the object's generation on gs:// (0 locally)
 
 
 def _is_lease(obj: Any) -> bool:
@@ -74,21 +75,25 @@ def _is_lease(obj: Any) -> bool:
 
 def _read(path: str) -> _Seen | None:
   """The lease file at `path`, None if there is none; OSError if it cannot be read."""
-  try:
-    with open(path, "rb") as f:
-      raw = f.read()
-      # fstat of the open file, not stat of the name: on NFS open() revalidates the attributes,
-      # a bare stat may answer from a cache up to a minute old.
-      mtime = os.fstat(f.fileno()).st_mtime
-  except FileNotFoundError:
-    return None
+  generation = 0
+  if fs.is_url(path):
+    from growlm import lease_gcs  # pylint: disable=g-import-not-at-top  (google-cloud-storage)
+    got = lease_gcs.read(path)
+    if got is None:
+      return None
+    raw, mtime, generation = got
+  else:
+    raw, mtime = lease_posix.read(path) or (None, 0.0)
+    if raw is None:
+      return None
   try:
     obj = json.loads(raw)
   except ValueError as e:
-    return _Seen(raw, None, "empty" if not raw else f"not JSON: {str(e).splitlines()[0]}", mtime)
+    why = "empty" if not raw else f"not JSON: {str(e).splitlines()[0]}"
+    return _Seen(raw, None, why, mtime, generation)
   if not _is_lease(obj):
-    return _Seen(raw, None, "not a lease object", mtime)
-  return _Seen(raw, obj, "", mtime)
+    return _Seen(raw, None, "not a lease object", mtime, generation)
+  return _Seen(raw, obj, "", mtime, generation)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -154,46 +159,10 @@ def check_free(workdir: str, *, stale_after_s: float = 60.0) -> None:
     seen = _read(lease_path(workdir))
   except OSError as e:
     raise _os_failure(workdir, "read lock file", e) from e
+  except Exception as e:  # pylint: disable=broad-except  (object-store errors)
+    raise fs.store_error(lease_path(workdir), "read the run's lease", e) from e
   if seen is not None and _stale_reason(seen, stale_after_s) is None:
     raise _refusal(workdir, seen, stale_after_s)
-
-
-def _write_new(path: str, data: bytes) -> bool:
-  """Creates `path` holding `data` if it does not exist (O_EXCL); False if it exists."""
-  try:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-  except FileExistsError:
-    return False
-  ours = os.fstat(fd)
-  try:
-    try:
-      if os.write(fd, data) != len(data):  # a lease is a few hundred bytes: one write or none
-        raise OSError(f"short write to {path}")
-      os.fsync(fd)
-    finally:
-      os.close(fd)  # on GCS FUSE the upload (and its precondition) happens here: errors count
-  except OSError:
-    try:  # leave no empty lease behind to block the dir, but remove only the file we created
-      st = os.stat(path)
-      if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
-        os.unlink(path)
-    except OSError:
-      pass
-    raise
-  return True
-
-
-def _write_replace(path: str, data: bytes, tmp: str) -> None:
-  """Writes `path` through `tmp` and os.replace: readers see the old or the new bytes."""
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.lexists(tmp):
-      os.unlink(tmp)
 
 
 def _encode(lease: dict[str, Any]) -> bytes:
@@ -221,6 +190,7 @@ class RunLock:
     self._lease: dict[str, Any] | None = None  # ours, while held
     self._renewed = 0.0  # wall time of the last heartbeat written
     self._lost = False
+    self._generation = 0  # of our lease object on gs://
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
 
@@ -260,13 +230,13 @@ class RunLock:
              "token": secrets.token_hex(16), "command": " ".join(sys.argv)}
     self.took_over, self._lost = None, False
     try:
-      os.makedirs(self.workdir, exist_ok=True)
+      fs.makedirs(self.workdir)
     except OSError as e:
       raise _os_failure(self.workdir, "create the directory", e) from e
     try:
       for _ in range(_ATTEMPTS):
         lease["started"] = lease["heartbeat"] = time.time()
-        if _write_new(self.path, _encode(lease)):
+        if self._create(_encode(lease)):
           break
         seen = _read(self.path)
         if seen is None:
@@ -281,6 +251,10 @@ class RunLock:
                           f"{_ATTEMPTS} tries to acquire it; retry the launch")
     except OSError as e:
       raise _os_failure(self.workdir, "write lock file", e) from e
+    except (GrowlmError, RuntimeError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (object-store errors)
+      raise fs.store_error(self.path, "write the run's lease", e) from e
     self._lease, self._renewed = lease, lease["heartbeat"]
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._beat, name=f"growlm-lock {self.workdir}",
@@ -288,68 +262,33 @@ class RunLock:
     self._thread.start()
     return self
 
-  # Take-over must leave no moment in which two launches both believe they hold the dir.
-  # Renaming the stale lease aside, re-reading it and putting back what was not the stale one
-  # leaves such a moment with three launches: while A holds aside a lease it moved by mistake
-  # (racer B's fresh one) the name is free, C creates it with O_EXCL, and B and C both hold.
-  # So take-overs are serialised by a guard file, created with O_EXCL and held for milliseconds:
-  #   1. create RUN/.growlm-lock.json.takeover (O_EXCL): one launch gets it; the others wait
-  #      for it to go, then look again and find the winner's live lease;
-  #   2. holding it, re-read the lease: it must be byte-for-byte the one judged stale (same
-  #      random token, same heartbeat) and still stale, else it was renewed by a live owner or
-  #      replaced: let go and look again;
-  #   3. os.replace ours over it (atomic, so the name is never free for an O_EXCL creator to
-  #      slip in), then remove the guard.
-  # The old owner's heartbeat and release touch only its own token, and never once it went
-  # unrenewed for stale_after_s. A guard left by a crash in those milliseconds is cleared once
-  # older than stale_after_s: renamed to a unique name (atomic: one racer gets it), put back if
-  # what was renamed is fresh (another launch's guard made meanwhile).
+  def _create(self, data: bytes) -> bool:
+    """Creates the lease if there is none; False if there is one."""
+    if not fs.is_url(self.path):
+      return lease_posix.create(self.path, data)
+    from growlm import lease_gcs  # pylint: disable=g-import-not-at-top
+    self._generation = lease_gcs.write(self.path, data, 0) or 0
+    return self._generation != 0
+
   def _take_over(self, seen: _Seen, reason: str, lease: dict[str, Any]) -> bool:
-    """Replaces the stale lease `seen` by `lease` under the guard; False: look again."""
-    guard = self.path + _GUARD
-    if not _write_new(guard, lease["token"].encode()):
-      self._wait_for_guard(guard, lease["token"])
-      return False
-    try:
-      now_seen = _read(self.path)
-      if (now_seen is None or now_seen.raw != seen.raw
-          or _stale_reason(now_seen, self.stale_after_s) is None):
+    """Replaces the stale lease `seen` by `lease`; False: look again."""
+    if fs.is_url(self.path):  # compare-and-swap on the generation judged stale: one launch wins
+      from growlm import lease_gcs  # pylint: disable=g-import-not-at-top
+      self._generation = lease_gcs.write(self.path, _encode(lease), seen.generation) or 0
+      if not self._generation:
         return False
-      _write_replace(self.path, _encode(lease), f"{self.path}.{lease['token']}.tmp")
-    finally:
-      try:
-        os.unlink(guard)
-      except FileNotFoundError:
-        pass  # cleared as abandoned: only possible if we stalled for stale_after_s in between
+    elif not lease_posix.take_over(self.path, _encode(lease), lease["token"], self.workdir,
+                                   self.stale_after_s, still_stale=lambda: self._same(seen)):
+      return False
     old = seen.lease
     self.took_over = (f"pid {old['pid']} on host {old['host']} ({reason})" if old else reason)
     return True
 
-  def _wait_for_guard(self, guard: str, token: str) -> None:
-    """Waits for another launch's take-over to finish; clears a guard abandoned by a crash."""
-    deadline = time.time() + _GUARD_WAIT_S
-    while True:
-      try:
-        age = time.time() - os.stat(guard).st_mtime
-      except FileNotFoundError:
-        return
-      if age > self.stale_after_s:
-        aside = f"{guard}.{token}.abandoned"
-        try:
-          os.rename(guard, aside)
-        except FileNotFoundError:
-          return  # another launch cleared it first
-        if time.time() - os.stat(aside).st_mtime > self.stale_after_s:
-          os.unlink(aside)
-        else:
-          os.rename(aside, guard)  # a fresh guard, made after we looked: give it back
-        return
-      if time.time() > deadline:
-        raise GrowlmError(
-            f"run dir {self.workdir}: another launch has been taking over its stale lease for "
-            f"{age:.0f}s ({guard}); retry, or delete {guard} if no launch is running (one older "
-            f"than {self.stale_after_s:g} s is cleared)")
-      time.sleep(0.02)
+  def _same(self, seen: _Seen) -> bool:
+    """Whether the lease file is still byte-for-byte `seen`, and still stale."""
+    now = _read(self.path)
+    return (now is not None and now.raw == seen.raw
+            and _stale_reason(now, self.stale_after_s) is not None)
 
   def _beat(self) -> None:
     while not self._stop.wait(self.heartbeat_s):
@@ -366,15 +305,25 @@ class RunLock:
     lease, now = self._lease, time.time()
     if now - self._renewed > self.stale_after_s:
       return False  # others may already have taken it over: renewing could overwrite theirs
+    renewed = dict(lease, heartbeat=now)
+    if fs.is_url(self.path):  # compare-and-swap on our own generation: fails once it was taken
+      from growlm import lease_gcs  # pylint: disable=g-import-not-at-top
+      try:
+        generation = lease_gcs.write(self.path, _encode(renewed), self._generation)
+      except Exception:  # pylint: disable=broad-except  (transient: expiry still applies)
+        return True
+      if generation is None:
+        return False
+      self._generation, self._lease, self._renewed = generation, renewed, now
+      return True
     try:
       seen = _read(self.path)
     except OSError:
       return True  # transient (NFS hiccup): try again at the next beat, expiry still applies
     if seen is None or seen.lease is None or seen.lease["token"] != lease["token"]:
       return False
-    renewed = dict(lease, heartbeat=now)
     try:
-      _write_replace(self.path, _encode(renewed), f"{self.path}.{lease['token']}.tmp")
+      lease_posix.replace(self.path, _encode(renewed), f"{self.path}.{lease['token']}.tmp")
     except OSError:
       return True
     self._lease, self._renewed = renewed, now
@@ -390,9 +339,14 @@ class RunLock:
       self._thread.join()
     self._thread = None
     try:
-      seen = None if self.lost else _read(self.path)
-      if seen is not None and seen.lease is not None and seen.lease["token"] == lease["token"]:
-        os.unlink(self.path)
-    except OSError:
+      if fs.is_url(self.path):
+        if not self.lost:
+          from growlm import lease_gcs  # pylint: disable=g-import-not-at-top
+          lease_gcs.delete(self.path, self._generation)
+      else:
+        seen = None if self.lost else _read(self.path)
+        if seen is not None and seen.lease is not None and seen.lease["token"] == lease["token"]:
+          os.unlink(self.path)
+    except Exception:  # pylint: disable=broad-except
       pass  # a lease left behind goes stale and is taken over; release must not fail a run
     self._lease = None

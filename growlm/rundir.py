@@ -24,24 +24,38 @@ DATA_MANIFEST = "data_manifest.json"
 METRICS = "metrics.jsonl"
 GROWTH_REPORT = "growth_report.json"
 CHECKPOINTS = "checkpoints"
+ORBAX_COMMIT_MARKER = "commit_success.txt"  # orbax's last file of a step saved to gs://
 
 
 def config_path(workdir: str) -> str:
-  return os.path.join(workdir, CONFIG)
+  return fs.join(workdir, CONFIG)
 
 
 def checkpoints_dir(workdir: str) -> str:
-  return os.path.join(workdir, CHECKPOINTS)
+  return fs.join(workdir, CHECKPOINTS)
 
 
 def metrics_path(workdir: str) -> str:
-  return os.path.join(workdir, METRICS)
+  return fs.join(workdir, METRICS)
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
   """Step numbers of the checkpoints listed under RUN/checkpoints (sorted; damaged steps set
   aside as N.damaged-K and unfinished N.orbax-checkpoint-tmp-* saves are not listed)."""
   d = checkpoints_dir(workdir)
+  if fs.is_url(d):
+    try:
+      names = fs.listdir(d)
+    except FileNotFoundError:
+      # An object store has no directories: a prefix whose first object is being written can
+      # list as absent and exist a moment later. Only an object named like the dir is refused.
+      if fs.isfile(d):
+        raise GrowlmError(f"{d} is not a directory; accepted: a run dir's checkpoints/ directory "
+                          "(move the object away)") from None
+      return []
+    # Orbax writes a step in place on an object store and commits it with this marker last.
+    return sorted(int(n) for n in names
+                  if n.isdigit() and fs.exists(fs.join(d, n, ORBAX_COMMIT_MARKER)))
   if not os.path.isdir(d):
     if os.path.lexists(d):
       raise GrowlmError(f"{d} is not a directory; accepted: a run dir's checkpoints/ directory "
@@ -61,7 +75,7 @@ def read_config(workdir: str) -> dict[str, Any] | None:
   would otherwise read as "no checkpoint" and be trained over) is refused here too."""
   checkpoint_steps(workdir)
   path = config_path(workdir)
-  if not os.path.exists(path):
+  if not fs.exists(path):
     return None
   return fs.read_json_object(path, "run config")
 
@@ -69,12 +83,13 @@ def read_config(workdir: str) -> dict[str, Any] | None:
 def read_metrics(path: str) -> list[dict[str, Any]]:
   """All records of a metrics.jsonl file (a torn last line from a crash is ignored)."""
   out = []
-  if not os.path.exists(path):
+  try:
+    text = fs.read_text(path)
+  except FileNotFoundError:
     return out
-  with open(path) as f:
-    for line in f:
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
+  for line in text.splitlines():
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
   return out

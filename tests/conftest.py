@@ -61,10 +61,27 @@ def positive_finite(x) -> bool:
 
 # The longest files first: `make test` gives each of its two workers one file at a time, and a
 # long file started last would leave the other worker idle at the end.
-_LONG_FILES = ("test_train.py", "test_readme.py", "test_reliability.py", "test_grow_training.py",
+_LONG_FILES = ("test_train.py", "test_readme.py", "test_launch_e2e.py", "test_gcs_runs.py", "test_reliability.py", "test_grow_training.py",
                "test_sweep.py", "test_grow.py", "test_hf.py")
 
 
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(_LONG_FILES)}
   items.sort(key=lambda item: rank.get(item.path.name, len(_LONG_FILES)))
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A GCS emulator on 127.0.0.1 (tests/gcs_emulator.py), with this process's environment (and so
+  every subprocess's) pointed at it; `gcs.bucket()` returns a fresh gs://BUCKET."""
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+  emu = gcs_emulator.Emulator()
+  saved = {k: os.environ.get(k) for k in emu.env()}
+  os.environ.update(emu.env())
+  yield emu
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+  emu.stop()

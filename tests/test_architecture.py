@@ -19,7 +19,7 @@ PKG = REPO / "growlm"
 # a top-level module of growlm (growlm/fs.py -> "fs") or a subpackage (growlm/train/ -> "train").
 LAYERS = [
     ("errors",),
-    ("trees", "fs", "sharding", "optim", "lock"),
+    ("trees", "fs", "sharding", "optim", "lock", "lease_posix", "lease_gcs", "transfer"),
     ("rundir",),
     ("curves",),
     ("model",),
@@ -32,7 +32,7 @@ LAYERS = [
     ("commands",),
     ("experiments",),
     ("cli",),
-    ("main", "grow_main", "hf_main", "demo", "prepare", "sample"),
+    ("main", "grow_main", "hf_main", "demo", "prepare", "sample", "worker"),
 ]
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 MAX_LINES = 400

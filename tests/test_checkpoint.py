@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from conftest import REPO
 from growlm.errors import GrowlmError
 from growlm.train import checkpoint as ckpt_lib
+from growlm.train import checkpoint_files as ckpt_files
 from growlm.train.checkpoint import CHECKSUMS, Checkpoints
 
 LOGGER = "growlm.train.checkpoint"
@@ -232,13 +233,13 @@ def test_all_steps_damaged_is_one_line_and_changes_nothing(tmp_path):
 
 
 def _read_error_in_hashing(monkeypatch, victim):
-  real = ckpt_lib._sha256
+  real = ckpt_files._sha256
 
   def fake(path):
     if path == victim:
       raise PermissionError(13, "Permission denied", path)
     return real(path)
-  monkeypatch.setattr(ckpt_lib, "_sha256", fake)
+  monkeypatch.setattr(ckpt_files, "_sha256", fake)
 
 
 def _restore_raises(exc):

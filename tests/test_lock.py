@@ -16,6 +16,7 @@ import time
 import pytest
 
 from conftest import REPO
+from growlm import lease_posix
 from growlm import lock as lock_lib
 from growlm.errors import GrowlmError
 from growlm.lock import RunLock, check_free
@@ -153,13 +154,13 @@ def test_owner_renewing_during_the_take_over_keeps_its_lease(tmp_path, monkeypat
   # The lease was judged stale, then its (slow, not dead) owner renewed it before the take-over
   # got the guard: the take-over must notice the change and refuse rather than replace it.
   _write_lease(tmp_path, host="other-host", heartbeat=time.time() - 120)
-  write_new = lock_lib._write_new  # pylint: disable=protected-access
+  write_new = lease_posix.create
 
   def owner_renews_first(path, data):
     if path.endswith(".takeover"):
       _write_lease(tmp_path, host="other-host", heartbeat=time.time())
     return write_new(path, data)
-  monkeypatch.setattr(lock_lib, "_write_new", owner_renews_first)
+  monkeypatch.setattr(lease_posix, "create", owner_renews_first)
   with pytest.raises(GrowlmError, match="in use by pid .* on host other-host"):
     RunLock(str(tmp_path)).acquire()
   assert _read(tmp_path)["host"] == "other-host"
@@ -321,7 +322,7 @@ def test_unreadable_lease_is_refused_while_fresh_and_taken_over_when_old(tmp_pat
 
 def test_take_over_in_progress_is_waited_for_and_an_abandoned_one_cleared(tmp_path, dead_pid,
                                                                           monkeypatch):
-  monkeypatch.setattr(lock_lib, "_GUARD_WAIT_S", 0.2)
+  monkeypatch.setattr(lease_posix, "GUARD_WAIT_S", 0.2)
   guard = _path(tmp_path) + ".takeover"
   raw = _write_lease(tmp_path, pid=dead_pid)
   with open(guard, "w") as f:

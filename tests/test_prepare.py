@@ -273,3 +273,22 @@ def test_sentencepiece_tokenizer_round_trips_and_is_found_in_a_folder(tmp_path):
   (tmp_path / "bad.model").write_bytes(b"not a model")
   with pytest.raises(GrowlmError, match="not a readable SentencePiece model"):
     data.make_tokenizer(str(tmp_path / "bad.model"))
+
+
+def test_tfds_data_dir_on_gs(gcs, tmp_path, monkeypatch):
+  """A tfds data_dir on gs:// is read through the local mirror: the same tokens as locally."""
+  from growlm import fs  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("GROWLM_CACHE", str(tmp_path / "cache"))
+  source = _files(tmp_path / "src", 3)
+  local_dir = str(tmp_path / "tfds")
+  spec = data.prepare_text_dataset(source, local_dir, name="growlm_prep_gs")
+  remote = gcs.bucket() + "/tfds"
+  fs.copy_tree(local_dir, remote)
+  got = data.prepare_tokens(spec, "bytes", str(tmp_path / "a"), data_dir=remote, progress=False,
+                            workers=1)
+  want = data.prepare_tokens(spec, "bytes", str(tmp_path / "b"), data_dir=local_dir,
+                             progress=False, workers=1)
+  assert got["splits"] == want["splits"] and got["splits"]["train"]["n_tokens"] > 0
+  with pytest.raises(GrowlmError, match="is not prepared under data_dir='gs://"):
+    data.prepare_tokens("tfds:nothing_here", "bytes", str(tmp_path / "c"), data_dir=remote,
+                        progress=False)

@@ -371,6 +371,25 @@ def check_make_test(r: Result, ws: Path):
   assert re.search(r"^test:.*\binstall\b", MAKEFILE.read_text(), re.M)
 
 
+def check_make_install(r: Result, ws: Path):
+  """`make install` installs the exact CPU set of constraints/cpu.txt, which pins jax."""
+  del r, ws
+  recipe = " ".join(makefile_recipe("$(STAMP)"))
+  assert "pip install -q -c constraints/cpu.txt -e" in recipe, recipe
+  assert "jax==" in (REPO / "constraints" / "cpu.txt").read_text()
+
+
+def check_jax_devices(r: Result, ws: Path):
+  del ws
+  assert re.search(r"\[CpuDevice\(id=0\)", r.stdout), r.stdout
+
+
+def check_jax_api_file(r: Result, ws: Path):
+  del r, ws
+  assert (REPO / "tests" / "test_jax_api.py").is_file()
+  assert re.search(r"-m pytest\b.*\btests\b", " ".join(makefile_recipe("test")))
+
+
 def check_launch(r: Result, ws: Path):
   """A relaunch skips the finished runs and writes the comparison again."""
   _check_quick_sweep(ws)
@@ -393,15 +412,17 @@ def check_dry_run(r: Result, ws: Path):
 
 
 def check_tpu(r: Result, ws: Path):
-  """One `gcloud ... ssh --worker=all` command per run, and nothing run locally."""
-  lines = [l for l in r.stdout.splitlines() if l.strip()]
-  assert len(lines) == len(QUICK_RUNS), lines
-  for line in lines:
-    argv = shlex.split(line)
-    assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-v4-32"], argv
-    assert {"--zone=us-central2-b", "--project=my-project", "--worker=all"} <= set(argv)
-    assert "growlm.main" in argv[-1] and "--distributed" in argv[-1]
-  assert not (ws / "runs/q").exists()
+  """describe the TPU, copy the checkout to every worker, set up and start each worker detached;
+  the plan lists every run, and nothing is run or written locally."""
+  gcloud = [shlex.split(l) for l in r.stdout.splitlines() if l.startswith("gcloud ")]
+  assert [a[4] for a in gcloud] == ["describe", "scp", "ssh", "ssh"], r.stdout[-2000:]
+  for argv in gcloud:
+    assert argv[:4] == ["gcloud", "compute", "tpus", "tpu-vm"]
+    assert {"--zone=us-central2-b", "--project=my-project"} <= set(argv)
+  assert all("--worker=all" in a for a in gcloud[1:]) and "--distributed" in r.stdout
+  plan = [l for l in r.stdout.splitlines() if l.startswith("#   python -m growlm.main")]
+  assert len(plan) == len(QUICK_RUNS)
+  assert not (ws / "gs:").exists()
 
 
 def check_hf_grow(r: Result, ws: Path):
@@ -475,6 +496,14 @@ CASES: dict[str, Case] = {
         "make-demo", check_make_demo, argv=_make_demo_argv,
         reason="the Makefile's recipe without `install` (the venv exists), on "
                "configs/quickstart.py:runlocal (12 steps per run) instead of minutes"),
+    "make install": Case(
+        "make-install", check_make_install, run=False,
+        reason="`make test` and `make demo` run it first; here: its recipe is checked"),
+    ".venv/bin/python -c 'import jax; print(jax.devices())'": Case("jax-devices",
+                                                                   check_jax_devices),
+    ".venv/bin/python -m pytest -q tests/test_jax_api.py": Case(
+        "jax-api", check_jax_api_file, run=False,
+        reason="`make test` runs tests/test_jax_api.py; here: it exists and is collected"),
     "make test": Case(
         "make-test", check_make_test, run=False,
         reason="the test suite itself (recursion, ~10 min): its recipe is checked instead"),
@@ -500,7 +529,8 @@ CASES: dict[str, Case] = {
         "launch", check_launch, after=("make-demo",),
         reason="after `make demo` wrote runs/demo: every run is finished, skipped, re-analysed"),
     _LAUNCH + "runs/demo --dry_run": Case("launch-dry-run", check_dry_run),
-    _LAUNCH + "runs/q --tpu=my-v4-32 --zone=us-central2-b --project=my-project": Case(
+    (_LAUNCH + "gs://my-bucket/sweeps/q --backend=gcloud --tpu=my-v4-32 --zone=us-central2-b "
+     "--project=my-project"): Case(
         "launch-tpu", check_tpu, flags=(("--dry_run", None),),
         reason="--dry_run added: prints the gcloud commands instead of running them"),
     (_CMD + f"hf_main grow --source=HF_DIR --out=HF_OUT {_SMALL} --config.model.max_len=1024 "

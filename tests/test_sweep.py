@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO
 from growlm.experiments import analysis
-from growlm.experiments import sweep
+from growlm.experiments import launcher, sweep
 from growlm.errors import GrowlmError
 
 QUICK = str(REPO / "configs" / "quickstart.py")
@@ -45,7 +45,7 @@ def test_paper_sweep_covers_the_experiment(tmp_path):
 
 def test_dry_run_prints_runnable_commands(tmp_path):
   lines = []
-  sweep.launch(QUICK, str(tmp_path / "s"), dry_run=True, echo=lines.append)
+  launcher.launch(QUICK, str(tmp_path / "s"), dry_run=True, echo=lines.append)
   assert len(lines) == 4 and not (tmp_path / "s").exists()
   grown = shlex.split(next(l for l in lines if "grown_zeros" in l))
   assert grown[:3] == ["python", "-m", "growlm.main"]
@@ -55,19 +55,26 @@ def test_dry_run_prints_runnable_commands(tmp_path):
 
 
 def test_tpu_commands_run_every_host(tmp_path):
+  """--backend=gcloud: every command reaches all hosts of the slice (--worker=all), and the plan
+  they run holds each run's growlm.main command (the worker adds --distributed)."""
   lines = []
-  sweep.launch(QUICK, str(tmp_path / "s"), dry_run=True, tpu="v4-32", zone="us-central2-b",
-               project="proj", echo=lines.append)
-  assert len(lines) == 4
-  for line in lines:
-    args = shlex.split(line)
-    assert args[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "v4-32"]
+  launcher.launch(QUICK, "gs://bucket/s", dry_run=True, backend="gcloud", tpu="v4-32",
+               zone="us-central2-b", project="proj", echo=lines.append)
+  gcloud = [shlex.split(l) for l in lines if l.startswith("gcloud ")]
+  assert [a[4] for a in gcloud] == ["describe", "scp", "ssh", "ssh"]
+  for args in gcloud:
+    assert args[:4] == ["gcloud", "compute", "tpus", "tpu-vm"]
     assert "--zone=us-central2-b" in args and "--project=proj" in args
+  for args in gcloud[1:]:
     assert "--worker=all" in args
-    inner = next(a for a in args if a.startswith("--command="))
-    assert "growlm.main" in inner and "--distributed" in inner
+  start = next(a for a in gcloud[3] if a.startswith("--command="))
+  assert "-m growlm.worker" in start and "--plan=gs://bucket/s/launch/" in start
+  plan = [shlex.split(l[4:]) for l in lines if l.startswith("#   ")]
+  assert len(plan) == 4 and all(p[:3] == ["python", "-m", "growlm.main"] for p in plan)
+  assert any("adding --distributed" in l for l in lines)
+  assert not (tmp_path / "s").exists()
   with pytest.raises(GrowlmError, match="zone"):
-    sweep.launch(QUICK, str(tmp_path / "s"), dry_run=True, tpu="v4-32")
+    launcher.launch(QUICK, "gs://bucket/s", dry_run=True, backend="gcloud", tpu="v4-32")
 
 
 def test_bad_sweeps_are_refused(tmp_path):
@@ -143,7 +150,7 @@ def test_flops_to_reach_interpolates():
 @pytest.fixture(scope="module")
 def quick_sweep(tmp_path_factory):
   d = tmp_path_factory.mktemp("quick") / "sweep"
-  sweep.launch(QUICK + ":runlocal", str(d), echo=lambda _: None)
+  launcher.launch(QUICK + ":runlocal", str(d), echo=lambda _: None)
   analysis.analyze(str(d))
   return d
 
@@ -160,7 +167,7 @@ def test_quickstart_sweep_end_to_end_and_skip(quick_sweep):
   assert (quick_sweep / "loss_curves.png").exists()
   # A second launch finds every run finished and trains nothing.
   lines, called = [], []
-  sweep.launch(QUICK + ":runlocal", str(quick_sweep), echo=lines.append,
+  launcher.launch(QUICK + ":runlocal", str(quick_sweep), echo=lines.append,
                run_fn=lambda *a: called.append(a))
   assert not called and sum("finished, skipped" in l for l in lines) == 4
 

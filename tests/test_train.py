@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import DATASETS, REPO, run_config
-from growlm import commands
+from growlm import commands, fs, rundir
 from growlm.config.typed import resolve
 from growlm.model import flops
 from growlm.model import decoder as model
@@ -282,25 +282,30 @@ def _two_processes(workdir, extra):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["in-memory", "prepared"])
-def test_two_processes_train_checkpoint_resume(tmp_path, source):
+def test_two_processes_train_checkpoint_resume(tmp_path, source, request):
   """2 processes x 2 CPU devices (jax.distributed over localhost, as on a multi-host TPU VM)
-  train, stop at a checkpoint, resume, and log the losses of one 4-device process; on the
-  in-memory corpus, and streamed from prepared shards (each process reading its own rows)."""
+  train, stop at a checkpoint, resume, and log the losses of one 4-device process: on the
+  in-memory corpus into a gs:// run dir (the GCS emulator: orbax's multi-process save, the lease
+  and metrics on an object store), and streamed from prepared shards (each process reading its
+  own rows) into a local one."""
   args = ["--config=configs/default.py:size=nano,runlocal", "--config.log.every_steps=1",
           "--config.log.progress_bar=False", "--config.mesh.data=2", "--config.mesh.fsdp=2",
           "--config.mesh.tensor=1"]
+  multi = str(tmp_path / "multi")
   if source == "prepared":
     from growlm import data  # pylint: disable=g-import-not-at-top
     data.prepare_tokens("stdlib", "bytes", str(tmp_path / "prep"), progress=False)
     args += [f"--config.data.train=prepared:{tmp_path / 'prep'}", "--config.data.max_bytes=0"]
+  else:
+    multi = request.getfixturevalue("gcs").bucket() + "/runs/multi"
   single = _cli([*args, f"--workdir={tmp_path}/single", "--cpu_devices=4"])
   assert single.returncode == 0, single.stderr[-3000:]
-  _two_processes(tmp_path / "multi", [*args, "--config.train.stop_at=10"])
-  assert max(r["step"] for r in _train_lines(str(tmp_path / "multi" / "metrics.jsonl"))) == 10
-  assert (tmp_path / "multi" / "checkpoints" / "10").is_dir()
-  _two_processes(tmp_path / "multi", args)
+  _two_processes(multi, [*args, "--config.train.stop_at=10"])
+  assert max(r["step"] for r in _train_lines(fs.join(multi, "metrics.jsonl"))) == 10
+  assert rundir.checkpoint_steps(multi) == [10]
+  _two_processes(multi, args)
   ref = _train_lines(str(tmp_path / "single" / "metrics.jsonl"))
-  got = _train_lines(str(tmp_path / "multi" / "metrics.jsonl"))
+  got = _train_lines(fs.join(multi, "metrics.jsonl"))
   assert [r["step"] for r in got] == list(range(1, 21))
   np.testing.assert_allclose([r["train_loss"] for r in got], [r["train_loss"] for r in ref],
                              rtol=1e-5)

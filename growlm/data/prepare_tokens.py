@@ -25,6 +25,7 @@ from growlm.data import shards
 from growlm.data import tokenizers
 from growlm.data import units
 from growlm.errors import GrowlmError
+from growlm import fs, transfer
 from growlm.fs import read_json_object, write_json_atomic
 
 _TOKENIZERS: dict[str, Any] = {}   # one per worker process
@@ -156,7 +157,15 @@ def prepare_tokens(source: str, tokenizer: str, out: str, *, eval_fraction: floa
     workers: processes (0: one per CPU core, at most the number of parts).
     record_tokens: token ids per array_record record.
     progress: show a progress bar on stderr.
+
+  A gs:// `out` is prepared in a local staging directory (cache_root()/staging/BUCKET/KEY,
+  which resumes like any local prepare) and then uploaded, manifest.json last: readers wait for
+  it, so a bucket never holds a prepare that looks complete but is not.
   """
+  if fs.is_url(out):
+    return _prepare_to_url(source, tokenizer, out, eval_fraction=eval_fraction,
+                           text_field=text_field, data_dir=data_dir, part_mb=part_mb,
+                           workers=workers, record_tokens=record_tokens, progress=progress)
   if not isinstance(eval_fraction, (int, float)) or not 0.0 <= eval_fraction < 1.0:
     raise GrowlmError(f"eval_fraction={eval_fraction!r} not accepted (accepted: 0 <= x < 1)")
   if not (isinstance(part_mb, (int, float)) and part_mb > 0):
@@ -203,6 +212,27 @@ def prepare_tokens(source: str, tokenizer: str, out: str, *, eval_fraction: floa
     if split == "train" and not manifest["splits"][split]["n_tokens"]:
       raise GrowlmError(f"source {source!r} has no {split} text (eval_fraction={eval_fraction})")
   write_json_atomic(os.path.join(out, shards.MANIFEST), manifest)
+  return manifest
+
+
+def _prepare_to_url(source: str, tokenizer: str, out: str, **kwargs) -> dict:
+  fs.check_bucket(out, "--out")
+  remote = fs.file_sizes(out) if fs.isdir(out) else {}
+  if remote and shards.PLAN not in remote:
+    raise GrowlmError(f"--out={out} holds objects but no prepare; accepted: a new gs:// prefix, "
+                      "or one an earlier prepare with the same arguments wrote")
+  stage = os.path.join(transfer.cache_root(), "staging", out.rstrip("/").partition("://")[2])
+  manifest = prepare_tokens(source, tokenizer, stage, **kwargs)
+  if remote:
+    saved = fs.read_json_object(fs.join(out, shards.PLAN), "prepare plan")
+    if saved != read_json_object(os.path.join(stage, shards.PLAN), "prepare plan"):
+      raise GrowlmError(f"--out={out} holds a prepare of other data; accepted: a new gs:// "
+                        "prefix or the same arguments")
+  local = fs.file_sizes(stage)
+  for rel in sorted(local, key=lambda r: r == shards.MANIFEST):   # the manifest last
+    if rel != shards.MANIFEST and remote.get(rel) == local[rel]:
+      continue   # uploaded by an earlier, interrupted run
+    fs.copy_file(os.path.join(stage, rel), fs.join(out, rel))
   return manifest
 
 

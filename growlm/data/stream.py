@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from growlm import fs, transfer
 from growlm.data import pipeline
 from growlm.data import shards
 from growlm.data import sources
@@ -38,8 +39,16 @@ def prepared_dir(spec: str) -> str | None:
 
 
 def open_split(spec: str, split: str, tokenizer=None) -> shards.PreparedSplit:
-  """The checked split of a "prepared:DIR" spec; its tokenizer must be `tokenizer`'s."""
+  """The checked split of a "prepared:DIR" spec; its tokenizer must be `tokenizer`'s. A gs://
+  DIR is read through a local mirror (growlm.transfer.mirror: array_record reads local files only),
+  copied once per host and reused while the objects are unchanged."""
   directory = prepared_dir(spec)
+  if fs.is_url(directory):
+    fs.check(directory, "prepared data")
+    if not fs.isfile(fs.join(directory, shards.MANIFEST)):
+      raise GrowlmError(f"prepared data {directory} has no {shards.MANIFEST}; accepted: a "
+                        "directory written by python -m growlm.prepare (to the end)")
+    directory = transfer.mirror(directory)
   if split not in shards.SPLITS:
     raise GrowlmError(f"prepared data {directory} split {split!r} not accepted (accepted: "
                       f"{', '.join(shards.SPLITS)})")

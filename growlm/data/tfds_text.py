@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 
+from growlm import fs, transfer
 from growlm.data import documents
 from growlm.errors import GrowlmError
 
@@ -29,6 +30,13 @@ def _open(rest: str, data_dir: str | None):
     raise GrowlmError(f"tfds source 'tfds:{rest}' not understood (accepted: 'tfds:NAME[:SPLIT]', "
                       "NAME may carry ':VERSION')")
   name, tfds_split = match.group(1), match.group(2)
+  if data_dir and fs.is_url(data_dir):   # gs://: this dataset's files through a local mirror
+    base = name.split("/")[0].split(":")[0]
+    if not fs.isdir(fs.join(data_dir, base)):
+      raise GrowlmError(f"tfds dataset {name!r} is not prepared under data_dir={data_dir!r} "
+                        f"(no {fs.join(data_dir, base)})")
+    transfer.mirror(fs.join(data_dir, base))
+    data_dir = transfer.mirror_path(data_dir)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     # Falls back to the files under data_dir when no builder class is

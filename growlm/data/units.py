@@ -23,6 +23,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
+from growlm import fs, transfer
 from growlm.data import documents
 from growlm.errors import GrowlmError
 
@@ -91,8 +92,11 @@ def resolve_file_patterns(patterns: str, prefix: str = "file") -> list[str]:
     if not pattern:
       raise GrowlmError(f"empty pattern in source '{prefix}:{patterns}' (accepted: "
                         f"'{prefix}:PATTERN[,PATTERN...]')")
-    found = glob.glob(os.path.expanduser(pattern))
-    matches = [p for p in found if os.path.isfile(p)]
+    if fs.is_url(pattern):   # gs://: objects are files; read through a local mirror
+      found = matches = fs.glob(fs.check(pattern, f"{prefix} source pattern"))
+    else:
+      found = glob.glob(os.path.expanduser(pattern))
+      matches = [p for p in found if os.path.isfile(p)]
     if not matches and found:
       raise GrowlmError(f"{prefix} source pattern {pattern!r} matches only directories; accepted: "
                         f"files or globs of them, e.g. '{prefix}:{found[0]}/*'")
@@ -113,8 +117,8 @@ def list_units(spec: str, *, data_dir: str | None = None) -> list[Unit]:
     return [Unit(spec, rel, str(path), path.stat().st_size) for rel, path in files]
   for kind in ("file", "jsonl", "parquet"):
     if spec.startswith(kind + ":"):
-      return [Unit(kind, path, path, os.path.getsize(path))
-              for path in resolve_file_patterns(spec[len(kind) + 1:], kind)]
+      paths = resolve_file_patterns(spec[len(kind) + 1:], kind)
+      return [Unit(kind, path, path, fs.size(path)) for path in paths]
   if spec.startswith("tfds:"):
     return _tfds_units(spec[len("tfds:"):], data_dir)
   raise GrowlmError(f"source spec {spec!r} not understood (accepted: {SOURCE_FORMS})")
@@ -152,7 +156,7 @@ def _in_split(doc_id: str, split: str, eval_fraction: float) -> bool:
 def _rows(unit: Unit, text_field: str) -> Iterator[tuple[int, str]]:
   """(row number, text) of each row of a JSONL or Parquet file."""
   if unit.kind == "jsonl":
-    with open(unit.path, encoding="utf-8") as f:
+    with open(transfer.mirror(unit.path), encoding="utf-8") as f:
       for line_no, line in enumerate(f, 1):
         if not line.strip():
           continue
@@ -164,7 +168,7 @@ def _rows(unit: Unit, text_field: str) -> Iterator[tuple[int, str]]:
     return
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   try:
-    table = pq.ParquetFile(unit.path)
+    table = pq.ParquetFile(transfer.mirror(unit.path))
     names = table.schema_arrow.names
   except Exception as e:  # pyarrow raises several types for a bad file
     raise GrowlmError(f"{unit.path} is not a readable Parquet file ({type(e).__name__})") from e
@@ -207,7 +211,7 @@ def unit_splits(unit: Unit, splits, *, eval_fraction: float, text_field: str = "
         out[split].append((unit.id, text))
   elif unit.kind == "file":
     try:
-      text = Path(unit.path).read_text(encoding="utf-8")
+      text = Path(transfer.mirror(unit.path)).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
       raise GrowlmError(f"file {unit.path!r} is not UTF-8 text (byte {e.start})") from e
     cut = _tail_cut(text, eval_fraction)

@@ -11,23 +11,28 @@ own training FLOPs (docs/design.md, "Compute accounting").
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import numpy as np
 
 from growlm.curves import eval_curve, eval_datasets, is_grown, load_run, plot_loss_curves
 from growlm.curves import train_curve  # noqa: F401  (public: notebooks read curves here too)
-from growlm.fs import write_json_atomic
+from growlm import fs
+from growlm.errors import GrowlmError
 
 _IGNORED_MODEL_FIELDS = ("norm_eps",)  # growth may rescale it; the architecture is the same
 
 
 def load_sweep(sweep_dir: str) -> list[dict[str, Any]]:
   runs = []
-  for name in sorted(os.listdir(sweep_dir)):
-    d = os.path.join(sweep_dir, name)
-    if os.path.isdir(d):
+  try:
+    names = fs.listdir(sweep_dir)
+  except FileNotFoundError:
+    raise GrowlmError(f"sweep dir {sweep_dir} does not exist; accepted: a directory of run dirs "
+                      "(local or gs://)") from None
+  for name in names:
+    d = fs.join(sweep_dir, name)
+    if fs.isdir(d):
       run = load_run(d)
       if run is not None:
         runs.append(run)
@@ -103,12 +108,12 @@ def compare(grown: dict, scratch: dict) -> dict[str, Any]:
 def analyze(sweep_dir: str, plot: bool = True) -> dict[str, Any]:
   """Writes results.json, results.md (and loss_curves.png) in `sweep_dir`; returns results."""
   runs = load_sweep(sweep_dir)
-  results: dict[str, Any] = {"sweep_dir": os.path.abspath(sweep_dir), "runs": {}, "grown": []}
-  sources = {os.path.abspath(r["config"]["init"]["source"]) for r in runs if is_grown(r)}
+  results: dict[str, Any] = {"sweep_dir": fs.absolute(sweep_dir), "runs": {}, "grown": []}
+  sources = {fs.absolute(r["config"]["init"]["source"]) for r in runs if is_grown(r)}
   for run in runs:
     final = {ds: _final(run, ds)[0] for ds in eval_datasets(run)}
     kind = ("grown" if is_grown(run) else
-            "source" if os.path.abspath(run["dir"]) in sources else "scratch")
+            "source" if fs.absolute(run["dir"]) in sources else "scratch")
     f = [r["flops"] for r in run["rows"] if "flops" in r]
     results["runs"][run["name"]] = {
         "kind": kind,
@@ -122,11 +127,10 @@ def analyze(sweep_dir: str, plot: bool = True) -> dict[str, Any]:
     base = find_baseline(run, runs)
     results["grown"].append(compare(run, base) if base else
                             {"run": run["name"], "baseline": None})
-  write_json_atomic(os.path.join(sweep_dir, "results.json"), results)
-  with open(os.path.join(sweep_dir, "results.md"), "w") as f:
-    f.write(results_markdown(results))
+  fs.write_json_atomic(fs.join(sweep_dir, "results.json"), results)
+  fs.write_text_atomic(fs.join(sweep_dir, "results.md"), results_markdown(results))
   if plot and runs:
-    plot_loss_curves(runs, os.path.join(sweep_dir, "loss_curves.png"))
+    plot_loss_curves(runs, fs.join(sweep_dir, "loss_curves.png"))
   return results
 
 

@@ -1,23 +1,31 @@
-"""Sweeps as config code (big_vision style): expand, order, run, resume, or print commands.
+"""Sweeps as config code (big_vision style): expand, order, then run here or hand to a backend.
 
 A config file defines `get_config(arg)` and `sweep(add)`; `sweep` calls
 `add(name=..., **{"dotted.field": value})` once per run. A value "@other" for `init.source`
 names another run of the same sweep: that run goes first and its final checkpoint is grown.
+`--config.FIELD=VALUE` on the launcher's command line applies to every run, before the run's own
+values.
+
+Backends: `local` trains each run in this process, in order; `gcloud` and `skypilot` hand the
+runs to remote hosts and return at once (growlm.experiments.remote). Whatever the backend, a run
+is finished when its run dir holds a checkpoint at its last step, read from the sweep dir itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import shlex
 from typing import Any, Callable
 
 import ml_collections
 
-from growlm import rundir
+from growlm import fs, rundir
 from growlm.config import files
 from growlm.config.typed import resolve
 from growlm.errors import GrowlmError
+
+BACKENDS = ("local", "gcloud", "skypilot")
+MANIFEST = "sweep.json"   # SWEEP/sweep.json: the runs and how they were launched (for `status`)
 
 
 @dataclasses.dataclass
@@ -29,21 +37,23 @@ class Run:
   workdir: str
 
 
-def expand(config: str, sweep_dir: str) -> list[Run]:
-  """The sweep's runs, each with its resolved config, in dependency order."""
+def expand(config: str, sweep_dir: str, overrides: dict[str, str | bool] | None = None
+           ) -> list[Run]:
+  """The sweep's runs, each with its resolved config, in dependency order; `overrides`
+  (command-line `--config.FIELD` texts) apply to every run before its own values."""
   path, _ = files.split_spec(config)
   mod = files.load_module(path)
   if not hasattr(mod, "sweep"):
     raise GrowlmError(f"--config={path} defines no sweep(add); accepted: a sweep config file")
   specs: list[tuple[str, dict]] = []
 
-  def add(name: str, **overrides):
+  def add(name: str, **run_overrides):
     if not isinstance(name, str) or not name or "/" in name:
       raise GrowlmError(f"sweep run name {name!r}; accepted: a non-empty string without '/' "
                         "(it names the run's directory)")
     if any(n == name for n, _ in specs):
       raise GrowlmError(f"sweep run name {name!r} is used twice; accepted: one add() per name")
-    specs.append((name, overrides))
+    specs.append((name, run_overrides))
 
   try:
     mod.sweep(add)
@@ -54,18 +64,19 @@ def expand(config: str, sweep_dir: str) -> list[Run]:
     raise GrowlmError(f"--config={path}: sweep(add) raised {type(e).__name__}"
                       + (f": {first}" if first else "")) from None
   names = {n for n, _ in specs}
-  sweep_name = os.path.basename(os.path.normpath(sweep_dir))
+  sweep_name = fs.basename(sweep_dir)
   runs = []
-  for name, overrides in specs:
+  for name, run_overrides in specs:
     cfg = files.load(config)
+    files.apply_overrides(cfg, overrides or {})
     depends = []
-    for key, value in overrides.items():
+    for key, value in run_overrides.items():
       if key == "init.source" and isinstance(value, str) and value.startswith("@"):
         if value[1:] not in names:
           raise GrowlmError(f"sweep run {name!r}: init.source={value!r} names no run; "
                             f"accepted: one of {sorted(names)}")
         depends.append(value[1:])
-        value = os.path.join(sweep_dir, value[1:])
+        value = fs.join(sweep_dir, value[1:])
       files.set_field(cfg, key, value, what=f"sweep run {name!r}")
     with cfg.unlocked():
       cfg.name = name
@@ -74,7 +85,7 @@ def expand(config: str, sweep_dir: str) -> list[Run]:
       resolve(cfg)   # every run's values are checked before the first run starts
     except GrowlmError as e:
       raise GrowlmError(f"sweep run {name!r}: {e}") from None
-    runs.append(Run(name, overrides, cfg, depends, os.path.join(sweep_dir, name)))
+    runs.append(Run(name, run_overrides, cfg, depends, fs.join(sweep_dir, name)))
   return order(runs)
 
 
@@ -91,6 +102,16 @@ def order(runs: list[Run]) -> list[Run]:
   return done
 
 
+def select(runs: list[Run], only: tuple[str, ...]) -> list[Run]:
+  """The runs that --only names (all when empty), in the same order."""
+  if not only:
+    return runs
+  unknown = sorted(set(only) - {r.name for r in runs})
+  if unknown:
+    raise GrowlmError(f"--only names unknown runs {unknown}; accepted: {[r.name for r in runs]}")
+  return [r for r in runs if r.name in only]
+
+
 def is_done(run: Run) -> bool:
   """Finished = a checkpoint at the run's last step exists."""
   return run.config.train.num_steps in rundir.checkpoint_steps(run.workdir)
@@ -102,45 +123,49 @@ def _flag_value(v: Any) -> str:
   return str(v)
 
 
-def command(config: str, run: Run, python: str = "python", extra: tuple[str, ...] = ()
-            ) -> list[str]:
+def command(config: str, run: Run, python: str = "python", extra: tuple[str, ...] = (),
+            overrides: dict[str, str | bool] | None = None) -> list[str]:
   """The growlm.main command line that trains `run` exactly as the launcher does."""
   args = [python, "-m", "growlm.main", f"--config={config}", f"--workdir={run.workdir}"]
+  args += [f"--config.{k}={_flag_value(v)}" for k, v in (overrides or {}).items()]
   for key, value in run.overrides.items():
     if key == "init.source" and isinstance(value, str) and value.startswith("@"):
-      value = os.path.join(os.path.dirname(run.workdir), value[1:])
+      value = fs.join(fs.dirname(run.workdir), value[1:])
     args.append(f"--config.{key}={_flag_value(value)}")
   args += [f"--config.name={run.name}", f"--config.sweep_name={run.config.sweep_name}"]
   return args + list(extra)
 
 
-def tpu_command(config: str, run: Run, tpu: str, zone: str, project: str | None = None,
-                remote_dir: str = "~/growlm", python: str = "python3") -> list[str]:
-  """A gcloud invocation that runs `run` on every host of a Cloud TPU VM slice at once; each
-  host runs the same program and jax.distributed.initialize() finds its peers (--distributed)."""
-  inner = " ".join(shlex.quote(a) for a in command(config, run, python, ("--distributed",)))
-  gcloud = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu, f"--zone={zone}"]
-  if project:
-    gcloud.append(f"--project={project}")
-  return gcloud + ["--worker=all", f"--command=cd {remote_dir} && {inner}"]
+def manifest(config: str, runs: list[Run], overrides: dict | None, backend: str,
+             settings: dict[str, Any]) -> dict[str, Any]:
+  """What SWEEP/sweep.json records: enough for `status` to read the sweep with no config."""
+  return {"config": config, "overrides": dict(overrides or {}), "backend": backend,
+          "settings": settings,
+          "runs": [{"name": r.name, "workdir": r.workdir, "depends": r.depends,
+                    "num_steps": int(r.config.train.num_steps)} for r in runs]}
 
 
-def launch(config: str, sweep_dir: str, *, dry_run: bool = False, tpu: str | None = None,
-           zone: str | None = None, project: str | None = None, only: tuple[str, ...] = (),
-           echo: Callable[[str], None] = print, run_fn: Callable | None = None
-           ) -> list[Run]:
-  """Runs (or prints) every run of the sweep in dependency order, skipping finished ones."""
-  if tpu and not zone:
-    raise GrowlmError("--tpu needs --zone (and optionally --project)")
-  runs = expand(config, sweep_dir)
-  if only:
-    unknown = sorted(set(only) - {r.name for r in runs})
-    if unknown:
-      raise GrowlmError(f"--only names unknown runs {unknown}; accepted: {[r.name for r in runs]}")
-    runs = [r for r in runs if r.name in only]
+def launch(config: str, sweep_dir: str, *, backend: str = "local",
+           overrides: dict[str, str | bool] | None = None, dry_run: bool = False,
+           only: tuple[str, ...] = (), echo: Callable[[str], None] = print,
+           run_fn: Callable | None = None, **remote_flags) -> list[Run]:
+  """Runs the sweep here: every run in dependency order, finished runs skipped, unfinished ones
+  resumed; with dry_run, prints what it would run. Remote backends are growlm.experiments.
+  launcher's (which calls this for backend 'local')."""
+  if backend not in BACKENDS:
+    raise GrowlmError(f"--backend={backend}; accepted: {', '.join(BACKENDS)}")
+  if backend != "local":
+    raise ValueError("remote backends go through growlm.experiments.launcher.launch")
+  fs.check(sweep_dir, "--sweep_dir")
+  given = [k for k, v in remote_flags.items() if v not in (None, False, "", 0, ())]
+  if given:
+    raise GrowlmError(f"--{given[0]} is a flag of a remote backend; accepted: --backend=gcloud "
+                      "(--tpu, --zone, --project, --spot, ...) or --backend=skypilot "
+                      "(--accelerators, --num_nodes, --spot, ...)")
+  every = expand(config, sweep_dir, overrides)
+  runs = select(every, only)
   for run in runs:
-    cmd = (tpu_command(config, run, tpu, zone, project) if tpu else command(config, run))
-    line = " ".join(shlex.quote(a) for a in cmd)
+    line = " ".join(shlex.quote(a) for a in command(config, run, overrides=overrides))
     if dry_run:
       echo(line)
       continue
@@ -148,13 +173,12 @@ def launch(config: str, sweep_dir: str, *, dry_run: bool = False, tpu: str | Non
       echo(f"[{run.name}] finished, skipped")
       continue
     echo(f"[{run.name}] {line}")
-    if tpu:
-      import subprocess  # pylint: disable=g-import-not-at-top
-      subprocess.run(cmd, check=True)
-    else:
-      if run_fn is None:
-        from growlm import commands  # pylint: disable=g-import-not-at-top
-        run_fn = commands.train
-      os.makedirs(sweep_dir, exist_ok=True)
-      run_fn(run.config, run.workdir)
+    if run_fn is None:
+      from growlm import commands  # pylint: disable=g-import-not-at-top
+      run_fn = commands.train
+    fs.makedirs(sweep_dir)
+    run_fn(run.config, run.workdir)
+  if not dry_run and runs and fs.isdir(sweep_dir):   # for `status`, once a run went through
+    fs.write_json_atomic(fs.join(sweep_dir, MANIFEST),
+                         manifest(config, every, overrides, backend, {}))
   return runs

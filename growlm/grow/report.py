@@ -8,14 +8,12 @@ precision (float32 products stay float32 on accelerators too), whatever the call
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
 
-from growlm import trees
-from growlm.fs import write_json_atomic
+from growlm import fs, trees
 from growlm.grow import core
 from growlm.grow.plan import GrowthPlan
 from growlm.model import decoder as model_lib
@@ -107,7 +105,7 @@ def format_report(r: dict[str, Any]) -> str:
 
 def save_report(report: dict[str, Any], directory: str, name: str = "growth_report.json") -> str:
   """Writes the report atomically; returns its path."""
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, name)
-  write_json_atomic(path, report)
+  fs.makedirs(directory)
+  path = fs.join(directory, name)
+  fs.write_json_atomic(path, report)
   return path

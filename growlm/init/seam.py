@@ -15,12 +15,11 @@ any. `initializer(...)` returns the callable the trainer calls once its mesh and
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Callable
 
 import jax
 
-from growlm import rundir
+from growlm import fs, rundir
 from growlm.config.typed import InitConfig, RunConfig, resolve_section
 from growlm.grow import core as grow_core
 from growlm.grow import report as report_lib
@@ -68,7 +67,7 @@ def prepare(config: RunConfig, workdir: str) -> tuple[RunConfig, Source | None]:
 
 def resume(setup: Setup) -> Start | None:
   """The newest restorable checkpoint of the run dir, or None if it holds none."""
-  if not os.path.isdir(rundir.checkpoints_dir(setup.workdir)):
+  if not rundir.checkpoint_steps(setup.workdir):
     return None
   ckpt = Checkpoints(rundir.checkpoints_dir(setup.workdir), keep=setup.config.checkpoint.keep,
                      async_save=False)
@@ -95,7 +94,7 @@ def grow(setup: Setup, src: Source) -> Start:
   eval_name, batches = next(iter(setup.eval_batches.items()))
   report = report_lib.preservation_report(
       src.model, src.state.params, grown.config, state.params, batches, plan,
-      extra={"source": os.path.abspath(src.directory), "source_step": src.step,
+      extra={"source": fs.absolute(src.directory), "source_step": src.step,
              "source_flops": src.flops, "optimizer_init": config.init.optimizer,
              "lr_multipliers": bool(config.init.lr_multipliers), "eval_dataset": eval_name})
   _say(report_lib.format_report(report))

@@ -11,13 +11,12 @@ multiplier trees (benchmarks/growth.py measures its time and memory against the 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from growlm import rundir, sharding
+from growlm import fs, rundir, sharding
 from growlm.config.typed import RunConfig, TrainConfig
 from growlm.errors import GrowlmError
 from growlm.grow import core as grow_core
@@ -67,7 +66,8 @@ def read_source(directory: str, *, what: str = "init.source") -> Source:
                   meta={"flops": 0}, hf=True)
   accepted = "a run directory written by growlm.main or the grow command" + (
       ", or a Hugging Face directory" if what == "init.source" else "")
-  if not os.path.isdir(directory):
+  fs.check(directory, what)
+  if not fs.isdir(directory):
     raise GrowlmError(f"{what}={directory!r} does not exist or is not a directory; accepted: "
                       f"{accepted}")
   saved = rundir.read_config(directory)

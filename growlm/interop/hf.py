@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from typing import Any
 
 import jax
@@ -30,7 +31,7 @@ from safetensors.numpy import save_file
 
 from growlm.interop import hf_layout as layout
 from growlm.model import decoder as model_lib
-from growlm import trees
+from growlm import fs, transfer, trees
 from growlm.errors import GrowlmError
 from growlm.interop.hf_layout import hf_architecture, hf_config  # noqa: F401  (public API)
 from growlm.model.config import DTYPES, ModelConfig
@@ -73,6 +74,13 @@ def _read_json(directory: str, name: str) -> dict:
 def is_hf_dir(directory: str) -> bool:
   """True for a Hugging Face model directory (config.json names a model_type or architectures
   and there is no growlm checkpoints/); says nothing about whether it is importable."""
+  if fs.is_url(directory):
+    try:
+      raw = json.loads(fs.read_bytes(fs.join(directory, "config.json")))
+    except (OSError, ValueError):
+      return False
+    return (isinstance(raw, dict) and ("model_type" in raw or "architectures" in raw)
+            and not fs.isdir(fs.join(directory, "checkpoints")))
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path) or os.path.isdir(os.path.join(directory, "checkpoints")):
     return False
@@ -91,6 +99,7 @@ def read_hf_config(directory: str, *, param_dtype: str = "float32", dtype: str =
   for name, v in (("param_dtype", param_dtype), ("dtype", dtype)):
     if v not in DTYPES:
       raise GrowlmError(f"HF import {name}={v!r}; accepted: {DTYPES}")
+  directory = transfer.mirror(directory)   # gs://: read from a local copy (safetensors needs files)
   if not os.path.isfile(os.path.join(directory, "config.json")):
     raise _err(directory, "no config.json; accepted: a directory saved by save_pretrained")
   raw = _read_json(directory, "config.json")
@@ -182,6 +191,7 @@ def _fields_str(raw: dict) -> str:
 def check_hf_dir(directory: str, **dtypes) -> tuple[str, ModelConfig, dict]:
   """Validates config.json and the tensors' names, shapes and dtypes (headers only, no data):
   (arch, growlm config, raw config.json). One GrowlmError for anything wrong."""
+  directory = transfer.mirror(directory)
   arch, cfg, raw, biases = read_hf_config(directory, **dtypes)
   _check_tensors(directory, arch, cfg, raw, biases, _tensor_index(directory))
   return arch, cfg, raw
@@ -191,6 +201,7 @@ def import_hf(directory: str, *, param_dtype: str = "float32", dtype: str = "flo
               ) -> HFModel:
   """Reads an HF GPT-2 or Llama directory into growlm params (numpy, `param_dtype`) and config
   (compute `dtype`). Refuses, with one line naming the field, anything it cannot map exactly."""
+  directory = transfer.mirror(directory)
   arch, cfg, raw, biases = read_hf_config(directory, param_dtype=param_dtype, dtype=dtype)
   index = _tensor_index(directory)
   specs, prefix = _check_tensors(directory, arch, cfg, raw, biases, index)
@@ -316,10 +327,11 @@ def export_hf(params, cfg: ModelConfig, out: str, *, tokenizer_from: str | None 
   arch = hf_architecture(cfg)
   if dtype is not None and dtype not in DTYPES:
     raise GrowlmError(f"HF export dtype={dtype!r}; accepted: {DTYPES}")
-  if os.path.exists(out):
+  if fs.exists(out):
     raise GrowlmError(f"HF export: out={out} exists; accepted: a path that does not exist yet")
-  if tokenizer_from and not os.path.exists(tokenizer_from):
+  if tokenizer_from and not fs.exists(tokenizer_from):
     raise GrowlmError(f"HF export: tokenizer_from={tokenizer_from!r} does not exist")
+  tokenizer_from = tokenizer_from and transfer.mirror(tokenizer_from)
   if token_ids is None and tokenizer_from and os.path.isfile(
       os.path.join(tokenizer_from, "config.json")):
     src = _read_json(tokenizer_from, "config.json")
@@ -327,9 +339,22 @@ def export_hf(params, cfg: ModelConfig, out: str, *, tokenizer_from: str | None 
   tensors = to_hf_tensors(params, cfg, arch, dtype)
   written = str(next(iter(tensors.values())).dtype)
   conf = hf_config(cfg, arch, token_ids=token_ids, dtype=written)
-  partial = out.rstrip("/") + ".partial"
   if jax.process_index() != 0:
     return arch
+  if fs.is_url(out):   # built locally, then uploaded with config.json (what readers check) last
+    with tempfile.TemporaryDirectory(prefix="growlm-export-") as tmp:
+      _write_hf_dir(os.path.join(tmp, "out"), conf, tensors, tokenizer_from, extra_json,
+                    max_shard_bytes)
+      transfer.publish_dir(os.path.join(tmp, "out"), out, "config.json")
+    return arch
+  _write_hf_dir(out, conf, tensors, tokenizer_from, extra_json, max_shard_bytes)
+  return arch
+
+
+def _write_hf_dir(out: str, conf: dict, tensors: dict, tokenizer_from: str | None,
+                  extra_json: dict | None, max_shard_bytes: int) -> None:
+  """Builds `out` under OUT.partial and renames it."""
+  partial = out.rstrip("/") + ".partial"
   shutil.rmtree(partial, ignore_errors=True)
   try:
     os.makedirs(partial)
@@ -345,4 +370,3 @@ def export_hf(params, cfg: ModelConfig, out: str, *, tokenizer_from: str | None 
   except BaseException:
     shutil.rmtree(partial, ignore_errors=True)
     raise
-  return arch

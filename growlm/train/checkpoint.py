@@ -16,14 +16,10 @@ step also gets `N/growlm_checksums.json`: size and sha256 of every file in the s
 
 from __future__ import annotations
 
-import concurrent.futures
-import hashlib
 import itertools
 import json
 import logging
-import os
 import re
-import shutil
 import threading
 from typing import Any
 
@@ -32,88 +28,15 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from growlm import fs
 from growlm.errors import GrowlmError
-from growlm.fs import write_json_atomic
+from growlm.train.checkpoint_files import CHECKSUMS, describe, hash_all, is_damage, list_files
 
 log = logging.getLogger(__name__)
 
-CHECKSUMS = "growlm_checksums.json"
-_NOT_LISTED = (CHECKSUMS, CHECKSUMS + ".tmp")  # the manifest cannot list itself
 _TMP_DIR = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 ABANDON_WAIT_S = 300.0  # close(abandon=True) waits at most this long for the save in flight
 _OK, _DAMAGED, _UNREADABLE = 0, 1, 2
-
-# Restore errors that mean the bytes on disk are wrong or missing (each seen by damaging a saved
-# step; see tests/test_checkpoint.py). Tensorstore reports absl status codes inside ValueError
-# messages, which orbax wraps in a bare Exception, so the whole cause chain is read.
-_DAMAGE_TEXT = re.compile(r"\b(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND):|Data corruption detected|"
-                          r"\bFAILED_PRECONDITION:.*(decompress|compressed stream|Error decoding)",
-                          re.S)
-# ...and errors that say the storage, not the checkpoint, is at fault: never set a step aside.
-_IO_CODES = re.compile(r"\b(PERMISSION_DENIED|UNAVAILABLE|RESOURCE_EXHAUSTED|DEADLINE_EXCEEDED|"
-                       r"ABORTED|CANCELLED|UNAUTHENTICATED):|os_error_code='(?!2')")
-
-
-def _chain(e: BaseException) -> list[BaseException]:
-  out = []
-  while e is not None and e not in out and len(out) < 16:
-    out.append(e)
-    e = e.__cause__ or e.__context__
-  return out
-
-
-def is_damage(e: BaseException) -> bool:
-  """Whether a restore error means corrupt or missing data (else: stop, touch nothing)."""
-  chain = _chain(e)
-  for x in chain:
-    if isinstance(x, OSError) and not isinstance(x, FileNotFoundError):
-      return False  # PermissionError, EIO, ENOSPC...: the file may be fine
-    if _IO_CODES.search(str(x)):
-      return False
-  for x in chain:
-    text = str(x)
-    if (isinstance(x, (FileNotFoundError, json.JSONDecodeError))
-        or (isinstance(x, KeyError) and "was not found in the checkpoint" in text)
-        or _DAMAGE_TEXT.search(text)):
-      return True
-  return False
-
-
-def describe(e: BaseException) -> str:
-  """One line for an error: the innermost tensorstore/OS error of the chain when there is one."""
-  chain = _chain(e)
-  pick = next((x for x in reversed(chain)
-               if isinstance(x, OSError) or re.search(r"\b[A-Z][A-Z_]{5,}:", str(x))), chain[0])
-  text = next((line.strip() for line in str(pick).splitlines() if line.strip()), "no message")
-  return f"{type(pick).__name__}: {text[:300]}"
-
-
-def _list_files(root: str) -> dict[str, int]:
-  """{path relative to root: size} of every file under root; an unreadable directory raises
-  (os.walk would skip it silently, and orbax reports one as missing)."""
-  out, todo = {}, [""]
-  while todo:
-    rel = todo.pop()
-    with os.scandir(os.path.join(root, rel)) as it:
-      for entry in it:
-        name = os.path.join(rel, entry.name)
-        if entry.is_dir(follow_symlinks=False):
-          todo.append(name)
-        elif name not in _NOT_LISTED:
-          out[name] = entry.stat().st_size
-  return out
-
-
-def _sha256(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _hash_all(root: str, rels: list[str]) -> dict[str, str]:
-  # hashlib releases the GIL on large buffers, so threads overlap reads and hashing.
-  with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-    return dict(zip(rels, pool.map(lambda r: _sha256(os.path.join(root, r)), rels)))
-
 
 class Checkpoints:
   """A CheckpointManager with items `state` (arrays), `data` and `meta` (JSON), plus checksums.
@@ -123,7 +46,7 @@ class Checkpoints:
   but, with restore_latest(set_aside=True), the names of damaged steps."""
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = fs.absolute(directory)
     self.async_save = async_save
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
@@ -305,13 +228,13 @@ class Checkpoints:
 
   def _write_checksums(self, step: int) -> None:
     """Writes N/growlm_checksums.json for a finalised step; a failure leaves it unverified."""
-    root = os.path.join(self.directory, str(step))
+    root = fs.join(self.directory, str(step))
     try:
-      if not os.path.isdir(root) or os.path.exists(os.path.join(root, CHECKSUMS)):
+      if not fs.isdir(root) or fs.exists(fs.join(root, CHECKSUMS)):
         return
-      sizes = _list_files(root)
-      digests = _hash_all(root, sorted(sizes))
-      write_json_atomic(os.path.join(root, CHECKSUMS), {
+      sizes = list_files(root)
+      digests = hash_all(root, sorted(sizes))
+      fs.write_json_atomic(fs.join(root, CHECKSUMS), {
           "format": "growlm-checksums-1", "algorithm": "sha256",
           "files": {r: {"bytes": sizes[r], "sha256": digests[r]} for r in sorted(sizes)}})
     except Exception as e:  # pylint: disable=broad-except  (never fail training for this)
@@ -320,17 +243,15 @@ class Checkpoints:
 
   def _inspect(self, step: int) -> tuple[int, str]:
     """(_OK, 'verified' | 'unverified') or (_DAMAGED | _UNREADABLE, what), on this process."""
-    root = os.path.join(self.directory, str(step))
+    root = fs.join(self.directory, str(step))
     try:
-      sizes = _list_files(root)
-      if not os.path.exists(os.path.join(root, CHECKSUMS)):
+      sizes = list_files(root)
+      if not fs.exists(fs.join(root, CHECKSUMS)):
         for rel in sizes:  # no checksums: still stop on a file that cannot be read
-          with open(os.path.join(root, rel), "rb") as f:
-            f.read(1)
+          fs.read_bytes(fs.join(root, rel))
         return _OK, "unverified"
-      with open(os.path.join(root, CHECKSUMS)) as f:
-        text = f.read()
-    except OSError as e:
+      text = fs.read_text(fs.join(root, CHECKSUMS))
+    except (OSError, GrowlmError) as e:
       return _UNREADABLE, describe(e)
     try:
       listed = {r: (int(v["bytes"]), str(v["sha256"]))
@@ -343,8 +264,8 @@ class Checkpoints:
                  for r in sorted(set(sizes) & set(listed)) if sizes[r] != listed[r][0]]
     if not problems:
       try:
-        digests = _hash_all(root, sorted(listed))
-      except OSError as e:
+        digests = hash_all(root, sorted(listed))
+      except (OSError, GrowlmError) as e:
         return _UNREADABLE, describe(e)
       problems = [f"{r}: sha256 mismatch" for r in sorted(listed) if digests[r] != listed[r][1]]
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -372,13 +293,15 @@ class Checkpoints:
   def _remove_tmp_dirs(self, steps: list[int] | None) -> None:
     """Removes `N.orbax-checkpoint-tmp*` (for `steps`, or all): saves that will never finish."""
     try:
-      names = [n for n in os.listdir(self.directory) if (m := _TMP_DIR.match(n))
+      names = [n for n in fs.listdir(self.directory) if (m := _TMP_DIR.match(n))
                and (steps is None or int(m.group(1)) in steps)]
       for name in names:
-        shutil.rmtree(os.path.join(self.directory, name))
+        fs.rmtree(fs.join(self.directory, name))
       if names:
         log.info("removed unfinished checkpoint save(s) %s from %s", names, self.directory)
-    except OSError as e:
+    except FileNotFoundError:
+      pass
+    except (OSError, GrowlmError) as e:
       log.warning("could not remove unfinished saves in %s (%s)", self.directory, describe(e))
 
   def _set_aside(self, steps: list[int]) -> dict[int, str]:
@@ -387,9 +310,9 @@ class Checkpoints:
     names = {}
     if jax.process_index() == 0:
       for step in steps:
-        src = os.path.join(self.directory, str(step))
-        k = next(k for k in itertools.count() if not os.path.exists(f"{src}.damaged-{k}"))
-        os.rename(src, f"{src}.damaged-{k}")
+        src = fs.join(self.directory, str(step))
+        k = next(k for k in itertools.count() if not fs.exists(f"{src}.damaged-{k}"))
+        fs.rename(src, f"{src}.damaged-{k}")
         names[step] = f"{step}.damaged-{k}"
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("growlm_checkpoint_set_aside")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
+import time
 from typing import Any
 
 from tqdm import tqdm
 
+from growlm import fs
 from growlm.errors import GrowlmError
 
 
@@ -16,14 +17,13 @@ def read_records(path: str) -> list[dict[str, Any]]:
   """The records of a run's metrics.jsonl, strictly: a torn last line (a crash mid-write) is
   dropped, anything else that is not a JSON object per line is refused with one line, so a
   resume never silently rewrites a file it does not understand."""
-  if not os.path.exists(path):
+  if not fs.exists(path):
     return []
-  if not os.path.isfile(path):
+  if not fs.isfile(path):
     raise GrowlmError(f"{path} is not a file; accepted: the run's metrics.jsonl (JSON lines), "
                       "or no file")
   try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().split("\n")
+    lines = fs.read_text(path).split("\n")
   except UnicodeDecodeError as e:
     raise GrowlmError(f"{path} is not text (byte {e.start} is not UTF-8); accepted: the run's "
                       "metrics.jsonl (JSON lines); move it away to start the history anew") from e
@@ -55,30 +55,56 @@ def check_metrics_file(path: str) -> None:
 
 class MetricsWriter:
   """Appends JSON lines; on resume, drops lines past the restored step so the file reads as
-  one uninterrupted run."""
+  one uninterrupted run.
 
-  def __init__(self, path: str, *, enabled: bool = True, truncate_after_step: int | None = None):
+  Object stores have no append: on a gs:// run dir the lines are kept in memory and the whole
+  object is rewritten at most every `upload_every_s`, at every `flush()` (the trainer flushes
+  before each checkpoint, so a resume never finds a gap before its step) and at `close()`."""
+
+  def __init__(self, path: str, *, enabled: bool = True, truncate_after_step: int | None = None,
+               upload_every_s: float = 30.0):
     self.enabled = enabled
+    self.path = path
     self._f = None
+    self._lines: list[str] | None = None  # a URL's whole content
+    self._uploaded = time.monotonic()
+    self._upload_every_s = upload_every_s
     if not enabled:
       return
-    if truncate_after_step is not None and os.path.exists(path):
+    keep = None
+    if truncate_after_step is not None and fs.exists(path):
       keep = [r for r in read_records(path) if r.get("step", 0) <= truncate_after_step]
-      tmp = path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in keep)
-      os.replace(tmp, path)
+    if fs.is_url(path):
+      self._lines = [json.dumps(r) + "\n" for r in (keep if keep is not None
+                                                    else read_records(path))]
+      self.flush()
+      return
+    if keep is not None:
+      fs.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
     self._f = open(path, "a")
 
   def write(self, record: dict[str, Any]) -> None:
     if self._f is not None:
       self._f.write(json.dumps(record) + "\n")
       self._f.flush()
+    elif self._lines is not None:
+      self._lines.append(json.dumps(record) + "\n")
+      if time.monotonic() - self._uploaded > self._upload_every_s:
+        self.flush()
+
+  def flush(self) -> None:
+    """Makes every line written so far durable (a no-op for a local file, flushed per line)."""
+    if self._lines is not None:
+      fs.write_text_atomic(self.path, "".join(self._lines))
+      self._uploaded = time.monotonic()
 
   def close(self) -> None:
     if self._f is not None:
       self._f.close()
       self._f = None
+    if self._lines is not None:
+      self.flush()
+      self._lines = None
 
 
 class ProgressBar:

@@ -25,10 +25,9 @@ from typing import Any
 
 import jax
 
-from growlm import curves
+from growlm import curves, fs, transfer
 from growlm.config.typed import RunConfig
 from growlm.errors import GrowlmError
-from growlm.fs import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -122,22 +121,21 @@ def check_wandb(config: RunConfig) -> None:
 
 
 def _state_path(workdir: str) -> str:
-  return os.path.join(workdir, "wandb", STATE_FILE)
+  return fs.join(workdir, "wandb", STATE_FILE)
 
 
 def _read_state(workdir: str) -> dict[str, Any] | None:
   try:
-    with open(_state_path(workdir)) as f:
-      state = json.load(f)
-  except (OSError, json.JSONDecodeError):
+    state = json.loads(fs.read_bytes(_state_path(workdir)))
+  except (OSError, ValueError):
     return None  # a torn file only costs a new W&B run, never the training run
   return state if isinstance(state, dict) and isinstance(state.get("id"), str) else None
 
 
 def _write_state(workdir: str, state: dict[str, Any]) -> None:
   path = _state_path(workdir)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  write_json_atomic(path, state)
+  fs.makedirs(fs.dirname(path))
+  fs.write_json_atomic(path, state)
 
 
 def run_id(workdir: str) -> str:
@@ -149,7 +147,8 @@ def run_id(workdir: str) -> str:
   """
   state = _read_state(workdir)
   if state is None:
-    path_hash = hashlib.sha256(os.path.realpath(workdir).encode()).hexdigest()[:10]
+    where = workdir.rstrip("/") if fs.is_url(workdir) else os.path.realpath(workdir)
+    path_hash = hashlib.sha256(where.encode()).hexdigest()[:10]
     state = {"id": path_hash + secrets.token_hex(3), "last_step": None}
     _write_state(workdir, state)
   return state["id"]
@@ -205,8 +204,13 @@ class WandbTracker(Tracker):
     import wandb  # pylint: disable=import-outside-toplevel
     self._wandb = wandb
     self._workdir = workdir
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir)
     self.run_id = rid = run_id(workdir)  # kept after close, unlike self.run
+    # W&B writes its own files locally: into the run dir, or for a gs:// run dir into WANDB_DIR
+    # (default ~/.cache/growlm/wandb/RUN_ID); the run id in RUN/wandb/ is what resumes.
+    local = workdir if not fs.is_url(workdir) else os.environ.get("WANDB_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "growlm", "wandb", rid)
+    os.makedirs(local, exist_ok=True)
     self._state = _read_state(workdir) or {"id": rid, "last_step": None}
     # silent: no banner or sync hints on stdout. console="off": W&B would otherwise wrap
     # stdout/stderr to mirror them, including every redraw of the tqdm bar.
@@ -214,7 +218,7 @@ class WandbTracker(Tracker):
     # through its own run object, never the global wandb.log.
     self.run = wandb.init(
         project=project, entity=entity or None, name=name, group=group or None,
-        tags=list(tags), config=config, dir=workdir, mode=mode, id=rid, resume="allow",
+        tags=list(tags), config=config, dir=local, mode=mode, id=rid, resume="allow",
         reinit="create_new", settings=wandb.Settings(silent=True, console="off"))
     last = self._state.get("last_step")
     # The smallest step W&B accepts next: online resumption reports where the server's run
@@ -262,9 +266,10 @@ class WandbTracker(Tracker):
     """Logs the image at the latest step (W&B keeps one version per step)."""
     if self.run is None:
       return
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
       raise FileNotFoundError(f"log_image {name!r}: no file {path}")
-    self.run.log({name: self._wandb.Image(path)}, step=self._min_step)
+    with transfer.local_file(path) as local:
+      self.run.log({name: self._wandb.Image(local)}, step=self._min_step)
     self._advance(self._min_step)
 
   def log_loss_curve(self, workdir: str) -> None:
@@ -272,8 +277,7 @@ class WandbTracker(Tracker):
     if self.run is None:
       return
     run = curves.load_run(workdir)
-    self.log_image("loss_curve", curves.plot_loss_curves([run], os.path.join(workdir,
-                                                                              "loss_curve.png")))
+    self.log_image("loss_curve", curves.plot_loss_curves([run], fs.join(workdir, "loss_curve.png")))
 
   def close(self, exit_code: int = 0) -> None:
     """Ends the W&B run; exit_code 1 marks it failed in the UI."""
@@ -314,6 +318,6 @@ def make_tracker(config: RunConfig, workdir: str) -> Tracker:
     return Tracker()
   group = fields["group"] or config.sweep_name or config.name
   return WandbTracker(workdir, project=fields["project"], entity=fields["entity"],
-                      name=config.name or os.path.basename(workdir.rstrip("/")),
+                      name=config.name or fs.basename(workdir),
                       group=group, tags=tuple(run_tags(config, fields)),
                       config=config.to_json(), mode=mode)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from typing import Any, Callable
 
@@ -24,10 +23,9 @@ from jax.sharding import Mesh
 
 from growlm import data as data_lib
 from growlm import lock as lock_lib
-from growlm import rundir, sharding
+from growlm import fs, rundir, sharding
 from growlm.config.typed import RunConfig, resume_conflicts
 from growlm.errors import GrowlmError, Preempted
-from growlm.fs import write_json_atomic
 from growlm.model import flops as flops_lib
 from growlm import optim
 from growlm.train import tracking
@@ -126,7 +124,8 @@ def require_config(workdir: str) -> dict | None:
   """The run dir's saved config.json (None for a new run dir). A run dir that holds checkpoints
   must hold a readable config.json: without it a relaunch could not be checked against the run,
   so it is refused rather than resumed with whatever the new command says."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  fs.check_bucket(workdir, "--workdir")
+  if fs.isfile(workdir):
     raise GrowlmError(f"--workdir={workdir} is not a directory; accepted: a new path or a run dir")
   saved = rundir.read_config(workdir)
   if saved is None and rundir.has_checkpoint(workdir):
@@ -193,12 +192,12 @@ def train(config: RunConfig, workdir: str, initialize: Initializer, *,
 
     # Inputs are good and the state exists: now the run dir is written, by one launch only.
     lease = _acquire(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir)
     if is_main:
-      write_json_atomic(rundir.config_path(workdir), config_json)
-      write_json_atomic(os.path.join(workdir, rundir.DATA_MANIFEST), manifests)
+      fs.write_json_atomic(rundir.config_path(workdir), config_json)
+      fs.write_json_atomic(fs.join(workdir, rundir.DATA_MANIFEST), manifests)
       if growth_report is not None:
-        write_json_atomic(os.path.join(workdir, rundir.GROWTH_REPORT), growth_report)
+        fs.write_json_atomic(fs.join(workdir, rundir.GROWTH_REPORT), growth_report)
     ckpt = Checkpoints(rundir.checkpoints_dir(workdir), keep=config.checkpoint.keep,
                        async_save=config.checkpoint.async_save)
     first = int(jax.device_get(state.step))
@@ -336,6 +335,7 @@ def _loop(config: RunConfig, workdir: str, start: Start, state: TrainState, iter
           pending = None
         if lease is not None:
           lease.ensure_held()  # taken over by another launch: stop before writing over it
+        writer.flush()   # every line up to a checkpoint is stored before it (see MetricsWriter)
         ckpt.save(step, state, iterator.get_state(), meta(step))
       if stopping:
         bar.close()

@@ -1,0 +1,113 @@
+"""growlm.fs: one path layer for local paths and gs:// URLs, run against the GCS emulator."""
+
+import os
+
+import pytest
+
+from growlm import fs, transfer
+from growlm.errors import GrowlmError
+
+
+@pytest.fixture(params=["local", "gs"])
+def root(request, tmp_path):
+  if request.param == "local":
+    return str(tmp_path)
+  return request.getfixturevalue("gcs").bucket() + "/some/dir"
+
+
+def test_write_read_list_remove(root):
+  assert not fs.exists(fs.join(root, "a.json"))
+  fs.write_json_atomic(fs.join(root, "a.json"), {"x": 1})
+  fs.makedirs(fs.join(root, "sub"))
+  fs.write_bytes_atomic(fs.join(root, "sub", "b.bin"), b"\x00\x01")
+  assert fs.read_json_object(fs.join(root, "a.json"), "test") == {"x": 1}
+  assert fs.read_bytes(fs.join(root, "sub", "b.bin")) == b"\x00\x01"
+  assert fs.listdir(root) == ["a.json", "sub"]
+  assert fs.isdir(fs.join(root, "sub")) and not fs.isdir(fs.join(root, "a.json"))
+  assert fs.isfile(fs.join(root, "a.json")) and not fs.isfile(fs.join(root, "sub"))
+  assert fs.walk_files(root) == ["a.json", "sub/b.bin"]
+  assert fs.glob(fs.join(root, "**", "*.bin")) == [fs.join(root, "sub", "b.bin")]
+  fs.remove(fs.join(root, "a.json"))
+  assert fs.listdir(root) == ["sub"]
+  with pytest.raises(FileNotFoundError):
+    fs.read_bytes(fs.join(root, "a.json"))
+  with pytest.raises(FileNotFoundError):
+    fs.listdir(fs.join(root, "nothing"))
+
+
+def test_overwrite_leaves_no_temporary(root):
+  p = fs.join(root, "c.json")
+  fs.write_json_atomic(p, {"v": 1})
+  fs.write_json_atomic(p, {"v": 2})
+  assert fs.read_json_object(p, "test") == {"v": 2}
+  assert fs.listdir(root) == ["c.json"]
+
+
+def test_rename_copy_tree_and_local_dir(root, tmp_path):
+  src = fs.join(root, "src")
+  fs.makedirs(fs.join(src, "d"))
+  fs.write_bytes_atomic(fs.join(src, "d", "x"), b"xx")
+  fs.write_bytes_atomic(fs.join(src, "y"), b"yy")
+  fs.rename(src, fs.join(root, "dst"))
+  assert not fs.exists(src) and fs.walk_files(fs.join(root, "dst")) == ["d/x", "y"]
+  with fs.local_dir(fs.join(root, "dst")) as local:
+    assert open(os.path.join(local, "d", "x"), "rb").read() == b"xx"
+  out = str(tmp_path / "published")
+  fs.copy_tree(fs.join(root, "dst"), out)
+  assert fs.walk_files(out) == ["d/x", "y"]
+
+
+def test_publish_dir_writes_its_marker_last(gcs, tmp_path):
+  local = tmp_path / "out"
+  (local / "w").mkdir(parents=True)
+  (local / "w" / "big").write_bytes(b"1" * 1000)
+  (local / "DONE").write_text("ok")
+  dst = gcs.bucket() + "/pub"
+  order = []
+  real = fs.copy_file
+  fs.copy_file = lambda s, d: (order.append(d.rsplit("/", 1)[-1]), real(s, d))
+  try:
+    transfer.publish_dir(str(local), dst, "DONE")
+  finally:
+    fs.copy_file = real
+  assert order == ["big", "DONE"] and not local.exists()
+  assert fs.read_text(fs.join(dst, "DONE")) == "ok"
+
+
+def test_url_paths_are_never_made_local():
+  assert fs.absolute("gs://b/x/") == "gs://b/x"
+  assert fs.join("gs://b/x/", "y", "z") == "gs://b/x/y/z"
+  assert fs.basename("gs://b/x/run1/") == "run1" and fs.dirname("gs://b/x/run1") == "gs://b/x"
+  assert fs.absolute("rel") == os.path.abspath("rel")
+
+
+@pytest.mark.parametrize("bad", ["s3://bucket/x", "gs://", "gs:///"])
+def test_unsupported_urls_are_refused(bad):
+  with pytest.raises(GrowlmError, match="accepted: a local path or a gs://"):
+    fs.check(bad, "workdir")
+
+
+def test_a_missing_bucket_is_one_line(gcs):
+  with pytest.raises(GrowlmError) as e:
+    fs.write_json_atomic("gs://no-such-bucket-here/x.json", {})
+  assert "gs://no-such-bucket-here/x.json: cannot write" in str(e.value)
+  assert "\n" not in str(e.value)
+
+
+def test_mirror_copies_once_and_follows_changes(gcs, tmp_path, monkeypatch):
+  monkeypatch.setenv("GROWLM_CACHE", str(tmp_path / "cache"))
+  d = gcs.bucket() + "/data"
+  fs.write_bytes_atomic(fs.join(d, "a.bin"), b"a" * 10)
+  fs.write_bytes_atomic(fs.join(d, "sub", "b.bin"), b"b" * 5)
+  local = transfer.mirror(d)
+  assert local.startswith(str(tmp_path / "cache")) and fs.walk_files(local) == ["a.bin",
+                                                                                "sub/b.bin"]
+  before = os.stat(os.path.join(local, "a.bin")).st_mtime_ns
+  assert transfer.mirror(d) == local   # unchanged objects are not copied again
+  assert os.stat(os.path.join(local, "a.bin")).st_mtime_ns == before
+  fs.write_bytes_atomic(fs.join(d, "sub", "b.bin"), b"c" * 5)   # same size, new generation
+  transfer.mirror(d)
+  assert open(os.path.join(local, "sub", "b.bin"), "rb").read() == b"c" * 5
+  one = transfer.mirror(fs.join(d, "a.bin"))
+  assert open(one, "rb").read() == b"a" * 10
+  assert transfer.mirror(str(tmp_path)) == str(tmp_path)
