@@ -5,15 +5,15 @@ rename); URLs go through `etils.epath` (gcsfs underneath, the same layer orbax u
 metadata), with these rules:
 - no `os.path.abspath` on a URL, no `open()` on one: use `join`, `absolute`, `read_bytes`, ...;
 - a single object write is atomic on an object store (readers see the old or the new object), so
-  `write_bytes_atomic` writes URLs directly; a directory rename is not, so the callers that
-  publish a directory on a URL (`publish_dir`) write its contents first and a marker last;
+  `write_bytes_atomic` writes URLs directly; a directory rename is not, so `rename` and
+  `copy_tree` onto a URL copy a marker file (`last`) after everything else;
 - directory listings are never cached (gcsfs caches them by default, which would hide files
   written by another host);
 - errors from the object store (no credentials, no bucket, no permission) become one
   GrowlmError line naming the path and what is accepted.
 
 Only gs:// is accepted as a URL scheme: it is the one with the compare-and-swap writes the run
-lock needs (see `growlm.lease_files`).
+lock needs (see `growlm.lease_gcs`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from growlm.errors import GrowlmError
@@ -285,14 +284,20 @@ def rename(src: str, dst: str, *, last: str | None = None) -> None:
       _epath(src).rename(_epath(dst))
     return
   try:
-    names = walk_files(src)
-    for rel in sorted(names, key=lambda r: r == last):
-      copy_file(join(src, *rel.split("/")), join(dst, *rel.split("/")))
+    copy_tree(src, dst, last=last)
   except BaseException:
     with contextlib.suppress(Exception):
       rmtree(dst)
     raise
   rmtree(src)
+
+
+def _objects(path: str) -> dict[str, dict]:
+  """{relative path (with '/'): gcsfs info} of every object under the URL `path`."""
+  with _errors(path, "list"):
+    base = path.rstrip("/").partition("://")[2] + "/"
+    return {k[len(base):]: v for k, v in sorted(_gcsfs().find(path, detail=True).items())
+            if k.startswith(base) and v.get("type") != "directory"}
 
 
 def walk_files(path: str) -> list[str]:
@@ -303,9 +308,7 @@ def walk_files(path: str) -> list[str]:
       rel = os.path.relpath(root, path)
       out += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in files]
     return sorted(out)
-  with _errors(path, "list"):
-    base = path.rstrip("/").partition("://")[2] + "/"
-    return sorted(p[len(base):] for p in _gcsfs().find(path) if p.startswith(base))
+  return list(_objects(path))
 
 
 def size(path: str) -> int:
@@ -320,23 +323,14 @@ def file_sizes(path: str) -> dict[str, int]:
   """{relative path (with '/'): size in bytes} of every file under the directory `path`."""
   if not is_url(path):
     return {rel: os.path.getsize(os.path.join(path, rel)) for rel in walk_files(path)}
-  with _errors(path, "list"):
-    base = path.rstrip("/").partition("://")[2] + "/"
-    found = _gcsfs().find(path, detail=True)
-    return {k[len(base):]: int(v["size"]) for k, v in sorted(found.items())
-            if k.startswith(base) and v.get("type") != "directory"}
+  return {rel: int(v["size"]) for rel, v in _objects(path).items()}
 
 
 def versions(path: str) -> dict[str, str]:
   """{relative path ('' for a single object): "SIZE:GENERATION"} of the object or of every object
   under the URL `path`; FileNotFoundError if there is none. What `transfer.mirror` compares."""
   with _errors(path, "list"):
-    if not _epath(path).is_dir():
-      found = {"": _gcsfs().info(path)}
-    else:
-      base = path.rstrip("/").partition("://")[2] + "/"
-      found = {k[len(base):]: v for k, v in _gcsfs().find(path, detail=True).items()
-               if k.startswith(base) and v.get("type") != "directory"}
+    found = _objects(path) if _epath(path).is_dir() else {"": _gcsfs().info(path)}
   if not found:
     raise FileNotFoundError(path)
   return {rel: f"{v.get('size')}:{v.get('generation') or v.get('md5Hash') or ''}"
@@ -351,9 +345,14 @@ def open_read(path: str):
     return _epath(path).open("rb")
 
 
-def copy_tree(src: str, dst: str) -> None:
-  """Copies every file under `src` to the same relative path under `dst` (either may be a URL)."""
-  for rel in walk_files(src):
+def copy_tree(src: str, dst: str, *, last: str | None = None, skip: Iterable[str] = ()) -> None:
+  """Copies every file under `src` to the same relative path under `dst` (either may be a URL),
+  the file named `last` after all others (readers that wait for it never see a partial
+  directory), leaving out the relative paths in `skip`."""
+  skip = set(skip)
+  for rel in sorted(walk_files(src), key=lambda r: r == last):
+    if rel in skip:
+      continue
     out = join(dst, *rel.split("/"))
     if not is_url(out):
       os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -381,16 +380,5 @@ def glob(pattern: str) -> list[str]:
     return sorted(glob_lib.glob(pattern, recursive=True))
   with _errors(pattern, "list"):
     scheme = pattern.partition("://")[0]
-    return sorted(f"{scheme}://{p}" for p in _gcsfs().glob(pattern) if not _gcsfs().isdir(p))
-
-
-@contextlib.contextmanager
-def local_dir(path: str) -> Iterator[str]:
-  """A local directory with the contents of `path`: itself if local, else a temporary download
-  (removed on exit). For readers that need real files (safetensors, tokenizers)."""
-  if not is_url(path):
-    yield path
-    return
-  with tempfile.TemporaryDirectory(prefix="growlm-") as tmp:
-    copy_tree(path, tmp)
-    yield tmp
+    found = _gcsfs().glob(pattern, detail=True)
+    return sorted(f"{scheme}://{p}" for p, v in found.items() if v.get("type") != "directory")

@@ -6,11 +6,12 @@ that time out), so a run holds a lease while it writes:
   RUN/.growlm-lock.json   {"host", "pid", "pid_space", "token", "started", "heartbeat", "command"}
 
 Not flock: it is unreliable on the shared filesystems run dirs live on (NFS, GCS FUSE); a lease
-needs only exclusive create, atomic rename and wall-clock time. On gs:// the same lease is kept
-with compare-and-swap on object generations instead (growlm.lease_gcs). A lease whose heartbeat is older
-than `stale_after_s`, or whose pid no longer runs on this host, is stale and is taken over. This
-module owns the lease: its name and format, `check_free` (the read-only early check) and `RunLock`
-(acquire, heartbeat, release). Standard library only: it sits with the foundations, below JAX.
+needs only exclusive create, atomic rename and wall-clock time (growlm.lease_posix). On gs://
+the same lease is kept with compare-and-swap on object generations instead (growlm.lease_gcs).
+A lease whose heartbeat is older than `stale_after_s`, or whose pid no longer runs on this host,
+is stale and is taken over. This module owns the lease: its name and format, `check_free` (the
+read-only early check) and `RunLock` (acquire, heartbeat, release). No JAX: it sits with the
+foundations.
 Assumed, as by any lease: hosts' clocks agree to well within `stale_after_s`, and a live owner
 renews within it (one paused for longer has lost its lease: `RunLock.lost`).
 """

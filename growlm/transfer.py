@@ -1,6 +1,6 @@
 """Between object stores and the local disk: local mirrors of URL inputs for readers that need
-real files (array_record, safetensors, tokenizers, TFDS), and uploads of local outputs with a
-marker file last. Built on growlm.fs; local paths pass through untouched."""
+real files (array_record, safetensors, tokenizers, TFDS), and the local cache they live in.
+Built on growlm.fs; local paths pass through untouched."""
 
 from __future__ import annotations
 
@@ -70,16 +70,3 @@ def mirror(path: str) -> str:
     json.dump(stamps, f)
   os.replace(tmp, stamps_path)
   return local
-
-
-def publish_dir(local: str, dst: str, marker: str) -> None:
-  """Copies the finished local directory `local` to `dst` with the file named `marker` last, so a
-  reader that waits for the marker never sees a partial directory; `local` is removed."""
-  names = fs.walk_files(local)
-  if marker not in names:
-    raise ValueError(f"{local} has no {marker}")
-  for rel in names:
-    if rel != marker:
-      fs.copy_file(os.path.join(local, rel), fs.join(dst, *rel.split("/")))
-  fs.copy_file(os.path.join(local, marker), fs.join(dst, marker))
-  shutil.rmtree(local, ignore_errors=True)

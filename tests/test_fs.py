@@ -43,21 +43,22 @@ def test_overwrite_leaves_no_temporary(root):
   assert fs.listdir(root) == ["c.json"]
 
 
-def test_rename_copy_tree_and_local_dir(root, tmp_path):
+def test_rename_and_copy_tree(root, tmp_path):
   src = fs.join(root, "src")
   fs.makedirs(fs.join(src, "d"))
   fs.write_bytes_atomic(fs.join(src, "d", "x"), b"xx")
   fs.write_bytes_atomic(fs.join(src, "y"), b"yy")
   fs.rename(src, fs.join(root, "dst"))
   assert not fs.exists(src) and fs.walk_files(fs.join(root, "dst")) == ["d/x", "y"]
-  with fs.local_dir(fs.join(root, "dst")) as local:
-    assert open(os.path.join(local, "d", "x"), "rb").read() == b"xx"
+  assert fs.read_bytes(fs.join(root, "dst", "d", "x")) == b"xx"
   out = str(tmp_path / "published")
   fs.copy_tree(fs.join(root, "dst"), out)
   assert fs.walk_files(out) == ["d/x", "y"]
+  fs.copy_tree(fs.join(root, "dst"), str(tmp_path / "part"), skip=["d/x"])
+  assert fs.walk_files(str(tmp_path / "part")) == ["y"]
 
 
-def test_publish_dir_writes_its_marker_last(gcs, tmp_path):
+def test_rename_to_a_url_copies_its_marker_last(gcs, tmp_path):
   local = tmp_path / "out"
   (local / "w").mkdir(parents=True)
   (local / "w" / "big").write_bytes(b"1" * 1000)
@@ -67,7 +68,7 @@ def test_publish_dir_writes_its_marker_last(gcs, tmp_path):
   real = fs.copy_file
   fs.copy_file = lambda s, d: (order.append(d.rsplit("/", 1)[-1]), real(s, d))
   try:
-    transfer.publish_dir(str(local), dst, "DONE")
+    fs.rename(str(local), dst, last="DONE")
   finally:
     fs.copy_file = real
   assert order == ["big", "DONE"] and not local.exists()

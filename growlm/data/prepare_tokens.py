@@ -229,10 +229,8 @@ def _prepare_to_url(source: str, tokenizer: str, out: str, **kwargs) -> dict:
       raise GrowlmError(f"--out={out} holds a prepare of other data; accepted: a new gs:// "
                         "prefix or the same arguments")
   local = fs.file_sizes(stage)
-  for rel in sorted(local, key=lambda r: r == shards.MANIFEST):   # the manifest last
-    if rel != shards.MANIFEST and remote.get(rel) == local[rel]:
-      continue   # uploaded by an earlier, interrupted run
-    fs.copy_file(os.path.join(stage, rel), fs.join(out, rel))
+  fs.copy_tree(stage, out, last=shards.MANIFEST,   # parts uploaded by an interrupted run stay
+               skip=[r for r, n in local.items() if r != shards.MANIFEST and remote.get(r) == n])
   return manifest
 
 

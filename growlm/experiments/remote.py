@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import netrc
 import os
 import shlex
 import subprocess
@@ -33,6 +32,7 @@ from growlm.config import files
 from growlm.errors import GrowlmError
 from growlm.experiments import status
 from growlm.experiments import sweep as sweep_lib
+from growlm.train import tracking
 
 WANDB_VARS = ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_MODE", "WANDB_BASE_URL")
 SECRET = "WANDB_API_KEY"
@@ -123,27 +123,14 @@ def pack(root: str, dest: str) -> int:
   return len(names)
 
 
-def _netrc_key(base_url: str) -> str | None:
-  path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
-  try:
-    rc = netrc.netrc(path)
-  except (OSError, netrc.NetrcParseError):
-    return None
-  hosts = [urllib.parse.urlparse(base_url).hostname or "", "api.wandb.ai"]
-  for host in hosts:
-    auth = rc.authenticators(host) if host else None
-    if auth and auth[2]:
-      return auth[2]
-  return None
-
-
 def wandb_env(environ: dict[str, str] | None = None) -> dict[str, str]:
   """The W&B settings to forward: set WANDB_* variables, and the API key from the environment
   or else from the netrc entry that `wandb login` writes."""
   environ = dict(os.environ if environ is None else environ)
   out = {k: environ[k] for k in WANDB_VARS if environ.get(k)}
   if SECRET not in out:
-    key = _netrc_key(environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    base = urllib.parse.urlparse(environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    key = tracking.netrc_key((base.hostname or "", "api.wandb.ai"))
     if key:
       out[SECRET] = key
   return out

@@ -162,20 +162,12 @@ def follow(runs: list[dict[str, Any]], echo: Callable[[str], None], *, poll_s: f
            sleep: Callable[[float], None] = time.sleep) -> list[RunState]:
   """Polls until every run is finished, or nothing is running or starting while a run has
   failed; prints the table whenever it changes. `on_poll` may submit runs that became ready."""
-  shown, misses = None, 0
+  shown = None
   while True:
-    try:
+    states = read(runs)
+    if on_poll is not None:
+      on_poll(states)
       states = read(runs)
-      if on_poll is not None:
-        on_poll(states)
-        states = read(runs)
-      misses = 0
-    except GrowlmError:
-      misses += 1   # a read racing a writer (a run creating checkpoints/) is tried again
-      if misses >= 3:
-        raise
-      sleep(poll_s)
-      continue
     seen = [(s.name, s.state, s.step) for s in states]   # not the heartbeat's age
     if seen != shown:
       echo(table(states))

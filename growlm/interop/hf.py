@@ -345,7 +345,7 @@ def export_hf(params, cfg: ModelConfig, out: str, *, tokenizer_from: str | None 
     with tempfile.TemporaryDirectory(prefix="growlm-export-") as tmp:
       _write_hf_dir(os.path.join(tmp, "out"), conf, tensors, tokenizer_from, extra_json,
                     max_shard_bytes)
-      transfer.publish_dir(os.path.join(tmp, "out"), out, "config.json")
+      fs.rename(os.path.join(tmp, "out"), out, last="config.json")
     return arch
   _write_hf_dir(out, conf, tensors, tokenizer_from, extra_json, max_shard_bytes)
   return arch

@@ -248,7 +248,8 @@ class Checkpoints:
       sizes = list_files(root)
       if not fs.exists(fs.join(root, CHECKSUMS)):
         for rel in sizes:  # no checksums: still stop on a file that cannot be read
-          fs.read_bytes(fs.join(root, rel))
+          with fs.open_read(fs.join(root, rel)) as f:
+            f.read(1)
         return _OK, "unverified"
       text = fs.read_text(fs.join(root, CHECKSUMS))
     except (OSError, GrowlmError) as e:

@@ -53,14 +53,15 @@ def resolve_mode(fields: dict[str, Any]) -> tuple[str, str]:
   return fields["mode"], f"wandb.mode={fields['mode']}"
 
 
-def _netrc_has_key(hosts: tuple[str, ...]) -> bool:
-  """Fallback for a wandb without the credential helpers used below: a stdlib netrc lookup."""
+def netrc_key(hosts: tuple[str, ...]) -> str | None:
+  """The API key of the first of `hosts` with one in $NETRC (default ~/.netrc), where `wandb
+  login` writes it; a stdlib lookup (also the fallback for a wandb without its own helpers)."""
   path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
   try:
     rc = netrc.netrc(path)
   except (OSError, netrc.NetrcParseError):
-    return False
-  return any((rc.authenticators(h) or (None, None, None))[2] for h in hosts)
+    return None
+  return next((auth[2] for h in hosts if h and (auth := rc.authenticators(h)) and auth[2]), None)
 
 
 def _credentials_source() -> str | None:
@@ -89,7 +90,7 @@ def _credentials_source() -> str | None:
     from wandb.sdk import wandb_setup  # pylint: disable=import-outside-toplevel
     from wandb.sdk.lib import wbauth  # pylint: disable=import-outside-toplevel
   except ImportError:
-    return "netrc" if _netrc_has_key(("api.wandb.ai",)) else None
+    return "netrc" if netrc_key(("api.wandb.ai",)) else None
   try:
     host = wandb_setup.singleton().settings.base_url
     return "netrc" if wbauth.read_netrc_auth(host=host) else None
@@ -207,9 +208,9 @@ class WandbTracker(Tracker):
     fs.makedirs(workdir)
     self.run_id = rid = run_id(workdir)  # kept after close, unlike self.run
     # W&B writes its own files locally: into the run dir, or for a gs:// run dir into WANDB_DIR
-    # (default ~/.cache/growlm/wandb/RUN_ID); the run id in RUN/wandb/ is what resumes.
+    # (default transfer.cache_root()/wandb/RUN_ID); the run id in RUN/wandb/ is what resumes.
     local = workdir if not fs.is_url(workdir) else os.environ.get("WANDB_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "growlm", "wandb", rid)
+        transfer.cache_root(), "wandb", rid)
     os.makedirs(local, exist_ok=True)
     self._state = _read_state(workdir) or {"id": rid, "last_step": None}
     # silent: no banner or sync hints on stdout. console="off": W&B would otherwise wrap
