@@ -267,6 +267,38 @@ def _torch_part(tokens: int, info: dict, times: list[float], losses: list[float]
               final_loss=losses[-1] if losses else None)
 
 
+def trainer_optimizer(size: str, style: str):
+  """(optimizer, schedule): the trainer's own AdamW (clipping, decay mask) with the default
+  hyperparameters of `size`/`style`, so the step benchmarked is the step the trainer runs."""
+  tcfg = resolve(config_lib.base_config(size, style)).train
+  schedule = optim.make_schedule(tcfg.lr, tcfg.warmup_steps, tcfg.num_steps, tcfg.schedule,
+                                 tcfg.final_lr_ratio)
+  return optim.make_optimizer(tcfg, schedule), schedule
+
+
+def device_batch(cfg, batch: int, seq_len: int, batch_shard):
+  """(ids, batch, abstract batch): random tokens made once and kept on the device (data
+  loading is not part of what is timed)."""
+  ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(batch, seq_len + 1),
+                                          dtype=np.int32)
+  arrays = {"inputs": jax.device_put(ids[:, :-1], batch_shard),
+            "targets": jax.device_put(ids[:, 1:], batch_shard)}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          arrays)
+  return ids, arrays, abstract
+
+
+def compile_train_step(cfg, optimizer, schedule, shard, batch_shard, abstract, abstract_batch):
+  """(compiled step, seconds): the train step as the trainer jits it (state donated); the
+  time is lower + compile."""
+  step_jit = jax.jit(train_lib.make_train_step(cfg, optimizer, schedule),
+                     in_shardings=(shard, batch_shard), out_shardings=(shard, None),
+                     donate_argnums=0)
+  t0 = time.perf_counter()
+  compiled = step_jit.lower(abstract, abstract_batch).compile()
+  return compiled, time.perf_counter() - t0
+
+
 def bench_style(style: str, args: argparse.Namespace, mesh, reference: MatmulReference
                 ) -> dict[str, Any]:
   """One row: train and eval throughput and MFU for `style` at the requested size, and the
@@ -274,12 +306,7 @@ def bench_style(style: str, args: argparse.Namespace, mesh, reference: MatmulRef
   cfg = model_config(style, args)
   device = mesh.devices.flat[0]
   peak = spec_peak_flops(device.device_kind)
-  # The trainer's own optimizer (AdamW, clipping, decay mask) with its default hyperparameters:
-  # the step benchmarked is the step `growlm.train.trainer.train` runs.
-  tcfg = resolve(config_lib.base_config(args.size, style)).train
-  schedule = optim.make_schedule(tcfg.lr, tcfg.warmup_steps, tcfg.num_steps, tcfg.schedule,
-                                 tcfg.final_lr_ratio)
-  optimizer = optim.make_optimizer(tcfg, schedule)
+  optimizer, schedule = trainer_optimizer(args.size, style)
   rules = sharding.DEFAULT_RULES
   B, L = args.batch, args.seq_len
   tokens = B * L
@@ -290,13 +317,7 @@ def bench_style(style: str, args: argparse.Namespace, mesh, reference: MatmulRef
     abstract, shard = state_lib.state_shardings(cfg, optimizer, mesh, rules)
     batch_shard = sharding.batch_sharding(mesh, rules)
     state = state_lib.init_state(cfg, optimizer, shard, seed=0)
-    # Random tokens, made once: data loading is not part of what is timed.
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, cfg.vocab_size, size=(B, L + 1), dtype=np.int32)
-    batch = {"inputs": jax.device_put(ids[:, :-1], batch_shard),
-             "targets": jax.device_put(ids[:, 1:], batch_shard)}
-    abstract_batch = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch)
+    ids, batch, abstract_batch = device_batch(cfg, B, L, batch_shard)
     # The reference starts from the same weights (copied before the donated steps run).
     t_step, t_info = _torch_step(cfg, ids, jax.device_get(state.params), args, device)
     if t_step is None:
@@ -308,13 +329,8 @@ def bench_style(style: str, args: argparse.Namespace, mesh, reference: MatmulRef
       t_losses.append(float(loss))
       return loss, secs
 
-    # Train step, as the trainer jits it (state donated). Compile time is lower + compile.
-    step_jit = jax.jit(train_lib.make_train_step(cfg, optimizer, schedule),
-                       in_shardings=(shard, batch_shard), out_shardings=(shard, None),
-                       donate_argnums=0)
-    t0 = time.perf_counter()
-    train_compiled = step_jit.lower(abstract, abstract_batch).compile()
-    train_compile_s = time.perf_counter() - t0
+    train_compiled, train_compile_s = compile_train_step(
+        cfg, optimizer, schedule, shard, batch_shard, abstract, abstract_batch)
 
     # The state is donated, so each step must consume the state the previous one returned.
     carry = {"state": state, "metrics": None, "first_loss": None}

@@ -1,8 +1,15 @@
 """growlm.fs: one path layer for local paths and gs:// URLs, run against the GCS emulator."""
 
+import http.server
+import json
 import os
+import subprocess
+import sys
+import threading
 
 import pytest
+
+from conftest import REPO
 
 from growlm import fs, transfer
 from growlm.errors import GrowlmError
@@ -112,3 +119,52 @@ def test_mirror_copies_once_and_follows_changes(gcs, tmp_path, monkeypatch):
   one = transfer.mirror(fs.join(d, "a.bin"))
   assert open(one, "rb").read() == b"a" * 10
   assert transfer.mirror(str(tmp_path)) == str(tmp_path)
+
+
+class _RefusingStore(http.server.BaseHTTPRequestHandler):
+  """An object store that refuses every request as GCS refuses a caller without credentials."""
+
+  def _refuse(self):
+    body = json.dumps({"error": {"code": 401, "message": "Anonymous caller does not have "
+                                 "storage.buckets.get access to the Google Cloud Storage bucket.",
+                                 "errors": [{"reason": "required"}]}}).encode()
+    self.send_response(401)
+    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Length", str(len(body)))
+    self.end_headers()
+    self.wfile.write(body)
+
+  do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = _refuse
+
+  def log_message(self, *args):  # quiet
+    pass
+
+
+@pytest.fixture
+def refusing_store(monkeypatch):
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RefusingStore)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  url = f"http://127.0.0.1:{server.server_address[1]}"
+  for name in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL"):
+    monkeypatch.setenv(name, url)
+  yield url
+  server.shutdown()
+
+
+def test_a_store_that_refuses_these_credentials_is_one_line(refusing_store, tmp_path):
+  """No credentials (GCS answers 401): the library and the trainer's command line say so in one
+  line that names the fix, exit non-zero and write nothing locally."""
+  with pytest.raises(GrowlmError) as e:
+    fs.check_bucket("gs://someone-elses-bucket/run1", "workdir")
+  msg = str(e.value)
+  assert "\n" not in msg and "401" in msg
+  assert "accepted: credentials that can read and write it" in msg
+  cmd = [sys.executable, "-m", "growlm.main", "--workdir=gs://someone-elses-bucket/run1",
+         f"--config={REPO}/configs/default.py:size=nano,runlocal"]
+  r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                     env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert r.returncode == 2, r.stderr          # growlm's exit status for bad input
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("growlm: error: gs://someone-elses-bucket/run1")
+  assert "credentials that can read and write it" in lines[0]
+  assert list(tmp_path.iterdir()) == []

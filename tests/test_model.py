@@ -152,10 +152,12 @@ def test_speed_knobs_do_not_change_logits_or_grads(knob):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
-def test_remat_auto_is_per_platform():
-  assert model.remat_policy("auto", "cpu") == "dots_no_batch"
-  assert model.remat_policy("auto", "gpu") == model.remat_policy("auto", "tpu") == "none"
+def test_remat_auto_and_explicit_policies():
+  # auto: dots_no_batch, measured fastest on the 2-core CPU and on an H100 (benchmarks/README.md)
+  for platform in ("cpu", "gpu", "tpu"):
+    assert model.remat_policy("auto", platform) == "dots_no_batch"
   assert model.remat_policy("full", "cpu") == "full"
+  assert model.remat_policy("none", "gpu") == "none"
 
 
 def test_remat_written_as_bool_reads_as_policy():

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# One short, prepared session on a lent GPU machine (benchmarks/README.md, "GPU and TPU").
+#
+#   bash benchmarks/gpu_session.sh [PHASE ...]     (default: every phase, in this order)
+#
+# Phases: env, apitests (started in the background, on CPU cores 8-15 with JAX_PLATFORMS=cpu:
+# tests/test_jax_api.py and the not-slow model, attention, loss and train tests on this
+# machine's jax), throughput (the gpt2-124m preset against the PyTorch reference), checks
+# (benchmarks/device_checks.py), growth (benchmarks/growth.py --preset gpt2-124m), knobs
+# (benchmarks/knobs.py with a profile of each variant; KNOBS overrides its --variants).
+# Everything goes to $OUT (default runs/gpu): one log, the JSON results and the traces as one
+# tarball. Meant for an image that has jax with CUDA, flax, optax, orbax and torch: wheels in
+# .whl/ (ml-collections) are installed to /tmp/site first. DEADLINE (seconds, default 540)
+# bounds the whole run: the last phases get what is left. EXTRA is added to every benchmark's
+# flags (EXTRA=--quick rehearses the session on a CPU in a minute).
+set -u
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+LOG="$OUT/session.log"
+START=$(date +%s)
+DEADLINE=${DEADLINE:-540}
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    >> "$LOG" 2>&1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+PHASES=${*:-env apitests throughput checks growth knobs}
+BENCH_CPUS=${BENCH_CPUS:-0-7}   # the benchmarks' cores; the background tests take TEST_CPUS
+TEST_CPUS=${TEST_CPUS:-8-15}
+
+say() { echo "$*" | tee -a "$LOG"; }
+left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
+# phase NAME SECONDS CMD...: runs CMD with at most SECONDS (and never past the deadline).
+phase() {
+  local name=$1 secs=$2; shift 2
+  local rest; rest=$(left)
+  (( secs > rest )) && secs=$rest
+  if (( secs < 20 )); then say "== $name skipped: ${rest}s left"; return; fi
+  say "== $name (limit ${secs}s) at +$(( $(date +%s) - START ))s"
+  local t0; t0=$(date +%s)
+  timeout "$secs" "$@" 2>&1 | grep -v "^WARNING: All log messages before absl" | tee -a "$LOG"
+  say "== $name rc=${PIPESTATUS[0]} in $(( $(date +%s) - t0 ))s"
+}
+
+for p in $PHASES; do
+  case $p in
+    env)
+      phase env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
+        --format=csv; python3 -c "import jax, flax, optax, orbax.checkpoint as o, torch, \
+        ml_collections; print(\"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", \
+        optax.__version__, \"orbax\", o.__version__, \"torch\", torch.__version__); \
+        print(jax.devices())"' ;;
+    apitests)
+      say "== apitests: background, log in $OUT/apitests.log"
+      (JAX_PLATFORMS=cpu timeout 420 taskset -c "$TEST_CPUS" python3 -m pytest -q -p no:cacheprovider \
+        -n 6 -m "not slow" tests/test_jax_api.py tests/test_model.py tests/test_attention.py \
+        tests/test_loss.py tests/test_train.py > "$OUT/apitests.log" 2>&1;
+       echo "apitests rc=$?" >> "$OUT/apitests.log") &
+      APITESTS=$! ;;
+    throughput)
+      phase throughput 240 taskset -c "$BENCH_CPUS" python3 benchmarks/throughput.py --preset gpt2-124m \
+        --out "$OUT/throughput.json" ${THROUGHPUT_FLAGS:-} ${EXTRA:-} ;;
+    checks)
+      phase checks 90 taskset -c "$BENCH_CPUS" python3 benchmarks/device_checks.py \
+        --out "$OUT/device_checks.json" --watchdog 30 ${EXTRA:-} ;;
+    growth)
+      phase growth 90 taskset -c "$BENCH_CPUS" python3 benchmarks/growth.py --preset gpt2-124m \
+        --out "$OUT/growth.json" ${EXTRA:-} ;;
+    knobs)
+      phase knobs 600 taskset -c "$BENCH_CPUS" python3 benchmarks/knobs.py --preset gpt2-124m \
+        --profile /tmp/knobs_prof --out "$OUT/knobs.json" ${EXTRA:-} \
+        --variants "${KNOBS:-default; remat=none; remat=full; loss_chunk=1024; scan_unroll=2; \
+batch=32}"
+      tar czf "$OUT/knobs_traces.tgz" -C /tmp knobs_prof 2>/dev/null ;;
+    *) say "unknown phase $p" ;;
+  esac
+done
+if [[ -n "${APITESTS:-}" ]]; then
+  say "== waiting for apitests"
+  wait "$APITESTS"
+  tail -n 30 "$OUT/apitests.log" | tee -a "$LOG"
+fi
+say "== session done in $(( $(date +%s) - START ))s"

@@ -1,0 +1,251 @@
+"""The train step's speed knobs, one variant after another in one process: which settings pay.
+
+Each variant is the benchmark's model (throughput.py's preset and flags) with some of the
+model's speed fields changed (`attention`, `remat`, `scan_unroll`, `loss_chunk`; docs/design.md
+section 9). For each one, on one device: the trainer's jitted train step is compiled (timed),
+run `--warmup` times, then timed `--steps` times with one reference matmul timed before each
+step (as throughput.py does). Reported per variant: train tokens/s (median step), its ratio to
+the first variant's, MFU against the matmul and against the device's spec peak, compile
+seconds, and XLA's buffer estimate of the compiled step (arguments + outputs - donated +
+temporaries: the step's own memory, which the process-wide allocator peak cannot give per
+variant).
+
+This is how the defaults per platform were chosen (benchmarks/README.md, "Speed knobs"). It
+does not run the PyTorch reference: throughput.py gives growlm / reference for the defaults,
+and a variant's ratio to the reference is its ratio to the first variant times that.
+
+Usage:
+  python benchmarks/knobs.py --preset gpt2-124m \
+      --variants "default; loss_chunk=256; remat=dots_no_batch,loss_chunk=256"
+  .venv/bin/python benchmarks/knobs.py --quick --out /tmp/k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import datetime
+import glob
+import os
+import statistics
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # pylint: disable=wrong-import-position  # benchmarks/common.py
+import throughput  # pylint: disable=wrong-import-position  # benchmarks/throughput.py
+
+from growlm import sharding  # pylint: disable=wrong-import-position
+from growlm.model import attention as attention_lib  # pylint: disable=wrong-import-position
+from growlm.model import decoder as model_lib  # pylint: disable=wrong-import-position
+from growlm.model import flops as flops_lib  # pylint: disable=wrong-import-position
+from growlm.train import loss as loss_lib  # pylint: disable=wrong-import-position
+from growlm.train import state as state_lib  # pylint: disable=wrong-import-position
+
+DEFAULT_OUT = os.path.join("runs", "bench", "knobs.json")
+KNOBS = {"attention": str, "remat": str, "scan_unroll": int, "loss_chunk": int, "batch": int}
+DEFAULT_VARIANTS = ("default; loss_chunk=128; loss_chunk=256; loss_chunk=512; "
+                    "remat=dots_no_batch; remat=full; scan_unroll=2; attention=xla")
+QUICK = dict(size="nano", batch=2, seq_len=32, steps=2, warmup=1, matmul_size=256)
+QUICK_VARIANTS = "default; loss_chunk=8"   # --quick without --variants
+
+
+def parse_variants(text: str) -> list[dict[str, Any]]:
+  """'default; a=1,b=x; ...' -> [{}, {'a': 1, 'b': 'x'}, ...]; ValueError naming a bad one."""
+  out = []
+  for item in (s.strip() for s in text.split(";")):
+    if not item:
+      continue
+    fields: dict[str, Any] = {}
+    if item != "default":
+      for pair in item.split(","):
+        key, sep, value = (s.strip() for s in pair.partition("="))
+        if not sep or key not in KNOBS:
+          raise ValueError(f"variant {item!r}: {pair!r} is not KNOB=VALUE with KNOB one of "
+                           f"{sorted(KNOBS)}")
+        fields[key] = KNOBS[key](value)
+    out.append(fields)
+  if not out:
+    raise ValueError("--variants names no variant")
+  return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--preset", choices=sorted(throughput.PRESETS), default=None,
+                 help="throughput.py's presets (default: cpu on a CPU, else gpt2-124m)")
+  p.add_argument("--style", default="gpt2", help="model style")
+  p.add_argument("--variants", default=None,
+                 help="';'-separated variants, each 'default' or KNOB=VALUE[,KNOB=VALUE]; "
+                 f"knobs: {', '.join(KNOBS)}; the first is the baseline of the ratios "
+                 f"(default: {DEFAULT_VARIANTS!r}; with --quick: {QUICK_VARIANTS!r})")
+  p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+  p.add_argument("--profile", default="", help="a directory: trace 3 more steps of each "
+                 "variant there and report the 25 costliest device events per step")
+  common.add_output_flags(p, DEFAULT_OUT, QUICK)
+  args = p.parse_args(argv)
+  if args.preset is None:
+    args.preset = "cpu" if jax.default_backend() == "cpu" else "gpt2-124m"
+  for k, v in throughput.PRESETS[args.preset].items():
+    setattr(args, k, v)
+  for k in ("attention", "remat"):
+    setattr(args, k, "auto")
+  args.scan_unroll, args.loss_chunk = 1, 0
+  common.apply_quick(args, QUICK)
+  if args.variants is None:
+    args.variants = QUICK_VARIANTS if args.quick else DEFAULT_VARIANTS
+  try:
+    args.variant_list = parse_variants(args.variants)
+  except ValueError as e:
+    p.error(str(e))
+  args.seen = []
+  if args.steps <= 0 or args.warmup < 0:
+    p.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
+  return args
+
+
+def bench_variant(args: argparse.Namespace, fields: dict[str, Any], mesh,
+                  reference: throughput.MatmulReference) -> dict[str, Any]:
+  """One variant's train step: compile seconds, step timings, rates and buffer sizes."""
+  vargs = copy.copy(args)
+  for k, v in fields.items():
+    setattr(vargs, k, v)
+  cfg = throughput.model_config(args.style, vargs)
+  device = mesh.devices.flat[0]
+  optimizer, schedule = throughput.trainer_optimizer(args.size, args.style)
+  rules = sharding.DEFAULT_RULES
+  B, L = vargs.batch, vargs.seq_len
+  with jax.set_mesh(mesh):
+    abstract, shard = state_lib.state_shardings(cfg, optimizer, mesh, rules)
+    batch_shard = sharding.batch_sharding(mesh, rules)
+    state = state_lib.init_state(cfg, optimizer, shard, seed=0)
+    _, batch, abstract_batch = throughput.device_batch(cfg, B, L, batch_shard)
+    compiled, compile_s = throughput.compile_train_step(
+        cfg, optimizer, schedule, shard, batch_shard, abstract, abstract_batch)
+    carry = {"state": state}
+
+    def step():
+      carry["state"], metrics = compiled(carry["state"], batch)
+      return metrics
+
+    step_s, matmul_s, _ = throughput._interleaved(  # pylint: disable=protected-access
+        step, reference, args.steps, args.warmup)
+    loss = float(step()["train_loss"])
+    ops = profile(step, args.profile, len(args.seen)) if args.profile else None
+    args.seen.append(fields)
+    del carry["state"]
+  fpt = flops_lib.flops_per_token(cfg, L)
+  tokens_per_sec = B * L / statistics.median(step_s)
+  peak = throughput.spec_peak_flops(device.device_kind)
+  matmul_rate = reference.flops / statistics.median(matmul_s)
+  return {
+      "variant": fields,
+      # The knobs as this platform resolves them ("auto" and 0 made concrete).
+      "model": {"attention": attention_lib.choose(cfg.attention, cfg.dtype, cfg.head_dim, L),
+                "remat": model_lib.remat_policy(cfg.remat),
+                "scan_unroll": cfg.scan_unroll,
+                "loss_chunk": loss_lib.chunk_length(cfg.loss_chunk, B, L, cfg.vocab_size),
+                "dtype": cfg.dtype},
+      "batch": B, "seq_len": L,
+      "compile_seconds": compile_s,
+      "step_seconds": step_s,
+      "matmul_seconds": matmul_s,
+      "tokens_per_sec": tokens_per_sec,
+      "tokens_per_sec_best": B * L / min(step_s),
+      "flops_per_token": fpt,
+      "mfu": tokens_per_sec * fpt / matmul_rate,
+      "mfu_spec": tokens_per_sec * fpt / peak if peak else None,
+      "final_train_loss": loss,
+      "xla_memory": common.xla_memory(compiled),
+      "profile_top": ops,
+  }
+
+
+def profile(step, directory: str, index: int, steps: int = 3, top: int = 40
+            ) -> list[dict[str, Any]]:
+  """Traces `steps` steps with jax.profiler into DIRECTORY/INDEX and sums each event name's time
+  over the device planes' lines (the host's when there is no device plane; whole-module and
+  step lines left out): the `top` names by time, in ms per step, with their line (on a GPU:
+  the HLO ops' line and each stream's kernels). The .xplane.pb stays for tools like xprof."""
+  out = os.path.join(directory, str(index))
+  os.makedirs(out, exist_ok=True)
+  jax.block_until_ready(step())
+  jax.profiler.start_trace(out)
+  for _ in range(steps):
+    jax.block_until_ready(step())
+  jax.profiler.stop_trace()
+  path = sorted(glob.glob(os.path.join(out, "**", "*.xplane.pb"), recursive=True))[-1]
+  planes = list(jax.profiler.ProfileData.from_file(path).planes)
+  device = [pl for pl in planes if pl.name.startswith("/device:")] or [
+      pl for pl in planes if pl.name.startswith("/host:CPU")]
+  totals: collections.Counter = collections.Counter()
+  for plane in device:
+    for line in plane.lines:
+      if "Modules" in line.name or "Steps" in line.name:
+        continue
+      for event in line.events:
+        totals[(line.name, event.name)] += event.duration_ns
+  return [{"line": line, "name": name, "ms_per_step": ns / 1e6 / steps}
+          for (line, name), ns in totals.most_common(top)]
+
+
+def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
+  """Every variant in turn; ratios against the first."""
+  device = jax.devices()[0]
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])
+  reference = throughput.MatmulReference(args.matmul_size, device, args.dtype)
+  started = time.perf_counter()
+  rows = []
+  for fields in args.variant_list:
+    row = bench_variant(args, fields, mesh, reference)
+    row["over_first"] = row["tokens_per_sec"] / (rows[0] if rows else row)["tokens_per_sec"]
+    rows.append(row)
+    print(_line(row), flush=True)
+    for op in row["profile_top"] or []:
+      print(f"    {op['ms_per_step']:9.3f} ms  {op['line'][:28]:<28} {op['name'][:90]}")
+  return {
+      "benchmark": "growlm train-step knobs",
+      "command": command,
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "settings": {k: getattr(args, k) for k in ("preset", "size", "style", "batch", "seq_len",
+                                                  "dtype", "vocab_size", "steps", "warmup",
+                                                  "variants")},
+      "machine": {"platform": device.platform, "device_kind": device.device_kind,
+                  "jax": jax.__version__},
+      "rows": rows,
+      "wall_seconds": time.perf_counter() - started,
+  }
+
+
+def _line(r: dict[str, Any]) -> str:
+  name = ",".join(f"{k}={v}" for k, v in r["variant"].items()) or "default"
+  m = r["model"]
+  mem = r["xla_memory"].get("estimate_bytes")
+  spec = f"{r['mfu_spec']:.1%}" if r["mfu_spec"] is not None else "-"
+  return (f"{name:<34} {m['attention']:>7} {m['remat']:>13} {m['scan_unroll']:>2} "
+          f"{m['loss_chunk']:>5} {r['batch']:>3}x{r['seq_len']:<5} {r['compile_seconds']:>6.1f} "
+          f"{r['tokens_per_sec']:>10.0f} {r['over_first']:>6.3f} {r['mfu']:>6.1%} {spec:>6} "
+          + (f"{mem / 2**30:>7.2f}" if mem is not None else f"{'-':>7}"))
+
+
+def _fmt_table(result: dict[str, Any]) -> str:
+  m = result["machine"]
+  head = (f"{'variant':<34} {'attn':>7} {'remat':>13} {'un':>2} {'chunk':>5} {'B x L':>9} "
+          f"{'comp s':>6} {'tokens/s':>10} {'ratio':>6} {'MFU':>6} {'spec':>6} {'XLA GiB':>7}")
+  return "\n".join([f"device: {m['device_kind']} ({m['platform']}), jax {m['jax']}", head]
+                   + [_line(r) for r in result["rows"]]
+                   + [f"wall time {result['wall_seconds']:.0f} s"])
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  return common.cli(__file__, argv, parse_args, run, _fmt_table)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,55 @@
+"""benchmarks/knobs.py and benchmarks/device_checks.py in --quick mode: what they report
+follows from what they measured, and the knobs they report are the ones the step ran with."""
+
+import statistics
+
+import pytest
+
+from conftest import load_benchmark, positive_finite
+
+from growlm.model import flops
+from growlm.model.config import make_model_config
+
+
+def test_variants_parse_and_bad_ones_are_named():
+  knobs = load_benchmark("knobs")
+  assert knobs.parse_variants("default; remat=full,loss_chunk=64 ;batch=8") == [
+      {}, {"remat": "full", "loss_chunk": 64}, {"batch": 8}]
+  for bad, says in (("remat", "KNOB=VALUE"), ("depth=3", "KNOB=VALUE"), (" ; ", "no variant")):
+    with pytest.raises(ValueError, match=says):
+      knobs.parse_variants(bad)
+
+
+def test_knobs_quick_reports_the_resolved_knobs_and_its_arithmetic(tmp_path):
+  knobs = load_benchmark("knobs")
+  result = knobs.main(["--quick", "--variants", "default; loss_chunk=8,remat=full",
+                       "--profile", str(tmp_path / "prof"), "--out", str(tmp_path / "k.json")])
+  first, second = result["rows"]
+  # On a CPU at seq_len 32, auto resolves to xla attention (blocked needs >= 64 positions),
+  # dots_no_batch, and loss chunks of half the sequence.
+  assert first["model"] == {"attention": "xla", "remat": "dots_no_batch", "scan_unroll": 1,
+                            "loss_chunk": 16, "dtype": "float32"}
+  assert second["model"]["remat"] == "full" and second["model"]["loss_chunk"] == 8
+  cfg = make_model_config("nano", "gpt2", max_len=32)
+  for row in (first, second):
+    B, L = row["batch"], row["seq_len"]
+    assert all(positive_finite(t) for t in row["step_seconds"] + row["matmul_seconds"])
+    assert row["tokens_per_sec"] == pytest.approx(B * L / statistics.median(row["step_seconds"]))
+    assert row["flops_per_token"] == pytest.approx(flops.flops_per_token(cfg, L))
+    assert row["mfu_spec"] is None     # a CPU has no spec peak
+    assert row["profile_top"] and all(op["ms_per_step"] >= 0 for op in row["profile_top"])
+  assert first["over_first"] == 1.0
+  assert second["over_first"] == pytest.approx(second["tokens_per_sec"] / first["tokens_per_sec"])
+
+
+def test_device_checks_growth_part_on_this_device():
+  """The growth check reports the exact growth as exact (float32 round-off) in both columns
+  on a CPU, where the default precision is already full float32."""
+  checks = load_benchmark("device_checks")
+  rows = checks.growth_checks(checks.QUICK)
+  assert [r["style"] for r in rows] == ["gpt2", "llama"]
+  for r in rows:
+    assert r["method"] == "tile+identity"
+    assert r["d_model"] == [64, 128] and r["n_layers"] == [2, 4]
+    assert r["max_abs_logit_diff_report"] < 1e-5
+    assert r["max_abs_logit_diff_default_precision"] < 1e-5
