@@ -75,7 +75,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--width", default=None, choices=WIDTH_METHODS,
                  help="width method (default: mean_fill under LayerNorm, zeros under RMSNorm, "
                  "where mean_fill is refused)")
-  p.add_argument("--depth", default="identity", choices=DEPTH_METHODS, help="depth method")
+  p.add_argument("--depth", default="identity", help="depth method",
+                 choices=[d for d in DEPTH_METHODS if d != "layer_ranges"])  # ranges: no flag
   p.add_argument("--opt_state", default="none", choices=("none", "grow"),
                  help="grow: also grow Adam's moments (mu, nu) in the same jitted function")
   p.add_argument("--runs", type=int, default=5, help="timed growths (one copy timed before each)")

@@ -2,6 +2,8 @@
 
   python experiments/launch.py --config=configs/paper.py --sweep_dir=runs/paper   # ~30 min, 2 cores
   python experiments/launch.py --config=configs/paper.py:runlocal --sweep_dir=/tmp/p  # seconds
+  python experiments/launch.py --config=configs/paper.py:budgets=1+2+4 --seeds=3 \
+      --sweep_dir=runs/paper3           # fair baselines: 3 seeds, scratch at 1x, 2x, 4x tokens
 
 A small GPT-2-style source (d_model 64, 2 layers) is trained on the embedded corpus, then grown
 three ways -- 2x d_model and 2x layers, width only, depth only -- with the paper's `zeros` and
@@ -15,13 +17,18 @@ on Tiny Shakespeare (last 10%) and WikiText-2 test. Other datasets: add
 import os
 
 from growlm.config import defaults as config_lib
+from growlm.errors import GrowlmError
 
 _DATASETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
                          "datasets")
 
 
+def _args(arg):
+  return config_lib.parse_arg(arg, runlocal=False, budgets="1")
+
+
 def get_config(arg: str | None = None):
-  args = config_lib.parse_arg(arg, runlocal=False)
+  args = _args(arg)
   c = config_lib.base_config("nano", "gpt2")
   c.name = "paper"
   c.data.seq_len = 128
@@ -56,7 +63,23 @@ def get_config(arg: str | None = None):
   return c
 
 
-def sweep(add):
+def _budgets(arg) -> list[int]:
+  text = _args(arg).budgets
+  try:
+    out = [int(b) for b in text.split("+")]
+  except ValueError:
+    out = []
+  if not out or any(b < 1 for b in out):
+    raise GrowlmError(f"config argument budgets={text!r}; accepted: multiples of the token "
+                      "budget joined by '+', e.g. budgets=1+2+4")
+  return out
+
+
+def sweep(add, arg=None):
+  """The runs; `budgets=1+2+4` adds scratch runs of the `both` target at 2x and 4x the token
+  budget, each with its own full schedule (warmup, cosine decay, evals and checkpoints scaled),
+  so the analysis can compare growth with the best scratch run of any budget (the frontier)."""
+  base = get_config(arg)
   wide = {"model.d_model": 128, "model.n_heads": 4, "model.mlp_dim": 512}
   deep = {"model.n_layers": 4}
   add(name="source")
@@ -74,3 +97,10 @@ def sweep(add):
           "init.source": "@source", "init.plan.width": width, "init.plan.depth": depth,
           "init.plan.copy_zero_out": True})
     add(name=f"{target}_scratch", **dims)
+  t = base.train
+  for b in _budgets(arg):
+    if b != 1:
+      add(name=f"both_scratch_{b}x", **targets["both"], **{
+          "train.num_steps": b * t.num_steps, "train.warmup_steps": b * t.warmup_steps,
+          "eval.every_steps": b * base.eval.every_steps,
+          "checkpoint.every_steps": b * base.checkpoint.every_steps})

@@ -13,6 +13,7 @@ ends (then analyses it). `--config.FIELD=VALUE` applies to every run. Also:
   python experiments/launch.py status --sweep_dir=DIR      the runs' states, read from DIR
   python experiments/launch.py --analyze_only --sweep_dir=DIR
   python experiments/launch.py ... --dry_run               print what would run, touch nothing
+  python experiments/launch.py ... --seeds=3               every run over 3 seeds (NAME-sK)
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ _CONFIG = flags.DEFINE_string("config", None, "Sweep config file, configs/<file>
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Directory of the sweep's run dirs (or gs://).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print every command, run nothing.")
 _ONLY = flags.DEFINE_list("only", [], "Run only these run names.")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Repeat every run over this many seeds (NAME-s0, "
+                              "NAME-s1, ...; train/data/init seeds offset by 0, 1, ...); the "
+                              "analysis reports mean and spread.")
 _BACKEND = flags.DEFINE_enum("backend", "local", ["local", "gcloud", "skypilot"],
                              "Where the runs train.")
 _TPU = flags.DEFINE_string("tpu", None, "gcloud: Cloud TPU VM name.")
@@ -106,8 +110,9 @@ def main(argv):
       logging.getLogger().setLevel(logging.WARNING)   # only the table or the results line
     if words == ["status"]:
       if _CONFIG.value:
-        runs = sweep.manifest(_CONFIG.value, sweep.expand(_CONFIG.value, sweep_dir, _OVERRIDES),
-                              _OVERRIDES, "", {})["runs"]
+        runs = sweep.manifest(_CONFIG.value, sweep.expand(_CONFIG.value, sweep_dir, _OVERRIDES,
+                                                          _SEEDS.value),
+                              _OVERRIDES, "", {}, _SEEDS.value)["runs"]
       else:
         runs = status.load_manifest(sweep_dir)["runs"]
       print(status.table(status.read(runs)))
@@ -119,7 +124,8 @@ def main(argv):
     if not _CONFIG.value:
       raise GrowlmError("--config=configs/FILE.py[:ARG] and --sweep_dir=DIR are both required")
     launcher.launch(_CONFIG.value, sweep_dir, backend=_BACKEND.value, overrides=_OVERRIDES,
-                    dry_run=_DRY_RUN.value, only=tuple(_ONLY.value), **_remote_flags())
+                    dry_run=_DRY_RUN.value, only=tuple(_ONLY.value), seeds=_SEEDS.value,
+                    **_remote_flags())
     finished_here = _BACKEND.value == "local" or _WAIT.value
     if _ANALYZE.value and not _DRY_RUN.value and finished_here:
       analysis.analyze(sweep_dir)

@@ -30,11 +30,12 @@ from growlm.init import seam
 from growlm.init import source as source_lib
 from growlm.interop import hf as hf_lib
 from growlm.model import generate as generate_lib
+from growlm.train import loss as loss_lib
 from growlm.train import trainer
 
 # Fields growth keeps (growlm.grow.core), so they are the source's whatever the config says.
 SOURCE_FIELDS = ("vocab_size", "norm", "norm_eps", "positions", "rope_theta", "mlp", "use_bias",
-                 "tie_embeddings")
+                 "qkv_bias", "tie_embeddings")
 SIZE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim", "max_len")
 
 
@@ -133,7 +134,7 @@ def grow_to_hf(config: Any, source: str, out: str, *, as_is: bool = False) -> di
   report = report_lib.preservation_report(
       src.config, src.params, grown_cfg, params, batches, plan,
       extra={"source": fs.absolute(source), "source_step": 0, "source_flops": 0.0,
-             "eval_dataset": name})
+             "eval_dataset": name}, loss_fn=loss_lib.token_nll)
   print(report_lib.format_report(report), flush=True)
   arch = hf_lib.export_hf(params, grown_cfg, out, tokenizer_from=source,
                           extra_json={"growth_report.json": report})

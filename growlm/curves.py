@@ -60,26 +60,36 @@ def is_grown(run: dict) -> bool:
   return bool(run["config"].get("init", {}).get("source"))
 
 
-def plot_loss_curves(runs: list[dict], path: str) -> str:
+def plot_loss_curves(runs: list[dict], path: str, group: Any = None) -> str:
   """Eval loss against FLOPs (grown runs include their source's FLOPs), one panel per dataset;
-  the growth point of each grown run is marked."""
+  the growth point of each grown run is marked. `group(run)` names the line a run belongs to
+  (repetitions over seeds: one line, their mean, in a band from their min to their max)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   datasets = []
   for run in runs:
     datasets += [d for d in eval_datasets(run) if d not in datasets]
+  lines: dict[str, list[dict]] = {}
+  for run in runs:
+    lines.setdefault(group(run) if group else run["name"], []).append(run)
   fig, axes = plt.subplots(1, max(len(datasets), 1), figsize=(6 * max(len(datasets), 1), 4.5),
                            squeeze=False)
   for ax, ds in zip(axes[0], datasets):
-    for run in runs:
-      f, l, _ = eval_curve(run, ds, with_source=True)
-      if not len(f):
+    for name, members in lines.items():
+      curves = [c for c in (eval_curve(r, ds, with_source=True) for r in members) if len(c[0])]
+      if not curves:
         continue
-      style = "-" if is_grown(run) else "--"
-      (line,) = ax.plot(f, l, style, marker=".", label=run["name"])
-      if is_grown(run):
-        ax.plot(f[:1], l[:1], marker="*", markersize=14, color=line.get_color(),
+      n = min(len(c[0]) for c in curves)
+      f = np.mean([c[0][:n] for c in curves], axis=0)
+      losses = np.array([c[1][:n] for c in curves])
+      grown = is_grown(members[0])
+      label = name if len(curves) == 1 else f"{name} (mean of {len(curves)})"
+      (line,) = ax.plot(f, losses.mean(0), "-" if grown else "--", marker=".", label=label)
+      if len(curves) > 1:
+        ax.fill_between(f, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
+      if grown:
+        ax.plot(f[:1], losses.mean(0)[:1], marker="*", markersize=14, color=line.get_color(),
                 linestyle="none")
     ax.set_xlabel("training FLOPs (grown runs: + source FLOPs)")
     ax.set_ylabel(f"eval loss ({ds}), nats/token")

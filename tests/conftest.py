@@ -85,3 +85,13 @@ def gcs():
     else:
       os.environ[k] = v
   emu.stop()
+
+
+def one_line_naming(e, *says: str) -> str:
+  """A refusal's message (`e`: a pytest.ExceptionInfo), after checking it is one line and names
+  each of `says`."""
+  msg = str(e.value)
+  assert "\n" not in msg, msg
+  for s in says:
+    assert s in msg, (s, msg)
+  return msg

@@ -254,3 +254,23 @@ def test_cli_help_still_works(cli):
   p = run("--helpfull", "--config=missing.py")
   assert p.returncode in (0, 1) and "Config file PATH[:ARG]" in p.stdout + p.stderr
   assert "growlm: error" not in p.stderr
+
+
+def test_a_run_dir_written_before_a_field_existed_still_resumes():
+  """config.json from before model.qkv_bias and init.plan.layer_ranges existed: resuming with
+  their defaults is no conflict; asking for another value is, and so is any other change."""
+  import copy  # pylint: disable=g-import-not-at-top
+  from growlm.config import defaults  # pylint: disable=g-import-not-at-top
+  from growlm.config.typed import resolve, resume_conflicts  # pylint: disable=g-import-not-at-top
+  current = resolve(defaults.base_config("nano")).to_json()
+  old = copy.deepcopy(current)
+  del old["model"]["qkv_bias"]
+  del old["init"]["plan"]["layer_ranges"]
+  assert resume_conflicts(old, current) == []
+  changed = copy.deepcopy(current)
+  changed["model"]["qkv_bias"] = True
+  changed["init"]["plan"]["layer_ranges"] = [[0, 1], [0, 2]]
+  assert resume_conflicts(old, changed) == ["init.plan.layer_ranges", "model.qkv_bias"]
+  older = copy.deepcopy(old)
+  del older["train"]["lr"]                       # not a model or plan field: still a conflict
+  assert resume_conflicts(older, current) == ["train.lr"]

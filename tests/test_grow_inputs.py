@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import one_line_naming
+
 from growlm.errors import GrowlmError
 from growlm.grow import GrowthPlan, grow, grown_config, is_exact, validate
 from growlm.grow import core
@@ -29,15 +31,6 @@ def _cfg(style, **overrides):
   base = _G if style == "gpt2" else _LL
   return make_model_config("nano", style, **{"vocab_size": 32, "max_len": 16, **base,
                                              **overrides})
-
-
-def _one_line_naming(e: pytest.ExceptionInfo, *says: str) -> str:
-  """The refusal's message, after checking it is one line and names each of `says`."""
-  msg = str(e.value)
-  assert "\n" not in msg, msg
-  for s in says:
-    assert s in msg, (s, msg)
-  return msg
 
 
 def _grow_abstract(src, dst, plan):
@@ -84,7 +77,7 @@ def test_bad_plan_value_refused(field, value, build):
       GrowthPlan(**{field: value})
     else:
       GrowthPlan.from_dict({field: value})
-  _one_line_naming(e, f"{field}=", "accepted")
+  one_line_naming(e, f"{field}=", "accepted")
 
 
 def test_good_plan_values_are_normalised():
@@ -104,7 +97,7 @@ def test_good_plan_values_are_normalised():
 def test_unknown_plan_field_still_refused():
   with pytest.raises(GrowlmError) as e:
     GrowthPlan.from_dict({"width": "tile", "nosie_scale": 0.1})
-  _one_line_naming(e, "nosie_scale")
+  one_line_naming(e, "nosie_scale")
 
 
 # --- 2. Config fields: each is a size, kept, computed by growth, or the target's own.
@@ -128,6 +121,7 @@ KEPT_CHANGES = [
     ("llama", dict(positions="learned"), "positions 'rope' -> 'learned'"),
     ("llama", dict(mlp="gelu"), "mlp 'swiglu' -> 'gelu'"),
     ("llama", dict(use_bias=True), "use_bias False -> True"),
+    ("llama", dict(qkv_bias=True), "qkv_bias False -> True"),
     ("llama", dict(tie_embeddings=True), "tie_embeddings False -> True"),
     ("gpt2", dict(norm="rmsnorm"), "norm 'layernorm' -> 'rmsnorm'"),
     ("gpt2", dict(positions="rope"), "positions 'learned' -> 'rope'"),
@@ -151,7 +145,7 @@ def test_kept_field_mismatch_refused(style, change, says):
                lambda: _grow_abstract(src, dst, plan), lambda: is_exact(src, dst, plan)):
     with pytest.raises(GrowlmError) as e:
       call()
-    _one_line_naming(e, says, field)
+    one_line_naming(e, says, field)
 
 
 def test_rope_theta_is_free_under_learned_positions():
@@ -225,7 +219,7 @@ def test_is_exact_refuses_what_grow_refuses(name):
     _grow_abstract(src, dst, plan)
   with pytest.raises(GrowlmError) as exact_e:
     is_exact(src, dst, plan)
-  assert str(exact_e.value) == _one_line_naming(grow_e)
+  assert str(exact_e.value) == one_line_naming(grow_e)
 
 
 def test_is_exact_still_answers_for_accepted_growths():

@@ -411,6 +411,22 @@ def check_dry_run(r: Result, ws: Path):
     assert ("--config.init.source=runs/demo/source" in argv) == name.startswith("grown"), argv
 
 
+def check_paper_seeds(r: Result, ws: Path):
+  """Three seeds of every paper run (14) plus scratch at 2x and 4x the budget: 48 growlm.main
+  commands, each grown run growing the source of its own seed, and nothing written."""
+  runs = {}
+  for line in r.stdout.splitlines():
+    argv = shlex.split(line)
+    assert argv[:3] == ["python", "-m", "growlm.main"], line
+    runs[next(a for a in argv if a.startswith("--workdir=")).rsplit("/", 1)[1]] = argv
+  assert len(runs) == 48 and list(runs)[:3] == ["source-s0", "source-s1", "source-s2"]
+  for k in range(3):
+    assert f"--config.train.seed={k}" in runs[f"both_tile-s{k}"]
+    assert f"--config.init.source=runs/paper3/source-s{k}" in runs[f"both_tile-s{k}"]
+    assert "--config.train.num_steps=2000" in runs[f"both_scratch_4x-s{k}"]
+  assert not (ws / "runs" / "paper3").exists()
+
+
 def check_tpu(r: Result, ws: Path):
   """describe the TPU, copy the checkout to every worker, set up and start each worker detached;
   the plan lists every run, and nothing is run or written locally."""
@@ -529,6 +545,10 @@ CASES: dict[str, Case] = {
         "launch", check_launch, after=("make-demo",),
         reason="after `make demo` wrote runs/demo: every run is finished, skipped, re-analysed"),
     _LAUNCH + "runs/demo --dry_run": Case("launch-dry-run", check_dry_run),
+    (".venv/bin/python experiments/launch.py --config=configs/paper.py:budgets=1+2+4 --seeds=3 "
+     "--sweep_dir=runs/paper3"): Case(
+        "launch-paper-seeds", check_paper_seeds, flags=(("--dry_run", None),),
+        reason="--dry_run added: its 48 runs take hours here; the dry run shows each command"),
     (_LAUNCH + "gs://my-bucket/sweeps/q --backend=gcloud --tpu=my-v4-32 --zone=us-central2-b "
      "--project=my-project"): Case(
         "launch-tpu", check_tpu, flags=(("--dry_run", None),),

@@ -27,6 +27,55 @@ def test_expand_orders_sources_first_and_resolves_references(tmp_path):
   assert tile.config.sweep_name == "s" and tile.config.name == "grown_tile"
 
 
+def test_seeds_repeat_every_run_with_its_own_source(tmp_path):
+  """--seeds=2: NAME-s0, NAME-s1, each with train/data/init seeds offset by its index, each
+  grown run growing the source of its own seed; the command line carries the seeds."""
+  runs = sweep.expand(QUICK, str(tmp_path / "s"), {"train.seed": "5"}, seeds=2)
+  by = {r.name: r for r in runs}
+  assert set(by) == {f"{n}-s{k}" for n in ("source", "grown_tile", "grown_zeros", "scratch")
+                     for k in (0, 1)}
+  assert [r.name for r in runs][:2] == ["source-s0", "source-s1"]
+  for k in (0, 1):
+    tile = by[f"grown_tile-s{k}"].config
+    assert (tile.train.seed, tile.data.seed, tile.init.seed) == (5 + k, k, k)
+    assert tile.init.source == str(tmp_path / "s" / f"source-s{k}")
+  line = sweep.command(QUICK, by["grown_tile-s1"], overrides={"train.seed": "5"})
+  assert "--config.train.seed=6" in line and "--config.data.seed=1" in line
+  assert f"--config.init.source={tmp_path / 's' / 'source-s1'}" in line
+  assert sweep.base_name("grown_tile-s1", 2) == "grown_tile"
+  assert sweep.base_name("grown_tile-s1", 1) == "grown_tile-s1"
+  for bad in (0, -1, True, "2"):
+    with pytest.raises(GrowlmError, match="--seeds"):
+      sweep.expand(QUICK, str(tmp_path / "s"), seeds=bad)
+
+
+def test_analysis_pools_repetitions_over_seeds(tmp_path):
+  """Two seeds: each grown run is compared with the scratch run of its seed, then pooled: mean
+  and sample standard deviation of the savings, and the plot draws one band per run."""
+  for k, (scratch_final, grown_curve) in enumerate(((3.0, [3.5, 3.2, 2.9]),
+                                                    (2.9, [3.5, 3.1, 2.8]))):
+    _write_run(tmp_path, f"scratch-s{k}", [0, 100, 200], [5.0, 4.0, scratch_final])
+    _write_run(tmp_path, f"source-s{k}", [0, 40], [5.0, 3.6], d_model=64)
+    _write_run(tmp_path, f"grown-s{k}", [0, 50, 100], grown_curve,
+               source=str(tmp_path / f"source-s{k}"), source_flops=40.0)
+  (tmp_path / "sweep.json").write_text(json.dumps({"runs": [], "seeds": 2}))
+  res = analysis.analyze(str(tmp_path))
+  g = {x["run"]: x for x in res["grown"]}
+  assert g["grown-s0"]["baseline"] == "scratch-s0" and g["grown-s1"]["baseline"] == "scratch-s1"
+  s0 = g["grown-s0"]["datasets"]["heldout"]["savings"]
+  s1 = g["grown-s1"]["datasets"]["heldout"]["savings"]
+  assert s0 == pytest.approx(1 - (50 + 50 * 0.2 / 0.3) / 200)
+  assert s1 == pytest.approx(1 - (50 + 50 * 0.2 / 0.3) / 200)   # 3.1 -> 2.8 crosses 2.9 there
+  [p] = res["pooled"]
+  assert (p["run"], p["dataset"], p["n"]) == ("grown", "heldout", 2)
+  assert p["final_loss"]["mean"] == pytest.approx(2.85)
+  assert p["final_loss"]["std"] == pytest.approx(np.std([2.9, 2.8], ddof=1))
+  assert p["savings"]["mean"] == pytest.approx((s0 + s1) / 2)
+  md = (tmp_path / "results.md").read_text()
+  assert "## Over 2 seeds" in md and "| grown | tile+identity | heldout | 2 |" in md
+  assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
+
+
 def test_paper_sweep_covers_the_experiment(tmp_path):
   runs = sweep.expand(PAPER, str(tmp_path / "p"))
   by = {r.name: r.config for r in runs}
@@ -41,6 +90,48 @@ def test_paper_sweep_covers_the_experiment(tmp_path):
   assert by["depth_stack"].model.d_model == by["source"].model.d_model
   if (REPO.parent / "shared" / "datasets").exists():
     assert {"heldout", "shakespeare", "wikitext2"} <= set(by["source"].data.eval)
+
+
+def test_paper_sweep_budgets_add_scratch_runs_with_their_own_schedules(tmp_path):
+  runs = sweep.expand(PAPER + ":runlocal,budgets=1+2+4", str(tmp_path / "p"))
+  by = {r.name: r.config for r in runs}
+  one = by["both_scratch"]
+  for b in (2, 4):
+    c = by[f"both_scratch_{b}x"]
+    assert c.model.d_model == one.model.d_model and c.model.n_layers == one.model.n_layers
+    assert (c.train.num_steps, c.train.warmup_steps) == (b * one.train.num_steps,
+                                                         b * one.train.warmup_steps)
+    assert c.train.num_steps % c.checkpoint.every_steps == 0   # a checkpoint at the last step
+  assert "both_scratch_1x" not in by and "both_scratch_2x" not in {
+      r.name for r in sweep.expand(PAPER + ":runlocal", str(tmp_path / "q"))}
+  with pytest.raises(GrowlmError, match="budgets"):
+    sweep.expand(PAPER + ":budgets=2x", str(tmp_path / "r"))
+
+
+def test_scale_sweep_is_the_compute_its_docstring_says(tmp_path):
+  """configs/scale.py over 3 seeds: 21 runs, source-sK grown three ways, scratch at 1x/2x/4x;
+  its docstring's FLOPs (per seed and in total) within 3% of growlm.model.flops' count, and the
+  held-out corpus is not the training corpus."""
+  import re  # pylint: disable=g-import-not-at-top
+  from growlm.config.typed import resolve  # pylint: disable=g-import-not-at-top
+  from growlm.model import flops  # pylint: disable=g-import-not-at-top
+  path = str(REPO / "configs" / "scale.py")
+  runs = sweep.expand(path, str(tmp_path / "s"), seeds=3)
+  assert len(runs) == 21
+  total = 0.0
+  for r in runs:
+    c = resolve(r.config)
+    total += (flops.flops_per_token(c.model, c.data.seq_len) * c.train.num_steps
+              * c.data.batch_size * c.data.seq_len)
+    assert dict(c.data.eval)["stdlib"] == "stdlib@all" and c.data.train.startswith("prepared:")
+  doc = open(path).read()
+  per_seed, three = (float(x) for x in re.search(
+      r"([\d.]+e\+?\d+) per seed, ([\d.]+e\+?\d+) for three seeds", doc).groups())
+  assert per_seed == pytest.approx(total / 3, rel=0.03)
+  assert three == pytest.approx(total, rel=0.03)
+  assert {r.name for r in sweep.expand(path + ":runlocal", str(tmp_path / "q"))} == {
+      "source", "grown_tile", "grown_mean_fill", "grown_zeros", "scratch", "scratch_2x",
+      "scratch_4x"}
 
 
 def test_dry_run_prints_runnable_commands(tmp_path):
@@ -93,16 +184,19 @@ def test_bad_sweeps_are_refused(tmp_path):
     sweep.expand(str(bad), str(tmp_path / "s"))
 
 
-def _write_run(d, name, flops, losses, source=None, source_flops=0.0, d_model=128):
+def _write_run(d, name, flops, losses, source=None, source_flops=0.0, d_model=128,
+               num_steps=20, wall=None):
   run = d / name
   run.mkdir(parents=True)
   cfg = {"model": {"d_model": d_model, "n_layers": 4, "n_heads": 4, "mlp_dim": 512,
                    "norm_eps": 1e-5},
-         "train": {"num_steps": 20}, "init": {"source": source or ""}}
+         "train": {"num_steps": num_steps}, "init": {"source": source or ""}}
   (run / "config.json").write_text(json.dumps(cfg))
   rows = []
   for i, (f, l) in enumerate(zip(flops, losses)):
     row = {"step": 10 * i, "tokens": 100 * i, "flops": f, "eval_loss/heldout": l}
+    if wall is not None:
+      row["wall_seconds"] = wall[i]
     if source:
       row["flops_with_source"] = f + source_flops
     rows.append(row)
@@ -138,6 +232,37 @@ def test_analysis_numbers_on_known_curves(tmp_path):
   assert "not reached" in md and f"{1 - reach / 200:.1%}" in md
   assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
   assert json.loads((tmp_path / "results.json").read_text())["grown"][0]["run"] == "grown"
+
+
+def test_frontier_wall_clock_and_growth_that_already_reached_the_target(tmp_path):
+  """Scratch at 1x (loss 5, 4, 3 at FLOPs 0, 100, 200) and 2x the budget (5, 3.4, 2.6 at 0,
+  100, 200, ...: its own schedule reaches 3.0 at 150 FLOPs): the frontier is the 2x run, so
+  savings against it are 1 - reach / 150. A grown run already below 3.0 right after growth
+  reads "reached at growth", never 100%, while its savings with the source stay a number."""
+  _write_run(tmp_path, "scratch", [0, 100, 200], [5.0, 4.0, 3.0], wall=[0.0, 10.0, 20.0])
+  _write_run(tmp_path, "scratch2x", [0, 100, 200, 400], [5.0, 3.4, 2.6, 2.2], num_steps=40)
+  _write_run(tmp_path, "source", [0, 40], [5.0, 3.6], d_model=64)
+  _write_run(tmp_path, "grown", [0, 50, 100], [3.5, 3.2, 2.9], source=str(tmp_path / "source"),
+             source_flops=40.0, wall=[0.0, 4.0, 8.0])
+  _write_run(tmp_path, "free", [0, 50], [2.95, 2.8], source=str(tmp_path / "source"),
+             source_flops=40.0)
+  res = analysis.analyze(str(tmp_path), plot=False)
+  g = {x["run"]: x for x in res["grown"]}
+  d = g["grown"]["datasets"]["heldout"]
+  reach = 50 + 50 * 0.2 / 0.3
+  assert g["grown"]["baseline"] == "scratch"            # the same budget stays the baseline
+  assert d["frontier_run"] == "scratch2x" and d["frontier_flops"] == pytest.approx(150.0)
+  assert d["savings_vs_frontier"] == pytest.approx(1 - reach / 150)
+  assert d["savings_vs_frontier_with_source"] == pytest.approx(1 - (reach + 40) / 150)
+  assert d["wall_seconds_to_scratch_final"] == pytest.approx(4.0 + 4.0 * (reach - 50) / 50)
+  assert d["wall_savings"] == pytest.approx(1 - d["wall_seconds_to_scratch_final"] / 20.0)
+  assert d["reached_at_growth"] is False
+  free = g["free"]["datasets"]["heldout"]
+  assert free["reached_at_growth"] is True and free["savings"] is None
+  assert free["savings_with_source"] == pytest.approx(1 - 40 / 200)
+  row = [l for l in (tmp_path / "results.md").read_text().splitlines() if l.startswith("| free")]
+  assert "reached at growth: source FLOPs only" in row[0] and "100.0%" not in row[0]
+  assert f"{1 - 40 / 200:.1%}" in row[0]
 
 
 def test_flops_to_reach_interpolates():

@@ -230,3 +230,46 @@ def test_trainer_refuses_online_wandb_without_key_before_writing(tmp_path, monke
   with pytest.raises(GrowlmError, match="WANDB_API_KEY") as e:
     commands.train(_train_config(enabled=True), str(tmp_path / "run"))
   assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+
+def test_compute_axes_are_defined_for_every_run(tmp_path, monkeypatch):
+  """tokens, FLOPs, FLOPs with source and wall-clock are W&B step axes, and the losses default
+  to FLOPs with source (the axis grown and scratch runs share)."""
+  import wandb  # pylint: disable=g-import-not-at-top
+  calls = []
+  real = wandb.sdk.wandb_run.Run.define_metric
+
+  def spy(self, name, *args, **kwargs):
+    calls.append((name, kwargs.get("step_metric"), kwargs.get("summary")))
+    return real(self, name, *args, **kwargs)
+
+  monkeypatch.setattr(wandb.sdk.wandb_run.Run, "define_metric", spy)
+  tracker = tracking.make_tracker(resolve(_config()), str(tmp_path / "run"))
+  for r in _records(range(3)):
+    tracker.log({**r, "flops_with_source": 1e6 * r["step"], "wall_seconds": 0.5 * r["step"]})
+  tracker.close()
+  assert [(n, s) for n, s, _ in calls] == (
+      [(axis, None) for axis in tracking.AXES]
+      + [("train_loss", "flops_with_source"), ("eval_loss/*", "flops_with_source")])
+  assert all(summary == "max" for n, _, summary in calls if n in tracking.AXES)
+
+
+def test_sweep_results_go_to_the_sweeps_group(tmp_path):
+  """An analysed sweep whose runs log to W&B logs its results table and plot to one run of the
+  sweep's group (offline here); a sweep without W&B logs nothing."""
+  cfg = {"name": "grown_tile", "sweep_name": "paper", "wandb": {
+      "enabled": True, "project": "growlm", "entity": "", "mode": "offline", "group": ""}}
+  png = _png(tmp_path / "loss_curves.png")
+  rid = tracking.log_sweep_results(str(tmp_path), cfg, ["run", "savings"],
+                                   [["grown_tile", 0.25]], png)
+  assert rid == tracking.run_id(str(tmp_path))
+  [run_dir] = glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{rid}"))
+  media = os.path.join(run_dir, "files", "media")
+  assert glob.glob(os.path.join(media, "table", "results_*.table.json"))
+  assert glob.glob(os.path.join(media, "images", "loss_curves_*.png"))
+  # Named after the group (the sweep's name when wandb.group is empty).
+  [log] = glob.glob(os.path.join(run_dir, f"run-{rid}.wandb"))
+  assert b"paper-results" in open(log, "rb").read()
+  off = dict(cfg, wandb=dict(cfg["wandb"], enabled=False))
+  assert tracking.log_sweep_results(str(tmp_path / "none"), off, ["run"], []) is None
+  assert not (tmp_path / "none").exists()

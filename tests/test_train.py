@@ -159,6 +159,10 @@ def test_resume_gives_the_same_losses(tmp_path):
   resumed = _train_lines(str(tmp_path / "resumed" / "metrics.jsonl"))
   assert [r["step"] for r in resumed] == list(range(1, 21))
   assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in full]
+  # Wall-clock carries on across the relaunch (the second launch starts from the first's).
+  wall = [r["wall_seconds"] for r in resumed]
+  assert all(w > 0 for w in wall) and wall == sorted(wall)
+  assert all(r["flops_with_source"] == r["flops"] for r in resumed)   # a scratch run
 
 
 def test_restore_onto_another_mesh(tmp_path):

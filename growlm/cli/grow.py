@@ -3,6 +3,12 @@
   python -m growlm.grow_main --source=runs/small --config=configs/default.py:size=tiny \\
       --config.init.plan.width=tile --out=runs/tiny-grown
 
+SOLAR-style depth up-scaling: a 4-layer source to 6 layers, its layers 0..2 then 1..3:
+
+  python -m growlm.grow_main --source=runs/small --config=configs/default.py:size=small \\
+      --config.model.n_layers=6 --config.init.plan.depth=layer_ranges \\
+      --config.init.plan.layer_ranges='[[0,3],[1,4]]' --out=runs/small-solar
+
 The output is a complete run directory (config.json, checkpoints/0, growth_report.json,
 metrics.jsonl): `python -m growlm.main --config=<same config> --workdir=<out>` trains it on.
 It is written under OUT.partial and renamed at the end, so on any error nothing is left at OUT.

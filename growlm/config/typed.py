@@ -369,10 +369,31 @@ def _freeze(x: Any) -> Any:
   return x
 
 
+def _added_field_default(key: str) -> Any:
+  """The JSON value a model or growth-plan field added since a run dir was written stood for
+  then (its dataclass default); a sentinel for any other key."""
+  for prefix, cls in (("model.", ModelConfig), ("init.plan.", GrowthPlan)):
+    if key.startswith(prefix):
+      for f in dataclasses.fields(cls):
+        if f.name == key[len(prefix):] and f.default is not dataclasses.MISSING:
+          return json.loads(json.dumps(f.default))
+  return _NO_DEFAULT
+
+
+_NO_DEFAULT = object()
+
+
 def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """Fields whose values differ between a run dir's config.json and the new config.json."""
+  """Fields whose values differ between a run dir's config.json and the new config.json. A
+  model or growth-plan field that the saved config lacks (written before the field existed)
+  conflicts only when the new value is not the field's default, which is what the run had."""
   a, b = trees.flatten(saved), trees.flatten(current)
 
   def ignored(k):
     return any(k == f or k.startswith(f + ".") for f in RESUMABLE_FIELDS)
-  return sorted(k for k in set(a) | set(b) if not ignored(k) and a.get(k) != b.get(k))
+
+  def differs(k):
+    if k not in a and k in b and b[k] == _added_field_default(k):
+      return False
+    return a.get(k) != b.get(k)
+  return sorted(k for k in set(a) | set(b) if not ignored(k) and differs(k))

@@ -244,7 +244,7 @@ def _check_flags(backend: str, given: dict[str, Any]) -> Settings:
 
 def launch(config: str, sweep_dir: str, backend: str, *, backend_module, overrides=None,
            dry_run=False, only=(), echo=print, wait: bool = False, poll_s: float = 30.0,
-           attempt: str | None = None, **flags) -> list:
+           attempt: str | None = None, seeds: int = 1, **flags) -> list:
   """Checks everything, then hands the sweep to `backend` (`backend_module`: growlm.experiments.
   gcloud or skypilot, chosen by the caller, since both build on this module); with `wait`,
   follows it until every
@@ -257,11 +257,12 @@ def launch(config: str, sweep_dir: str, backend: str, *, backend_module, overrid
   mod.check(settings)
   root = checkout()
   rel = relative_config(config, root)
-  every = sweep_lib.expand(config, sweep_dir, overrides)
+  every = sweep_lib.expand(config, sweep_dir, overrides, seeds)
   runs = sweep_lib.select(every, tuple(only))
   attempt = attempt or new_attempt()
   shell = Shell(echo, dry_run)
-  manifest = sweep_lib.manifest(rel, every, overrides, backend, dataclasses.asdict(settings))
+  manifest = sweep_lib.manifest(rel, every, overrides, backend, dataclasses.asdict(settings),
+                                seeds)
   plan = make_plan(rel, runs, overrides, attempt, mod.distributed(settings))
   job = mod.Launch(settings, sweep_dir, root, plan, manifest, shell, wandb_env())
   if dry_run:

@@ -14,6 +14,7 @@ is finished when its run dir holds a checkpoint at its last step, read from the 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import shlex
 from typing import Any, Callable
 
@@ -37,10 +38,47 @@ class Run:
   workdir: str
 
 
-def expand(config: str, sweep_dir: str, overrides: dict[str, str | bool] | None = None
-           ) -> list[Run]:
+SEED_FIELDS = ("train.seed", "data.seed", "init.seed")   # what a repetition over seeds changes
+
+
+def seed_name(name: str, k: int) -> str:
+  """Run `name` repeated with seed offset k (--seeds): NAME-sK."""
+  return f"{name}-s{k}"
+
+
+def base_name(name: str, seeds: int) -> str:
+  """The sweep's own run name of a repetition (NAME-sK -> NAME); `name` itself when seeds == 1."""
+  head, sep, k = name.rpartition("-s")
+  return head if seeds > 1 and sep and k.isdigit() else name
+
+
+def _repeat(specs: list[tuple[str, dict]], seeds: int, cfg) -> list[tuple[str, dict]]:
+  """Each run `seeds` times as NAME-s0..NAME-s{seeds-1}: every seed field offset by k from the
+  run's own value (else the config's), and a source `@other` read as `@other-sK`, so each
+  repetition grows its own source. The values go into the run's overrides, so a remote host's
+  command line carries them too."""
+  out = []
+  for name, run_overrides in specs:
+    for k in range(seeds):
+      o = dict(run_overrides)
+      for key in SEED_FIELDS:
+        section, field = key.split(".")
+        o[key] = int(run_overrides.get(key, cfg[section][field])) + k
+      src = o.get("init.source")
+      if isinstance(src, str) and src.startswith("@"):
+        o["init.source"] = "@" + seed_name(src[1:], k)
+      out.append((seed_name(name, k), o))
+  return out
+
+
+def expand(config: str, sweep_dir: str, overrides: dict[str, str | bool] | None = None,
+           seeds: int = 1) -> list[Run]:
   """The sweep's runs, each with its resolved config, in dependency order; `overrides`
-  (command-line `--config.FIELD` texts) apply to every run before its own values."""
+  (command-line `--config.FIELD` texts) apply to every run before its own values; with
+  `seeds` > 1 every run is repeated over that many seeds (_repeat)."""
+  if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+    raise GrowlmError(f"--seeds={seeds!r}; accepted: an integer >= 1 (repetitions of every run "
+                      "with seeds offset by 0, 1, ...)")
   path, _ = files.split_spec(config)
   mod = files.load_module(path)
   if not hasattr(mod, "sweep"):
@@ -56,13 +94,22 @@ def expand(config: str, sweep_dir: str, overrides: dict[str, str | bool] | None 
     specs.append((name, run_overrides))
 
   try:
-    mod.sweep(add)
+    # sweep(add) or sweep(add, arg): the second form reads the config argument (configs/
+    # paper.py takes its scratch budgets from it).
+    if len(inspect.signature(mod.sweep).parameters) >= 2:
+      mod.sweep(add, files.split_spec(config)[1])
+    else:
+      mod.sweep(add)
   except GrowlmError:
     raise
   except Exception as e:  # pylint: disable=broad-except
     first = (str(e).strip().splitlines() or [""])[0]
     raise GrowlmError(f"--config={path}: sweep(add) raised {type(e).__name__}"
                       + (f": {first}" if first else "")) from None
+  if seeds > 1:
+    base = files.load(config)
+    files.apply_overrides(base, overrides or {})
+    specs = _repeat(specs, seeds, base)
   names = {n for n, _ in specs}
   sweep_name = fs.basename(sweep_dir)
   runs = []
@@ -137,10 +184,11 @@ def command(config: str, run: Run, python: str = "python", extra: tuple[str, ...
 
 
 def manifest(config: str, runs: list[Run], overrides: dict | None, backend: str,
-             settings: dict[str, Any]) -> dict[str, Any]:
-  """What SWEEP/sweep.json records: enough for `status` to read the sweep with no config."""
+             settings: dict[str, Any], seeds: int = 1) -> dict[str, Any]:
+  """What SWEEP/sweep.json records: enough for `status` to read the sweep with no config, and
+  for the analysis to pool a run's repetitions over seeds."""
   return {"config": config, "overrides": dict(overrides or {}), "backend": backend,
-          "settings": settings,
+          "settings": settings, "seeds": seeds,
           "runs": [{"name": r.name, "workdir": r.workdir, "depends": r.depends,
                     "num_steps": int(r.config.train.num_steps)} for r in runs]}
 
@@ -148,7 +196,7 @@ def manifest(config: str, runs: list[Run], overrides: dict | None, backend: str,
 def launch(config: str, sweep_dir: str, *, backend: str = "local",
            overrides: dict[str, str | bool] | None = None, dry_run: bool = False,
            only: tuple[str, ...] = (), echo: Callable[[str], None] = print,
-           run_fn: Callable | None = None, **remote_flags) -> list[Run]:
+           run_fn: Callable | None = None, seeds: int = 1, **remote_flags) -> list[Run]:
   """Runs the sweep here: every run in dependency order, finished runs skipped, unfinished ones
   resumed; with dry_run, prints what it would run. Remote backends are growlm.experiments.
   launcher's (which calls this for backend 'local')."""
@@ -162,7 +210,7 @@ def launch(config: str, sweep_dir: str, *, backend: str = "local",
     raise GrowlmError(f"--{given[0]} is a flag of a remote backend; accepted: --backend=gcloud "
                       "(--tpu, --zone, --project, --spot, ...) or --backend=skypilot "
                       "(--accelerators, --num_nodes, --spot, ...)")
-  every = expand(config, sweep_dir, overrides)
+  every = expand(config, sweep_dir, overrides, seeds)
   runs = select(every, only)
   for run in runs:
     line = " ".join(shlex.quote(a) for a in command(config, run, overrides=overrides))
@@ -180,5 +228,5 @@ def launch(config: str, sweep_dir: str, *, backend: str = "local",
     run_fn(run.config, run.workdir)
   if not dry_run and runs and fs.isdir(sweep_dir):   # for `status`, once a run went through
     fs.write_json_atomic(fs.join(sweep_dir, MANIFEST),
-                         manifest(config, every, overrides, backend, {}))
+                         manifest(config, every, overrides, backend, {}, seeds))
   return runs

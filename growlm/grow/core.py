@@ -8,7 +8,7 @@ multiplier `b` (how the copy's gradient relates to the source's, used to grow Ad
 New entries are filled by kind, in priority order: zero (readers of a new unit: it starts
 silent), mean (mean_fill writers of new residual coordinates), noise (fresh weights of the
 target's own initialiser, times a scale) and free (entries whose input is exactly zero, so any
-value keeps the function: symmetry noise or zero). Then layers are placed (depth growth).
+value keeps the function: symmetry noise or zero). Then layers are placed (depth.py).
 docs/design.md, section 5, gives the mathematics; tests prove each rule.
 
 On device (jitted by init/source.py) growth reads the source and writes the target: maps and
@@ -30,6 +30,7 @@ import numpy as np
 
 from growlm import trees
 from growlm.errors import GrowlmError
+from growlm.grow.depth import DEPTH_WRITERS, depth_exact, grow_depth
 from growlm.grow.plan import EXACT_WIDTH, GrowthPlan, layer_sources
 from growlm.model import decoder as model_lib
 from growlm.model.config import ModelConfig
@@ -37,7 +38,6 @@ from growlm.model.config import ModelConfig
 ZERO, MEAN, NOISE, FREE = 4, 3, 2, 1   # fill kinds of new entries; the highest wins
 _RESIDUAL_WRITERS = {"embed", "pos_embed", "out", "out_bias", "wo", "wo_bias"}
 _NORM_LEAVES = {"scale", "bias"}
-_DEPTH_WRITERS = ("out", "out_bias", "wo", "wo_bias")   # a block's writers into the stream
 
 # Every ModelConfig field, by what growth does with it (tests check that none is left out, so a
 # new field has to be decided here):
@@ -45,7 +45,7 @@ _DEPTH_WRITERS = ("out", "out_bias", "wo", "wo_bias")   # a block's writers into
 _SIZE_FIELDS = ("d_model", "mlp_dim", "n_heads", "n_kv_heads", "head_dim", "n_layers", "max_len")
 # - kept: the target's must equal the source's, since each one changes the function the copied
 #   weights compute (rope_theta only where positions='rope'; learned positions never read it);
-_KEPT_FIELDS = ("vocab_size", "norm", "positions", "rope_theta", "mlp", "use_bias",
+_KEPT_FIELDS = ("vocab_size", "norm", "positions", "rope_theta", "mlp", "use_bias", "qkv_bias",
                 "tie_embeddings")
 # - computed by growth (grown_config): the target's own value is replaced;
 _COMPUTED_FIELDS = ("norm_eps",)
@@ -105,8 +105,7 @@ def _exact(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan) -> bool:
   # the norm's mean (docs/design.md 5.3).
   width_ok = not width_grows or plan.width in EXACT_WIDTH or (
       plan.width == "zeros" and (src.norm == "rmsnorm" or dst.d_model == src.d_model))
-  depth_ok = dst.n_layers == src.n_layers or plan.depth == "identity" or (
-      plan.depth == "copy" and plan.copy_zero_out)
+  depth_ok = depth_exact(src.n_layers, dst.n_layers, plan)
   rope_ok = not (dst.positions == "rope" and dst.head_dim % src.head_dim)
   return width_ok and depth_ok and rope_ok
 
@@ -263,7 +262,7 @@ def _needs_fresh(path, spec: LeafSpec, plan: GrowthPlan, new_layers: bool) -> bo
   """Whether the leaf reads the target's own init: noise and free entries (without symmetry
   noise, free ones take 0 * fresh, so each zero keeps the sign it always had), the scale of
   zero-sum noise, and the non-writers of new identity layers."""
-  if new_layers and plan.depth == "identity" and path[-1] not in _DEPTH_WRITERS:
+  if new_layers and plan.depth == "identity" and path[-1] not in DEPTH_WRITERS:
     return True
   if plan.symmetry_noise > 0 and any(m.zero_sum > 1 for m in spec.maps.values()):
     return True
@@ -324,22 +323,6 @@ def grow_leaf(x: jax.Array, path: tuple[str, ...], spec: LeafSpec, fresh: jax.Ar
   return jnp.where(jnp.asarray(spec.copied), value, new_value)
 
 
-def _grow_depth(v, path, sources, plan: GrowthPlan, identity_new, zeroed_copy=None):
-  """Places layers along axis 0: copies of source layers, or new ones. New identity layers take
-  `identity_new`; with copy_zero_out, the writers of new copies take `zeroed_copy` (None: kept)."""
-  is_new = np.array([n for _, n in sources])
-  if not is_new.any():
-    return v
-  v = jnp.take(v, jnp.asarray([s for s, _ in sources]), axis=0)
-  new_b = jnp.asarray(_bcast(is_new, 0, v.ndim))
-  if plan.depth == "identity":
-    return jnp.where(new_b, identity_new, v)
-  if (plan.depth == "copy" and plan.copy_zero_out and path[-1] in _DEPTH_WRITERS
-      and zeroed_copy is not None):
-    return jnp.where(new_b, zeroed_copy, v)
-  return v
-
-
 def scale_trees(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, params: Any = None,
                 specs: dict | None = None) -> tuple[Any, Any]:
   """(value_scale, grad_scale) from the index maps alone (new entries: a = 1, b = 0, as is b in
@@ -360,7 +343,7 @@ def scale_trees(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, params: An
     else:
       a = b = jnp.ones(s.shape, s.dtype)
     if path[0] == "layers":
-      a, b = _grow_depth(a, path, sources, plan, 1.0), _grow_depth(b, path, sources, plan, 0.0, 0.0)
+      a, b = grow_depth(a, path, sources, plan, 1.0), grow_depth(b, path, sources, plan, 0.0, 0.0)
     trees.put(a_tree, path, a.astype(t.dtype))
     trees.put(b_tree, path, b.astype(t.dtype))
   return a_tree, b_tree
@@ -387,8 +370,8 @@ def grow(params: Any, src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, rng:
     value = grow_leaf(x, path, spec, fresh[:src.n_layers] if layered and fresh is not None
                       else fresh, src, cfg, plan, rng)
     if layered:
-      value = _grow_depth(value, path, sources, plan,
-                          0.0 if path[-1] in _DEPTH_WRITERS else fresh, 0.0)
+      value = grow_depth(value, path, sources, plan,
+                         0.0 if path[-1] in DEPTH_WRITERS else fresh, 0.0)
     trees.put(out, path, value.astype(t.dtype))
   a_tree, b_tree = scale_trees(src, dst, plan, specs=specs) if scales else (None, None)
   return Grown(out, cfg, a_tree, b_tree, tuple(sources))

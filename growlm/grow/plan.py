@@ -1,4 +1,5 @@
-"""Growth plans: which method grows each dimension, and where new layers go."""
+"""Growth plans: which method grows each dimension, and where new layers go (or, for
+`layer_ranges`, which source layers make up the target)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Mapping
 from growlm.errors import GrowlmError, strict_fields
 
 WIDTH_METHODS = ("zeros", "noise", "mean_fill", "tile")
-DEPTH_METHODS = ("identity", "copy", "stack")
+DEPTH_METHODS = ("identity", "copy", "stack", "layer_ranges")
 DEPTH_POSITIONS = ("append", "prepend", "interleave")
 # Methods whose grown model computes the source's function (where the model allows it).
 EXACT_WIDTH = ("mean_fill", "tile")
@@ -37,6 +38,20 @@ def _layer_indices(v: Any) -> tuple[int, ...]:
   return tuple(int(i) for i in v)
 
 
+def _layer_ranges(v: Any) -> tuple[tuple[int, int], ...]:
+  """`layer_ranges` as a tuple of (start, stop) int pairs with 0 <= start < stop, or GrowlmError.
+  Configs and flags give lists ([[0, 24], [8, 32]]); tuples keep the plan hashable for jit. The
+  upper bound and the total need the source's and target's n_layers, so layer_sources checks
+  them."""
+  accepted = "pairs [start, stop] of integers with 0 <= start < stop, e.g. [[0, 24], [8, 32]]"
+  is_int = lambda i: isinstance(i, numbers.Integral) and not isinstance(i, bool)
+  if not isinstance(v, (list, tuple)) or not all(
+      isinstance(r, (list, tuple)) and len(r) == 2 and all(is_int(i) for i in r)
+      and 0 <= r[0] < r[1] for r in v):
+    raise GrowlmError(f"growth plan: layer_ranges={_show(v)}; accepted: {accepted}")
+  return tuple((int(a), int(b)) for a, b in v)
+
+
 @dataclasses.dataclass(frozen=True)
 class GrowthPlan:
   """How to grow. Every field is one line of documentation.
@@ -49,9 +64,10 @@ class GrowthPlan:
   """
 
   width: str = "tile"            # zeros | noise | mean_fill | tile (d_model and new units)
-  depth: str = "identity"        # identity | copy | stack (new layers)
+  depth: str = "identity"        # identity | copy | stack | layer_ranges (new layers)
   depth_position: str = "interleave"  # append | prepend | interleave (identity and copy)
   new_layer_indices: tuple[int, ...] = ()  # explicit target indices of new layers (overrides)
+  layer_ranges: tuple[tuple[int, int], ...] = ()  # `layer_ranges`: target = these source ranges
   noise_scale: float = 0.01      # `noise`: std of new entries, as a fraction of the init std
   symmetry_noise: float = 0.0    # zero-sum noise (tile) / noise on free entries (others), exact
   copy_zero_out: bool = True     # `copy`: zero the copies' output projections (then exact)
@@ -80,6 +96,27 @@ class GrowthPlan:
       if not isinstance(v, bool):
         raise GrowlmError(f"growth plan: {name}={_show(v)}; accepted: True or False")
     object.__setattr__(self, "new_layer_indices", _layer_indices(self.new_layer_indices))
+    object.__setattr__(self, "layer_ranges", _layer_ranges(self.layer_ranges))
+    self._check_layer_ranges()
+
+  def _check_layer_ranges(self) -> None:
+    """depth='layer_ranges' and the layer_ranges field come together, and nothing that places
+    new layers contradicts them: the ranges already place every target layer. depth_position
+    is refused only away from its default (interleave), which cannot be told from unset."""
+    ranges = [list(r) for r in self.layer_ranges]
+    if self.depth == "layer_ranges" and not ranges:
+      raise GrowlmError("growth plan: depth='layer_ranges' with layer_ranges=[]; accepted: "
+                        "half-open source layer ranges, e.g. layer_ranges=[[0, 24], [8, 32]]")
+    if ranges and self.depth != "layer_ranges":
+      raise GrowlmError(f"growth plan: layer_ranges={ranges} with depth={self.depth!r}; "
+                        "accepted: layer_ranges with depth='layer_ranges'")
+    if ranges and self.new_layer_indices:
+      raise GrowlmError(f"growth plan: new_layer_indices={list(self.new_layer_indices)} with "
+                        "layer_ranges (the ranges place every layer); accepted: one of the two")
+    if ranges and self.depth_position != "interleave":
+      raise GrowlmError(f"growth plan: depth_position={self.depth_position!r} with layer_ranges "
+                        "(the ranges place every layer); accepted: depth_position left at its "
+                        "default 'interleave'")
 
   def to_dict(self) -> dict[str, Any]:
     """The plan as a plain dict (what configs and growth reports hold)."""
@@ -98,9 +135,11 @@ class GrowthPlan:
 
 def layer_sources(n_src: int, n_dst: int, plan: GrowthPlan) -> list[tuple[int, bool]]:
   """For each target layer: (source layer index, is_new). New layers also name the source
-  layer they copy (copy, stack) or sit after (identity; ignored)."""
+  layer they copy (copy, stack, layer_ranges) or sit after (identity; ignored)."""
   if n_dst < n_src:
     raise GrowlmError(f"growth: n_layers {n_src} -> {n_dst}; accepted: target >= source")
+  if plan.depth == "layer_ranges":
+    return _range_sources(n_src, n_dst, plan.layer_ranges)
   if plan.depth == "stack":
     if plan.new_layer_indices:  # stacking appends whole copies: refuse rather than ignore
       raise GrowlmError(f"growth plan: new_layer_indices={list(plan.new_layer_indices)} with "
@@ -125,4 +164,24 @@ def layer_sources(n_src: int, n_dst: int, plan: GrowthPlan) -> list[tuple[int, b
     if not new:
       j += 1
     out.append((max(j, 0) if new else j, new))
+  return out
+
+
+def _range_sources(n_src: int, n_dst: int, ranges: tuple[tuple[int, int], ...]
+                   ) -> list[tuple[int, bool]]:
+  """layer_sources for depth='layer_ranges': the concatenated ranges. A layer is new where its
+  source already appeared (a repeat), so an in-order first copy of each layer counts as old;
+  every target layer copies its source layer either way (weights and Adam moments)."""
+  shown = [list(r) for r in ranges]
+  if any(b > n_src for _, b in ranges):
+    raise GrowlmError(f"growth plan: layer_ranges={shown} reaches past the source's {n_src} "
+                      f"layers; accepted: pairs [start, stop] with 0 <= start < stop <= {n_src}")
+  total = sum(b - a for a, b in ranges)
+  if total != n_dst:
+    raise GrowlmError(f"growth plan: layer_ranges={shown} give {total} layers, the target's "
+                      f"n_layers is {n_dst}; accepted: ranges whose lengths sum to {n_dst}")
+  out, seen = [], set()
+  for j in (j for a, b in ranges for j in range(a, b)):
+    out.append((j, j in seen))
+    seen.add(j)
   return out

@@ -1,7 +1,9 @@
 """The preservation report: how closely the grown model computes the source's function.
 
 Measured on held-out batches, never assumed: max and mean |delta logits|, KL(source || target)
-per token, and both models' losses. Every growth prints it and saves it as growth_report.json.
+per token, and both models' losses; and, since a dead unit changes no logit, how many of the
+growth's new units receive any gradient (grow/dead.py). Every growth prints it and saves it as
+growth_report.json.
 Both models run in the target's compute dtype with every matrix product at the highest
 precision (float32 products stay float32 on accelerators too), whatever the caller's default.
 """
@@ -14,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from growlm import fs, trees
-from growlm.grow import core
+from growlm.grow import core, dead
 from growlm.grow.plan import GrowthPlan
 from growlm.model import decoder as model_lib
 from growlm.model.config import ModelConfig
@@ -51,15 +53,20 @@ def method_name(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan | None) -> 
     return "none"
   width = any(getattr(src, f) != getattr(dst, f)
               for f in ("d_model", "mlp_dim", "n_heads", "n_kv_heads", "head_dim", "max_len"))
-  depth = src.n_layers != dst.n_layers
+  # layer_ranges acts even when the layer count stays (a reorder or a repeat-and-drop).
+  depth = src.n_layers != dst.n_layers or plan.depth == "layer_ranges"
   parts = ([plan.width] if width else []) + ([plan.depth] if depth else [])
   return "+".join(parts) or "none"
 
 
 def preservation_report(src_cfg: ModelConfig, src_params: Any, dst_cfg: ModelConfig,
                         dst_params: Any, batches: Iterable[dict], plan: GrowthPlan | None = None,
-                        extra: dict | None = None) -> dict[str, Any]:
-  """Compares source and grown models on `batches` ({'inputs', 'targets'} [B, L] arrays)."""
+                        extra: dict | None = None, loss_fn: dead.LossFn | None = None
+                        ) -> dict[str, Any]:
+  """Compares source and grown models on `batches` ({'inputs', 'targets'} [B, L] arrays), and
+  counts the new units that train (dead.new_unit_report, with a plan; `loss_fn` is the
+  trainer's per-token loss, growlm.train.loss.token_nll, which this layer may not import)."""
+  batches = list(batches)   # read twice: the comparison, then the dead-unit steps
   step = jax.jit(_stats, static_argnums=(0, 1))
   totals: dict[str, float] = {}
   for b in batches:
@@ -86,13 +93,15 @@ def preservation_report(src_cfg: ModelConfig, src_params: Any, dst_cfg: ModelCon
       "dtype": dst_cfg.dtype,
       "norm_eps": [src_cfg.norm_eps, dst_cfg.norm_eps],
       "matmul_precision": PRECISION,
+      "new_units": (dead.new_unit_report(src_cfg, dst_cfg, plan, dst_params, batches, loss_fn)
+                    if plan else None),
   }
   report.update(extra or {})
   return report
 
 
 def format_report(r: dict[str, Any]) -> str:
-  """A few lines for the terminal."""
+  """A few lines for the terminal (the last: new units alive after one and two steps)."""
   dims = ", ".join(f"{k} {a}->{b}" for k, (a, b) in r["dims"].items()) or "no change"
   exact = {True: "exact expected", False: "approximate", None: "-"}[r["exact_expected"]]
   return (f"growth {r['method']} ({exact}): {dims}; params {r['src_params']:,} -> "
@@ -100,7 +109,8 @@ def format_report(r: dict[str, Any]) -> str:
           f"  max |delta logits| {r['max_abs_logit_diff']:.3e}, mean {r['mean_abs_logit_diff']:.3e}"
           f", KL(src||dst) {r['kl_src_dst']:.3e} nats/token\n"
           f"  held-out loss: source {r['loss_src']:.4f}, grown {r['loss_dst']:.4f} "
-          f"(delta {r['loss_delta']:+.3e}) over {r['n_tokens']:,} tokens")
+          f"(delta {r['loss_delta']:+.3e}) over {r['n_tokens']:,} tokens\n"
+          f"  {dead.format_line(r.get('new_units'))}")
 
 
 def save_report(report: dict[str, Any], directory: str, name: str = "growth_report.json") -> str:

@@ -26,6 +26,7 @@ from growlm.grow import report as report_lib
 from growlm.init import source as source_lib
 from growlm.init.source import Source
 from growlm.model import decoder as model_lib
+from growlm.train import loss as loss_lib
 from growlm.train.checkpoint import Checkpoints
 from growlm.train.state import init_state
 from growlm.train import trainer
@@ -96,7 +97,8 @@ def grow(setup: Setup, src: Source) -> Start:
       src.model, src.state.params, grown.config, state.params, batches, plan,
       extra={"source": fs.absolute(src.directory), "source_step": src.step,
              "source_flops": src.flops, "optimizer_init": config.init.optimizer,
-             "lr_multipliers": bool(config.init.lr_multipliers), "eval_dataset": eval_name})
+             "lr_multipliers": bool(config.init.lr_multipliers), "eval_dataset": eval_name},
+      loss_fn=loss_lib.token_nll)
   _say(report_lib.format_report(report))
   return Start(state, report=report, source_flops=src.flops)
 

@@ -2,11 +2,13 @@
 params (the codec; the commands built on it are in growlm.commands). No torch: tensors are read
 and written with `safetensors` in numpy.
 
-Import (`import_hf`) accepts GPT-2 and Llama checkpoints, single-file or sharded with
-`model.safetensors.index.json`, in float32/float16/bfloat16/float64. Export (`export_hf`) writes
-`config.json` + `model.safetensors` that `transformers.AutoModelForCausalLM.from_pretrained`
-loads: GPT-2 when the growlm config is expressible as GPT-2, Llama otherwise. Anything either
-side cannot express is refused with one line naming the field; layouts are in growlm.interop.hf_layout.
+Import (`import_hf`) accepts GPT-2, Llama, Qwen2 and Mistral checkpoints, single-file or
+sharded with `model.safetensors.index.json`, in float32/float16/bfloat16/float64. Export
+(`export_hf`) writes `config.json` + `model.safetensors` that
+`transformers.AutoModelForCausalLM.from_pretrained` loads: GPT-2 when the growlm config is
+expressible as GPT-2, Qwen2 for q/k/v-only biases (qkv_bias), Llama otherwise, or the family
+asked for (arch='mistral'). Anything either side cannot express is refused with one line naming
+the field; families are in growlm.interop.hf_families, tensor layouts in growlm.interop.hf_layout.
 growlm has one `use_bias` flag: a Llama with only one of attention_bias / mlp_bias is imported
 with the other biases set to zero (the same function) and exported with both.
 """
@@ -29,14 +31,15 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from growlm.interop import hf_families as families
 from growlm.interop import hf_layout as layout
 from growlm.model import decoder as model_lib
 from growlm import fs, transfer, trees
 from growlm.errors import GrowlmError
-from growlm.interop.hf_layout import hf_architecture, hf_config  # noqa: F401  (public API)
+from growlm.interop.hf_families import hf_architecture, hf_config  # noqa: F401  (public API)
 from growlm.model.config import DTYPES, ModelConfig
 
-_err = layout.err
+_err = families.err
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 # Buffers some checkpoints carry that are not parameters (GPT-2's causal mask, old RoPE tables).
 _BUFFERS = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$|\.rotary_emb\.inv_freq$")
@@ -51,7 +54,7 @@ class HFModel:
   """An imported checkpoint: growlm config and params (numpy, growlm layout)."""
   config: ModelConfig
   params: dict
-  arch: str                 # gpt2 | llama
+  arch: str                 # gpt2 | llama | qwen2 | mistral (export_hf(arch=...) keeps it)
   hf_config: dict           # config.json as read
   directory: str
 
@@ -103,7 +106,7 @@ def read_hf_config(directory: str, *, param_dtype: str = "float32", dtype: str =
   if not os.path.isfile(os.path.join(directory, "config.json")):
     raise _err(directory, "no config.json; accepted: a directory saved by save_pretrained")
   raw = _read_json(directory, "config.json")
-  arch, fields, biases = layout.model_fields(directory, raw)
+  arch, fields, biases = families.model_fields(directory, raw)
   try:
     cfg = ModelConfig(**fields, dtype=dtype, param_dtype=param_dtype, dropout_rate=0.0)
   except GrowlmError as e:
@@ -199,8 +202,9 @@ def check_hf_dir(directory: str, **dtypes) -> tuple[str, ModelConfig, dict]:
 
 def import_hf(directory: str, *, param_dtype: str = "float32", dtype: str = "float32"
               ) -> HFModel:
-  """Reads an HF GPT-2 or Llama directory into growlm params (numpy, `param_dtype`) and config
-  (compute `dtype`). Refuses, with one line naming the field, anything it cannot map exactly."""
+  """Reads an HF GPT-2, Llama, Qwen2 or Mistral directory into growlm params (numpy,
+  `param_dtype`) and config (compute `dtype`). Refuses, with one line naming the field, anything
+  it cannot map exactly."""
   directory = transfer.mirror(directory)
   arch, cfg, raw, biases = read_hf_config(directory, param_dtype=param_dtype, dtype=dtype)
   index = _tensor_index(directory)
@@ -258,15 +262,15 @@ def _host(x) -> np.ndarray:
 def to_hf_tensors(params, cfg: ModelConfig, arch: str | None = None,
                   dtype: str | None = None) -> dict[str, np.ndarray]:
   """growlm params -> {HF tensor name: array} for `arch` (default: hf_architecture(cfg)).
-  Biases a GPT-2 needs but a use_bias=False model lacks are written as zeros."""
-  arch = arch or hf_architecture(cfg)
+  Biases the family always has but the model lacks (GPT-2's in a use_bias=False model, Qwen2's
+  q/k/v ones in a bias-free model) are written as zeros."""
+  arch = hf_architecture(cfg, arch)
   _check_params(params, cfg, "HF export")
   np_dtype = None if dtype is None else jnp.dtype(dtype)
   out = {}
-  # GPT-2 always has biases (zeros stand in for absent ones); Llama has them iff use_bias.
-  groups = {"attn", "mlp", "norm"} if arch == "gpt2" or cfg.use_bias else set()
-  for spec in layout.specs(arch, cfg, groups):
-    if spec.bias and not cfg.use_bias:
+  held = layout.held_biases(cfg)
+  for spec in layout.specs(arch, cfg, layout.hf_biases(arch, cfg)):
+    if spec.bias and spec.bias not in held:
       leaves = None
     else:
       leaves = [_host(trees.get(params, p)) for p in spec.paths]
@@ -316,15 +320,18 @@ def copy_tokenizer_files(src: str, dst: str) -> list[str]:
 
 def export_hf(params, cfg: ModelConfig, out: str, *, tokenizer_from: str | None = None,
               token_ids: dict | None = None, dtype: str | None = None,
-              extra_json: dict | None = None, max_shard_bytes: int = 4 << 30) -> str:
+              extra_json: dict | None = None, max_shard_bytes: int = 4 << 30,
+              arch: str | None = None) -> str:
   """Writes `out` (config.json, model.safetensors, tokenizer files of `tokenizer_from`, and
-  `extra_json` {filename: object}) for transformers; returns the architecture written.
+  `extra_json` {filename: object}) for transformers; returns the architecture written: `arch`
+  (e.g. an imported model's own, to write a Mistral back as Mistral) or hf_architecture's
+  choice (gpt2 | qwen2 | llama).
 
   Atomic: built under OUT.partial and renamed, so on any error nothing is left at `out`.
   Special token ids come from `token_ids`, else from `tokenizer_from`'s config.json.
   `dtype` (float32 | bfloat16 | float16 | float64) defaults to the params' own dtype.
   """
-  arch = hf_architecture(cfg)
+  arch = hf_architecture(cfg, arch)
   if dtype is not None and dtype not in DTYPES:
     raise GrowlmError(f"HF export dtype={dtype!r}; accepted: {DTYPES}")
   if fs.exists(out):
@@ -335,7 +342,7 @@ def export_hf(params, cfg: ModelConfig, out: str, *, tokenizer_from: str | None 
   if token_ids is None and tokenizer_from and os.path.isfile(
       os.path.join(tokenizer_from, "config.json")):
     src = _read_json(tokenizer_from, "config.json")
-    token_ids = {k: src.get(k) for k in layout.TOKEN_ID_FIELDS}
+    token_ids = {k: src.get(k) for k in families.TOKEN_ID_FIELDS}
   tensors = to_hf_tensors(params, cfg, arch, dtype)
   written = str(next(iter(tensors.values())).dtype)
   conf = hf_config(cfg, arch, token_ids=token_ids, dtype=written)

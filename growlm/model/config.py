@@ -42,6 +42,7 @@ class ModelConfig:
   rope_theta: float = 10000.0  # rotary base frequency
   mlp: str = "gelu"            # gelu (tanh approximation, GPT-2) | swiglu (Llama)
   use_bias: bool = True        # biases in every linear layer and in LayerNorm
+  qkv_bias: bool = False       # q/k/v projections carry biases even when use_bias is false (Qwen2)
   tie_embeddings: bool = True  # output head reuses the token embedding table
   dtype: str = "float32"       # compute dtype (bfloat16 for speed; norms and softmax stay >= f32)
   param_dtype: str = "float32"  # storage dtype of parameters
@@ -100,6 +101,7 @@ def validate(cfg: ModelConfig):
          f"n_kv_heads={cfg.n_kv_heads} must divide n_heads={cfg.n_heads}")
   _check(cfg.positions != "rope" or cfg.head_dim % 2 == 0,
          f"head_dim={cfg.head_dim} must be even with positions='rope'")
+  _check(isinstance(cfg.qkv_bias, bool), f"qkv_bias={cfg.qkv_bias!r}; accepted: true or false")
   _check(cfg.norm_eps > 0, f"norm_eps={cfg.norm_eps!r}; accepted: a positive float")
   _check(cfg.rope_theta > 0, f"rope_theta={cfg.rope_theta!r}; accepted: a positive float")
   _check(0.0 <= cfg.dropout_rate < 1.0, f"dropout_rate={cfg.dropout_rate!r}; accepted: [0, 1)")

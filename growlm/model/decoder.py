@@ -96,13 +96,13 @@ def apply_rope(x_BxLxHxE: Array, cos_LxE2: Array, sin_LxE2: Array) -> Array:
 def attention_inputs(cfg: ModelConfig, p: dict, x_BxLxD: Array, positions_L: Array
                      ) -> tuple[Array, Array, Array]:
   """q [B, L, H, E] and k, v [B, L, K, E] of one layer's attention (`p`: its parameters) in the
-  compute dtype, biased and, under RoPE, rotated to `positions_L`."""
+  compute dtype, biased (use_bias or qkv_bias) and, under RoPE, rotated to `positions_L`."""
   dt = _dtype(cfg.dtype)
   x = x_BxLxD.astype(dt)
   q_BxLxHxE = jnp.einsum("bld,dhe->blhe", x, p["query"].astype(dt))
   k_BxSxKxE = jnp.einsum("bsd,dke->bske", x, p["key"].astype(dt))
   v_BxSxKxE = jnp.einsum("bsd,dke->bske", x, p["value"].astype(dt))
-  if cfg.use_bias:
+  if cfg.use_bias or cfg.qkv_bias:
     q_BxLxHxE += p["query_bias"].astype(dt)
     k_BxSxKxE += p["key_bias"].astype(dt)
     v_BxSxKxE += p["value_bias"].astype(dt)
@@ -141,11 +141,12 @@ class Attention(nn.Module):
          "value": _param(self, "value", in_init, (D, K, E), ("embed", "kv_heads", "head_dim"),
                          cfg),
          "out": _param(self, "out", out_init, (H, E, D), ("heads", "head_dim", "embed"), cfg)}
-    if cfg.use_bias:
-      zeros = nn.initializers.zeros
+    zeros = nn.initializers.zeros
+    if cfg.use_bias or cfg.qkv_bias:   # qkv_bias: Qwen2's q/k/v-only biases
       p["query_bias"] = _param(self, "query_bias", zeros, (H, E), ("heads", "head_dim"), cfg)
       p["key_bias"] = _param(self, "key_bias", zeros, (K, E), ("kv_heads", "head_dim"), cfg)
       p["value_bias"] = _param(self, "value_bias", zeros, (K, E), ("kv_heads", "head_dim"), cfg)
+    if cfg.use_bias:
       p["out_bias"] = _param(self, "out_bias", zeros, (D,), ("embed",), cfg)
     q_BxLxHxE, k_BxSxKxE, v_BxSxKxE = attention_inputs(cfg, p, x_BxLxD,
                                                        jnp.arange(x_BxLxD.shape[1]))

@@ -197,6 +197,9 @@ class Tracker:
     self.close()
 
 
+AXES = ("tokens", "flops", "flops_with_source", "wall_seconds")   # logged with every record
+
+
 class WandbTracker(Tracker):
   """Logs to one W&B run per run dir; a relaunch of the run dir resumes it."""
 
@@ -221,6 +224,13 @@ class WandbTracker(Tracker):
         project=project, entity=entity or None, name=name, group=group or None,
         tags=list(tags), config=config, dir=local, mode=mode, id=rid, resume="allow",
         reinit="create_new", settings=wandb.Settings(silent=True, console="off"))
+    # Loss against compute: tokens, FLOPs and FLOPs with the source's training (equal to FLOPs
+    # for a scratch run) and wall-clock are x-axes to choose in any chart; the losses default
+    # to FLOPs with source, the axis on which grown and scratch runs of a group compare.
+    for axis in AXES:
+      self.run.define_metric(axis, summary="max")
+    for metric in ("train_loss", "eval_loss/*"):
+      self.run.define_metric(metric, step_metric="flops_with_source")
     last = self._state.get("last_step")
     # The smallest step W&B accepts next: online resumption reports where the server's run
     # ends; offline it cannot know, so the step stored with the id decides.
@@ -322,3 +332,39 @@ def make_tracker(config: RunConfig, workdir: str) -> Tracker:
                       name=config.name or fs.basename(workdir),
                       group=group, tags=tuple(run_tags(config, fields)),
                       config=config.to_json(), mode=mode)
+
+
+def log_sweep_results(sweep_dir: str, run_config: dict[str, Any], columns: list[str],
+                      rows: list[list[Any]], plot: str | None = None) -> str | None:
+  """Logs a sweep's results table (and its loss-curve plot) to one W&B run, SWEEP-results, in
+  the group of the sweep's runs, when their config.json (`run_config`, any run's) logs to W&B;
+  returns the run's id, or None when it does not. Written from process 0 of the analysis only.
+  A relaunched analysis logs again under the same id, as a resumed run."""
+  f = dict(run_config.get("wandb") or {})
+  if not f.get("enabled"):
+    return None
+  mode, origin = resolve_mode(f)
+  if mode == "disabled":
+    return None
+  import wandb  # pylint: disable=import-outside-toplevel
+  if mode == "online" and _credentials_source() is None:
+    raise GrowlmError(f"sweep {sweep_dir}: its runs log to W&B with {origin} but no W&B API key "
+                      "is set; accepted: set WANDB_API_KEY or run `wandb login`, or "
+                      "WANDB_MODE=offline")
+  group = f.get("group") or run_config.get("sweep_name") or run_config.get("name") or "sweep"
+  rid = run_id(sweep_dir)   # stored in SWEEP/wandb/, beside W&B's own files
+  local = (sweep_dir if not fs.is_url(sweep_dir) else
+           os.environ.get("WANDB_DIR") or os.path.join(transfer.cache_root(), "wandb", rid))
+  os.makedirs(local, exist_ok=True)
+  run = wandb.init(project=f.get("project") or "growlm", entity=f.get("entity") or None,
+                   name=f"{group}-results", group=group, job_type="analysis", id=rid,
+                   resume="allow", dir=local, mode=mode, reinit="create_new",
+                   settings=wandb.Settings(silent=True, console="off"))
+  try:
+    run.log({"results": wandb.Table(columns=columns, data=rows)})
+    if plot and fs.isfile(plot):
+      with transfer.local_file(plot) as path:
+        run.log({"loss_curves": wandb.Image(path)})
+  finally:
+    run.finish()
+  return rid

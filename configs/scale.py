@@ -1,0 +1,86 @@
+"""An accelerator-sized growth experiment: one H100-class GPU, about 10 minutes, fair baselines.
+
+Once, the larger local corpus (every .py file of this Python's site-packages, byte tokens):
+
+  python -m growlm.prepare --source=site-packages --tokenizer=bytes --out=runs/data/site-packages
+
+then, on the GPU machine:
+
+  python experiments/launch.py --config=configs/scale.py --seeds=3 --sweep_dir=runs/scale
+  python experiments/launch.py --config=configs/scale.py:runlocal --sweep_dir=/tmp/s   # CPU check
+
+Runs, per seed (NAME-s0, -s1, -s2 with --seeds=3):
+  source            GPT-2 style, d_model 256, 4 layers (3.3M parameters), 500 steps
+  grown_tile        the source grown to d_model 512, 8 layers (25M) exactly (tile + identity)
+  grown_mean_fill   the same growth with mean_fill (exact under LayerNorm at any ratio)
+  grown_zeros       the seed paper's zero padding (+ identity layers), not exact
+  scratch           the target from a random init, the same 500 steps (16.4M tokens)
+  scratch_2x/_4x    the target from scratch at 2x and 4x the tokens, each with its own full
+                    schedule: with `scratch` they make the compute frontier of the analysis
+Every run has batch 32 x 1024 byte tokens, AdamW at lr 1e-3 with cosine decay, bf16 compute.
+Evaluated on the corpus's held-out files (`heldout`, never trained on) and on the Python
+standard library (`stdlib`: another corpus, which site-packages does not contain).
+
+Compute (PaLM FLOPs, growlm.model.flops): 3.2e16 per seed, 9.5e16 for three seeds; at the
+~2.6e14 FLOP/s growlm reached on an H100 for GPT-2 124M in bf16 (benchmarks/README.md) that is
+about 6 minutes of training, more with compilation, evaluation and a smaller model's lower
+utilisation: about 10 minutes. Not run yet; when it is, its results.md and loss_curves.png go
+to docs/results.md.
+"""
+
+from growlm.config import defaults as config_lib
+
+TARGET = {"model.d_model": 512, "model.n_layers": 8, "model.n_heads": 8, "model.mlp_dim": 2048}
+CORPUS = "prepared:runs/data/site-packages"
+
+
+def get_config(arg: str | None = None):
+  args = config_lib.parse_arg(arg, runlocal=False)
+  c = config_lib.base_config("small", "gpt2")       # d_model 256, 4 layers, heads of 64
+  c.name = "scale"
+  c.model.dtype = "bfloat16"
+  c.model.max_len = 1024
+  c.data.train = CORPUS
+  c.data.seq_len = 1024
+  c.data.batch_size = 32
+  with c.unlocked():
+    c.data.eval.stdlib = "stdlib@all"
+  c.train.num_steps = 500
+  c.train.warmup_steps = 50
+  c.train.lr = 1e-3
+  c.eval.every_steps = 50
+  c.eval.batches = 8
+  c.checkpoint.every_steps = 250
+  c.log.every_steps = 10
+  c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+  if args.runlocal:   # seconds on a CPU: the embedded corpus in memory, tiny shapes
+    c.model.dtype = "float32"
+    c.model.max_len = 32
+    c.data.train = "stdlib"
+    c.data.max_bytes = 300_000
+    c.data.eval.stdlib = "stdlib@eval"
+    c.data.seq_len = 32
+    c.data.batch_size = 8
+    c.train.num_steps = 8
+    c.train.warmup_steps = 2
+    c.eval.every_steps = 4
+    c.eval.batches = 1
+    c.checkpoint.every_steps = 8
+    c.log.every_steps = 4
+    c.log.progress_bar = False
+  return c
+
+
+def sweep(add, arg=None):
+  base = get_config(arg)
+  add(name="source")
+  for width in ("tile", "mean_fill", "zeros"):
+    add(name=f"grown_{width}", **TARGET, **{"init.source": "@source", "init.plan.width": width,
+                                            "init.plan.depth": "identity"})
+  add(name="scratch", **TARGET)
+  t = base.train
+  for b in (2, 4):
+    add(name=f"scratch_{b}x", **TARGET, **{
+        "train.num_steps": b * t.num_steps, "train.warmup_steps": b * t.warmup_steps,
+        "eval.every_steps": b * base.eval.every_steps,
+        "checkpoint.every_steps": b * base.checkpoint.every_steps})
