@@ -1,10 +1,17 @@
 """Test setup: 8 fake CPU devices for sharding tests (must be set before JAX is imported)."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("WANDB_MODE", "offline")
+# One JAX compilation cache for the suite and every process it starts: the same tiny configs
+# compile in dozens of tests and subprocesses; the first compile fills it, later ones read it
+# (keys hold the jax version, the program and the devices, so a stale entry is never used).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"growlm-tests-jax-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 import pytest  # noqa: E402  pylint: disable=wrong-import-position
