@@ -101,7 +101,6 @@ def _mean_nll(cfg: ModelConfig, params: Any, inputs_BxL: jax.Array,
   return -jnp.take_along_axis(logp, targets_BxL[..., None], -1)[..., 0]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
 def _sgd_step(cfg: ModelConfig, loss_fn: LossFn, params: Any, batch: dict,
               new: dict[str, np.ndarray]) -> tuple[Any, dict[str, jax.Array]]:
   """(params after one SGD step on `batch`, {kind: new units alive at `params`}). The counts
@@ -115,6 +114,12 @@ def _sgd_step(cfg: ModelConfig, loss_fn: LossFn, params: Any, batch: dict,
             for k in new}
   stepped = jax.tree.map(lambda p, g: p - (SGD_LR * g).astype(p.dtype), params, grads)
   return stepped, counts
+
+
+# The grown params stay the caller's; the stepped copies after them are donated to the next
+# step, so at most one stepped copy and one gradient exist beside the grown params.
+_first_step = jax.jit(_sgd_step, static_argnums=(0, 1))
+_next_step = jax.jit(_sgd_step, static_argnums=(0, 1), donate_argnums=(2,))
 
 
 def new_unit_report(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, params: Any,
@@ -146,7 +151,8 @@ def new_unit_report(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, params
   counts = []
   for s in range(STEPS + 1):   # dispatch every step before reading any count back
     # `new` goes in as numpy: host constants jit replicates onto the params' mesh.
-    params, c = _sgd_step(dst, loss_fn or _mean_nll, params, batches[s % len(batches)], new)
+    step = _first_step if s == 0 else _next_step
+    params, c = step(dst, loss_fn or _mean_nll, params, batches[s % len(batches)], new)
     counts.append(c)
   for s, c in enumerate(jax.device_get(counts)):
     for k, n in c.items():
