@@ -69,11 +69,17 @@ class MetricsWriter:
     self._lines: list[str] | None = None  # a URL's whole content
     self._uploaded = time.monotonic()
     self._upload_every_s = upload_every_s
+    # Wall-clock the kept lines had reached (earlier launches of a resumed run), so the run's
+    # wall_seconds carries on from there; 0 for a new start.
+    self.kept_wall_seconds = 0.0
     if not enabled:
       return
     keep = None
     if truncate_after_step is not None and fs.exists(path):
       keep = [r for r in read_records(path) if r.get("step", 0) <= truncate_after_step]
+      self.kept_wall_seconds = max((float(r["wall_seconds"]) for r in keep
+                                    if isinstance(r.get("wall_seconds"), (int, float))),
+                                   default=0.0)
     if fs.is_url(path):
       self._lines = [json.dumps(r) + "\n" for r in (keep if keep is not None
                                                     else read_records(path))]

@@ -197,6 +197,15 @@ class Tracker:
     self.close()
 
 
+def _local_dir(workdir: str, rid: str) -> str:
+  """Where W&B writes its own files (made): the run dir itself, or for a gs:// run dir WANDB_DIR
+  (default transfer.cache_root()/wandb/RUN_ID); the run id in RUN/wandb/ is what resumes."""
+  local = workdir if not fs.is_url(workdir) else os.environ.get("WANDB_DIR") or os.path.join(
+      transfer.cache_root(), "wandb", rid)
+  os.makedirs(local, exist_ok=True)
+  return local
+
+
 AXES = ("tokens", "flops", "flops_with_source", "wall_seconds")   # logged with every record
 
 
@@ -210,11 +219,7 @@ class WandbTracker(Tracker):
     self._workdir = workdir
     fs.makedirs(workdir)
     self.run_id = rid = run_id(workdir)  # kept after close, unlike self.run
-    # W&B writes its own files locally: into the run dir, or for a gs:// run dir into WANDB_DIR
-    # (default transfer.cache_root()/wandb/RUN_ID); the run id in RUN/wandb/ is what resumes.
-    local = workdir if not fs.is_url(workdir) else os.environ.get("WANDB_DIR") or os.path.join(
-        transfer.cache_root(), "wandb", rid)
-    os.makedirs(local, exist_ok=True)
+    local = _local_dir(workdir, rid)
     self._state = _read_state(workdir) or {"id": rid, "last_step": None}
     # silent: no banner or sync hints on stdout. console="off": W&B would otherwise wrap
     # stdout/stderr to mirror them, including every redraw of the tqdm bar.
@@ -353,9 +358,7 @@ def log_sweep_results(sweep_dir: str, run_config: dict[str, Any], columns: list[
                       "WANDB_MODE=offline")
   group = f.get("group") or run_config.get("sweep_name") or run_config.get("name") or "sweep"
   rid = run_id(sweep_dir)   # stored in SWEEP/wandb/, beside W&B's own files
-  local = (sweep_dir if not fs.is_url(sweep_dir) else
-           os.environ.get("WANDB_DIR") or os.path.join(transfer.cache_root(), "wandb", rid))
-  os.makedirs(local, exist_ok=True)
+  local = _local_dir(sweep_dir, rid)
   run = wandb.init(project=f.get("project") or "growlm", entity=f.get("entity") or None,
                    name=f"{group}-results", group=group, job_type="analysis", id=rid,
                    resume="allow", dir=local, mode=mode, reinit="create_new",

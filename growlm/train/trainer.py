@@ -244,18 +244,6 @@ def _acquire(workdir: str) -> lock_lib.RunLock | None:
   return lease
 
 
-def _wall_seconds_before(workdir: str, step: int) -> float:
-  """The wall-clock seconds earlier launches of this run dir recorded up to `step` (0 when its
-  metrics hold none, e.g. run dirs written before wall_seconds was logged)."""
-  try:
-    rows = rundir.read_metrics(rundir.metrics_path(workdir))
-  except (OSError, GrowlmError):
-    return 0.0
-  return max((float(r["wall_seconds"]) for r in rows
-              if r.get("step", 0) <= step and isinstance(r.get("wall_seconds"), (int, float))),
-             default=0.0)
-
-
 def _close_quietly(close: Callable[[], None], what: str) -> None:
   try:
     close()
@@ -285,9 +273,9 @@ def _loop(config: RunConfig, workdir: str, start: Start, state: TrainState, iter
                     in_shardings=(shard, batch_shard), out_shardings=(shard, None),
                     donate_argnums=0)
 
-  # Wall-clock of the run so far: this launch's seconds plus what earlier launches recorded.
-  wall_start = time.perf_counter() - (_wall_seconds_before(workdir, first) if start.resumed
-                                      else 0.0)
+  # Wall-clock of the run so far: this launch's seconds plus what earlier launches recorded
+  # (read by the metrics writer with the lines it keeps; only process 0 records either).
+  wall_start = time.perf_counter() - writer.kept_wall_seconds
 
   def counters(step: int) -> dict[str, Any]:
     flops = step * tokens_per_step * fpt
