@@ -49,7 +49,7 @@ def train(config: Any, workdir: str, *, params_fn: Callable[[Any], Any] | None =
   """
   config, source = seam.prepare(resolve(config), workdir)
   return trainer.train(config, workdir, seam.initializer(source, params_fn=params_fn),
-                       stop_after_init=stop_after_init)
+                       stop_after_init=stop_after_init, grow_stage=seam.grow_stage)
 
 
 def _check_out(out: str) -> None:

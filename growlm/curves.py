@@ -56,8 +56,8 @@ def train_curve(run: dict, with_source: bool = False) -> tuple[np.ndarray, np.nd
 
 
 def is_grown(run: dict) -> bool:
-  """True for a run that started from a grown source."""
-  return bool(run["config"].get("init", {}).get("source"))
+  """True for a run that started from a grown source or grows inside the run (stages)."""
+  return bool(run["config"].get("init", {}).get("source") or run["config"].get("stages"))
 
 
 def plot_loss_curves(runs: list[dict], path: str, group: Any = None) -> str:

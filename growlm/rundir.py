@@ -39,6 +39,11 @@ def metrics_path(workdir: str) -> str:
   return fs.join(workdir, METRICS)
 
 
+def stage_report_name(stage: int) -> str:
+  """The preservation report of growth stage `stage` inside a run (growlm.config.stages)."""
+  return f"growth_stage{stage}.json"
+
+
 def checkpoint_steps(workdir: str) -> list[int]:
   """Step numbers of the checkpoints listed under RUN/checkpoints (sorted; damaged steps set
   aside as N.damaged-K and unfinished N.orbax-checkpoint-tmp-* saves are not listed)."""

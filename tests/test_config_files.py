@@ -261,7 +261,8 @@ def test_a_run_dir_written_before_a_field_existed_still_resumes():
   their defaults is no conflict; asking for another value is, and so is any other change."""
   import copy  # pylint: disable=g-import-not-at-top
   from growlm.config import defaults  # pylint: disable=g-import-not-at-top
-  from growlm.config.typed import resolve, resume_conflicts  # pylint: disable=g-import-not-at-top
+  from growlm.config.resume import resume_conflicts  # pylint: disable=g-import-not-at-top
+  from growlm.config.typed import resolve  # pylint: disable=g-import-not-at-top
   current = resolve(defaults.base_config("nano")).to_json()
   old = copy.deepcopy(current)
   del old["model"]["qkv_bias"]

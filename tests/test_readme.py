@@ -123,10 +123,10 @@ def _python(argv: list[str]) -> list[str]:
 
 
 def _runlocal(argv: list[str]) -> list[str]:
-  """`--config=configs/{default,quickstart}.py[:ARG]` -> ARG plus `runlocal` (the configs' tiny,
-  seconds-long variant: 2 layers, seq_len 32, batch 8)."""
+  """`--config=configs/{default,quickstart,staged}.py[:ARG]` -> ARG plus `runlocal` (the
+  configs' tiny, seconds-long variant: 2 layers, seq_len 32, batch 8)."""
   def one(a: str) -> str:
-    m = re.fullmatch(r"--config=(configs/(?:default|quickstart)\.py)(?::(.*))?", a)
+    m = re.fullmatch(r"--config=(configs/(?:default|quickstart|staged)\.py)(?::(.*))?", a)
     if not m:
       return a
     return f"--config={m.group(1)}:" + ",".join(p for p in (m.group(2), "runlocal") if p)
@@ -261,6 +261,17 @@ def check_main_tiny(r: Result, ws: Path):
   model = _json(run / "config.json")["model"]
   assert (model["d_model"], model["norm"], model["positions"]) == (128, "layernorm", "learned")
   assert f"growlm: done: step={STEPS}" in r.stdout
+
+
+def check_main_staged(r: Result, ws: Path):
+  """configs/staged.py: two growths inside one run, each reported and logged."""
+  run = ws / "runs/staged"
+  lines = _check_trained(run)
+  growths = [l for l in lines if l.get("event") == "growth"]
+  assert [(g["stage"], g["step"]) for g in growths] == [(1, 1), (2, 2)], growths
+  assert all(g["max_abs_logit_diff"] < 1e-4 for g in growths)   # tile, identity: exact
+  assert (run / "growth_stage1.json").is_file() and (run / "growth_stage2.json").is_file()
+  assert r.stdout.count("growlm: growth stage") == 2
 
 
 def check_main_llama(r: Result, ws: Path):
@@ -525,6 +536,8 @@ CASES: dict[str, Case] = {
         reason="the test suite itself (recursion, ~10 min): its recipe is checked instead"),
     _CMD + "main --config=configs/default.py:size=tiny,style=gpt2 --workdir=runs/tiny": Case(
         "main-tiny", check_main_tiny),
+    _CMD + "main --config=configs/staged.py --workdir=runs/staged": Case(
+        "main-staged", check_main_staged),
     (_CMD + "main --config=configs/default.py:size=tiny,style=llama --workdir=runs/tiny-llama "
      "--config.train.num_steps=300 --config.model.dtype=bfloat16"): Case(
          "main-llama", check_main_llama),

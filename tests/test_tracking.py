@@ -6,6 +6,7 @@ W&B is only ever used offline here (no network); conftest sets WANDB_MODE=offlin
 import glob
 import json
 import os
+import time
 
 import matplotlib
 import pytest
@@ -71,11 +72,13 @@ def test_offline_run_logs_records_report_and_image(tmp_path):
             "loss_dst": 4.2, "norm_eps": [1e-6, 1e-6], "exact_expected": None}
   tracker.log(growth)
   tracker.log_report(REPORT)
+  tracker.log_report({**REPORT, "stage": 2, "loss_dst": 3.9})   # a growth inside the run
   for r in _records(range(6)):
     tracker.log(r)
   tracker.log_image("loss_curves", _png(tmp_path / "loss_curves.png"))
   summary = tracker.run.summary
-  assert summary["growth/loss_dst"] == 4.2
+  assert summary["growth/loss_dst"] == 4.2       # not overwritten by the stage's report
+  assert summary["growth_stage2/loss_dst"] == 3.9
   assert summary["growth/plan/width"] == "tile"
   assert list(summary["growth/dims/d_model"]) == [64, 128]
   # W&B closes a step's history row (and updates the summary) when a later step arrives, so
@@ -269,6 +272,12 @@ def test_sweep_results_go_to_the_sweeps_group(tmp_path):
   assert glob.glob(os.path.join(media, "images", "loss_curves_*.png"))
   # Named after the group (the sweep's name when wandb.group is empty).
   [log] = glob.glob(os.path.join(run_dir, f"run-{rid}.wandb"))
+  # wandb's service process may still be writing the log when finish() returns (seen on a busy
+  # machine): wait for it rather than read a file that holds only its header.
+  for _ in range(100):
+    if b"paper-results" in open(log, "rb").read():
+      break
+    time.sleep(0.1)
   assert b"paper-results" in open(log, "rb").read()
   off = dict(cfg, wandb=dict(cfg["wandb"], enabled=False))
   assert tracking.log_sweep_results(str(tmp_path / "none"), off, ["run"], []) is None

@@ -23,6 +23,7 @@ def base_config(size: str = "tiny", style: str = "gpt2") -> ml_collections.Confi
   c = ml_collections.ConfigDict()
   c.name = "run"                   # run name (shown in logs; the sweep launcher sets it)
   c.sweep_name = ""                # sweep this run belongs to (W&B group; the launcher sets it)
+  c.stages = ()                    # growth inside the run: ({"step", "model", "plan", ...},)
   c.model = ml_collections.ConfigDict(make_model_config(size, style).to_dict())  # ModelConfig
 
   c.data = ml_collections.ConfigDict()
@@ -71,7 +72,9 @@ def base_config(size: str = "tiny", style: str = "gpt2") -> ml_collections.Confi
   c.init.plan = ml_collections.ConfigDict(GrowthPlan().to_dict())  # growth plan (growlm.grow)
   c.init.optimizer = "fresh"       # fresh (new Adam state, re-warmup) | grow (moments mapped)
   c.init.lr_multipliers = False    # per-entry LR multipliers: grown copies take the small step
+  c.init.lr_rescale = "none"       # none | fan_in (muP: matrix LR x fan_in source/target)
   c.init.seed = 0                  # seed of growth noise and new weights
+  c.init.continue_schedule = False # go on from the source's step, schedule and data position
 
   c.wandb = ml_collections.ConfigDict()
   c.wandb.enabled = False          # log to Weights & Biases (off by default)

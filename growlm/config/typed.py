@@ -6,7 +6,7 @@ work with one line naming the field and what is accepted. Library functions take
 changing one means building a new one (`dataclasses.replace` / `RunConfig.replace_model`), so a
 caller's config is never rewritten behind its back.
 
-`RunConfig.to_json()` is the run dir's config.json; `resume_conflicts` compares two of them.
+`RunConfig.to_json()` is the run dir's config.json; growlm.config.resume compares two of them.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import json
 import math
 from typing import Any, Mapping
 
-from growlm import sharding, trees
+from growlm import sharding
 from growlm.errors import GrowlmError
+from growlm.config import stages as stages_lib
 from growlm.grow.plan import GrowthPlan
 from growlm.model.config import ModelConfig
 
@@ -28,13 +29,6 @@ OPTIMIZER_INIT = ("fresh", "grow")
 WANDB_MODES = ("online", "offline", "disabled")
 MAX_TAG_LEN = 64  # W&B rejects longer tags at init, after the run has started
 SECTIONS = ("model", "data", "train", "eval", "checkpoint", "log", "mesh", "init")
-
-# Fields that may differ between a run and its resumption (they do not change what is computed
-# up to the resumed step).
-RESUMABLE_FIELDS = ("name", "sweep_name", "train.num_steps", "train.stop_at", "eval.every_steps",
-                    "log.every_steps", "log.progress_bar", "checkpoint.every_steps",
-                    "checkpoint.keep", "checkpoint.async_save", "wandb", "mesh", "sharding_rules",
-                    "model.remat", "model.attention", "model.scan_unroll", "model.loss_chunk")
 
 
 def _int(path: str, v: Any, minimum: int = 1) -> int:
@@ -226,13 +220,17 @@ class InitConfig:
   plan: GrowthPlan = GrowthPlan()
   optimizer: str = "fresh"
   lr_multipliers: bool = False
+  lr_rescale: str = "none"
   seed: int = 0
+  continue_schedule: bool = False
 
   def __post_init__(self):
     _str("init.source", self.source)
     _str("init.optimizer", self.optimizer, OPTIMIZER_INIT)
     _bool("init.lr_multipliers", self.lr_multipliers)
+    _str("init.lr_rescale", self.lr_rescale, ("none", "fan_in"))
     _int("init.seed", self.seed, minimum=0)
+    _bool("init.continue_schedule", self.continue_schedule)
 
   def to_dict(self) -> dict[str, Any]:
     return {**dataclasses.asdict(self), "plan": self.plan.to_dict()}
@@ -280,9 +278,12 @@ class RunConfig:
   wandb: WandbConfig = WandbConfig()
   name: str = "run"
   sweep_name: str = ""
+  stages: tuple = ()                       # growth inside the run (growlm.config.stages)
 
   def __post_init__(self):
     _str("name", self.name)
+    object.__setattr__(self, "stages", stages_lib.parse(self.stages))
+    stages_lib.check(self.stages, self.model, self.train.num_steps)
     _str("sweep_name", self.sweep_name)
     sharding.normalize_rules(self.sharding_rules)
     d, m = self.data, self.model
@@ -315,6 +316,8 @@ class RunConfig:
         "checkpoint": dataclasses.asdict(self.checkpoint), "log": dataclasses.asdict(self.log),
         "mesh": self.mesh.to_dict(), "sharding_rules": self.sharding_rules,
         "init": self.init.to_dict(), "wandb": dataclasses.asdict(self.wandb)}
+    if self.stages:   # absent without stages: config.json of runs without them is unchanged
+      out["stages"] = [s.to_dict() for s in self.stages]
     return json.loads(json.dumps(out))   # tuples -> lists, as config.json holds them
 
 
@@ -335,7 +338,7 @@ def resolve(config: Any) -> RunConfig:
   for section in SECTIONS:
     if section not in c:
       raise GrowlmError(f"config: missing section {section!r}")
-  top = {"name", "sweep_name", "sharding_rules", "wandb", *SECTIONS}
+  top = {"name", "sweep_name", "sharding_rules", "wandb", "stages", *SECTIONS}
   unknown, hint = _first_unknown(c, top)
   if unknown:
     raise GrowlmError(f"config field {unknown!r} does not exist"
@@ -345,7 +348,7 @@ def resolve(config: Any) -> RunConfig:
   sections["model"] = ModelConfig.from_dict(_as_dict(c["model"]))
   rules = c.get("sharding_rules", sharding.DEFAULT_RULES)
   return RunConfig(**sections, sharding_rules=_freeze(rules), name=c.get("name", "run"),
-                   sweep_name=c.get("sweep_name", ""))
+                   sweep_name=c.get("sweep_name", ""), stages=c.get("stages") or ())
 
 
 _SECTION_TYPES = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
@@ -367,33 +370,3 @@ def _freeze(x: Any) -> Any:
   if isinstance(x, (list, tuple)):
     return tuple(_freeze(v) for v in x)
   return x
-
-
-def _added_field_default(key: str) -> Any:
-  """The JSON value a model or growth-plan field added since a run dir was written stood for
-  then (its dataclass default); a sentinel for any other key."""
-  for prefix, cls in (("model.", ModelConfig), ("init.plan.", GrowthPlan)):
-    if key.startswith(prefix):
-      for f in dataclasses.fields(cls):
-        if f.name == key[len(prefix):] and f.default is not dataclasses.MISSING:
-          return json.loads(json.dumps(f.default))
-  return _NO_DEFAULT
-
-
-_NO_DEFAULT = object()
-
-
-def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """Fields whose values differ between a run dir's config.json and the new config.json. A
-  model or growth-plan field that the saved config lacks (written before the field existed)
-  conflicts only when the new value is not the field's default, which is what the run had."""
-  a, b = trees.flatten(saved), trees.flatten(current)
-
-  def ignored(k):
-    return any(k == f or k.startswith(f + ".") for f in RESUMABLE_FIELDS)
-
-  def differs(k):
-    if k not in a and k in b and b[k] == _added_field_default(k):
-      return False
-    return a.get(k) != b.get(k)
-  return sorted(k for k in set(a) | set(b) if not ignored(k) and differs(k))

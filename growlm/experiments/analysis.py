@@ -19,6 +19,7 @@ import numpy as np
 from growlm.curves import eval_curve, eval_datasets, is_grown, load_run, plot_loss_curves
 from growlm.curves import train_curve  # public here too: notebooks read curves from analysis
 from growlm import fs
+from growlm.config.stages import final_model
 from growlm.errors import GrowlmError
 from growlm.experiments import sweep as sweep_lib
 from growlm.train import tracking
@@ -61,7 +62,7 @@ def loss_at(flops: np.ndarray, loss: np.ndarray, f: float) -> float | None:
 
 
 def _arch(run: dict) -> dict:
-  return {k: v for k, v in run["config"]["model"].items() if k not in _IGNORED_MODEL_FIELDS}
+  return {k: v for k, v in final_model(run["config"]).items() if k not in _IGNORED_MODEL_FIELDS}
 
 
 def _seed_of(run: dict, seeds: int) -> str:
@@ -118,11 +119,14 @@ def compare(grown: dict, scratch: dict, others: list[dict] | None = None) -> dic
 
   A grown run whose first evaluation (right after growth) is already at or below the
   target reached it with the source's compute alone: its savings are reported as
-  `reached_at_growth`, never as 100%; savings counting the source stay a number."""
+  `reached_at_growth`, never as 100%; savings counting the source stay a number. A run that
+  grows inside itself (stages) starts from scratch: it has no source and no loss after growth."""
   report = grown["report"] or {}
   source_flops = float(report.get("source_flops", 0.0))
-  out: dict[str, Any] = {"run": grown["name"], "baseline": scratch["name"],
-                         "method": report.get("method", "?"),
+  stages = grown["config"].get("stages") or []
+  method = report.get("method", "?") if not stages else "stages " + ", ".join(
+      f"{s['plan']['width']}+{s['plan']['depth']}@{s['step']}" for s in stages)
+  out: dict[str, Any] = {"run": grown["name"], "baseline": scratch["name"], "method": method,
                          "exact_expected": report.get("exact_expected"),
                          "max_abs_logit_diff": report.get("max_abs_logit_diff"),
                          "source_flops": source_flops, "datasets": {}}
@@ -133,14 +137,14 @@ def compare(grown: dict, scratch: dict, others: list[dict] | None = None) -> dic
       continue
     target, scratch_flops = float(sl[-1]), float(sf[-1])
     reach = flops_to_reach(gf, gl, target)
-    at_growth = reach is not None and float(gl[0]) <= target
+    at_growth = not stages and reach is not None and float(gl[0]) <= target
     front, front_run = frontier(target, ds, others if others is not None else [scratch])
     gw, sw = _eval_wall(grown, ds), _eval_wall(scratch, ds)
     wall_reach = (float(np.interp(reach, gf, gw)) if reach is not None and len(gw)
                   and not np.isnan(gw).any() else None)
     scratch_wall = float(sw[-1]) if len(sw) and not math.isnan(sw[-1]) else None
     out["datasets"][ds] = {
-        "loss_after_growth": float(gl[0]),
+        "loss_after_growth": None if stages else float(gl[0]),
         "scratch_loss_step0": float(sl[0]),
         "scratch_loss_at_source_flops": loss_at(sf, sl, source_flops),
         "final_loss": float(gl[-1]),
@@ -215,7 +219,8 @@ def analyze(sweep_dir: str, plot: bool = True) -> dict[str, Any]:
   seeds = sweep_seeds(sweep_dir)
   results: dict[str, Any] = {"sweep_dir": fs.absolute(sweep_dir), "seeds": seeds, "runs": {},
                              "grown": []}
-  sources = {fs.absolute(r["config"]["init"]["source"]) for r in runs if is_grown(r)}
+  sources = {fs.absolute(r["config"]["init"]["source"]) for r in runs
+             if r["config"]["init"].get("source")}
   for run in runs:
     final = {ds: _final(run, ds)[0] for ds in eval_datasets(run)}
     kind = ("grown" if is_grown(run) else
@@ -224,8 +229,8 @@ def analyze(sweep_dir: str, plot: bool = True) -> dict[str, Any]:
     wall = [r["wall_seconds"] for r in run["rows"] if "wall_seconds" in r]
     results["runs"][run["name"]] = {
         "kind": kind,
-        "model": {k: run["config"]["model"][k] for k in ("d_model", "n_layers", "n_heads",
-                                                          "mlp_dim")},
+        "model": {k: final_model(run["config"])[k] for k in ("d_model", "n_layers", "n_heads",
+                                                            "mlp_dim")},
         "steps": max((r["step"] for r in run["rows"]), default=0),
         "flops": max(f, default=0.0), "wall_seconds": max(wall, default=None),
         "final_eval_loss": final, "final_train_loss": _last_train(run)}

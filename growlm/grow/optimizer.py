@@ -8,6 +8,10 @@ bias correction) is kept. With learning-rate multipliers on, each entry's multip
 value scale `a` (1/n for tiled readers), so the grown model takes the small model's step.
 Under jit, `a` and `b` are built leaf by leaf where they are read (core.scale_trees), never as
 whole trees, unless the Grown already carries them.
+
+With init.lr_rescale='fan_in', each weight matrix whose fan-in grew takes the learning-rate
+factor fan_in(source) / fan_in(target) (muP style), times the source's own factors when its
+Adam state is grown (so repeated growth composes).
 """
 
 from __future__ import annotations
@@ -19,11 +23,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from growlm import trees
+from growlm import optim, trees
 from growlm.grow import core
 from growlm.grow.plan import GrowthPlan
 from growlm.model.config import ModelConfig
 from growlm.optim import MultiplierState
+
+# Fan-in of each weight matrix by its parameter path; every other leaf (input embeddings, the
+# tied `embed` table that is also the output layer, biases, norm gains) keeps factor 1.
+FAN_IN = {
+    ("layers", "attn", "query"): lambda c: c.d_model,
+    ("layers", "attn", "key"): lambda c: c.d_model,
+    ("layers", "attn", "value"): lambda c: c.d_model,
+    ("layers", "attn", "out"): lambda c: c.n_heads * c.head_dim,
+    ("layers", "mlp", "wi"): lambda c: c.d_model,
+    ("layers", "mlp", "wi_gate"): lambda c: c.d_model,
+    ("layers", "mlp", "wi_up"): lambda c: c.d_model,
+    ("layers", "mlp", "wo"): lambda c: c.mlp_dim,
+    ("head",): lambda c: c.d_model,             # untied output layer only
+}
 
 
 def grow_moments(tree: Any, grown: core.Grown, src: ModelConfig, plan: GrowthPlan,
@@ -48,7 +66,8 @@ def grow_moments(tree: Any, grown: core.Grown, src: ModelConfig, plan: GrowthPla
 
 def grow_opt_state(src_state: Any, grown: core.Grown, src: ModelConfig, plan: GrowthPlan,
                    target_optimizer: optax.GradientTransformation) -> Any:
-  """The target optimizer's state: Adam moments grown, count kept, multipliers set."""
+  """The target optimizer's state: Adam moments grown, count kept, multipliers set, per-leaf
+  learning-rate factors (if the target optimizer has them) the source's times the fan-in ratios."""
   is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
   adams = [x for x in jax.tree.leaves(src_state, is_leaf=is_adam) if is_adam(x)]
   if len(adams) != 1:
@@ -63,7 +82,9 @@ def grow_opt_state(src_state: Any, grown: core.Grown, src: ModelConfig, plan: Gr
                                     nu=grow_moments(adam.nu, grown, src, plan, 2))
   fresh = target_optimizer.init(grown.params)
   state = jax.tree.map(lambda x: new_adam if is_adam(x) else x, fresh, is_leaf=is_adam)
-  return with_multipliers(state, grown, src, plan)
+  base = optim.leaf_scales(src_state, adam.mu)   # the source's own factors (mu: its shape)
+  return with_lr_rescale(with_multipliers(state, grown, src, plan), src, grown.config,
+                         grown.params, base)
 
 
 def with_multipliers(opt_state: Any, grown: core.Grown, src: ModelConfig, plan: GrowthPlan
@@ -83,3 +104,28 @@ def set_multipliers(opt_state: Any, value_scale: Any) -> Any:
   is_mult = lambda x: isinstance(x, MultiplierState)
   return jax.tree.map(lambda x: MultiplierState(value_scale) if is_mult(x) else x, opt_state,
                       is_leaf=is_mult)
+
+
+def fan_in_ratios(src: ModelConfig, dst: ModelConfig, params: Any) -> Any:
+  """The muP-style learning-rate factor of each leaf of `params` (a tree of the target's shape,
+  arrays or shapes): fan_in(src) / fan_in(dst) for the weight matrices of FAN_IN, 1.0 for every
+  other leaf. Python floats; depth-only growth gives all ones."""
+  def one(path, _):
+    fan_in = FAN_IN.get(tuple(k.key for k in path))
+    return 1.0 if fan_in is None else fan_in(src) / fan_in(dst)
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def with_lr_rescale(opt_state: Any, src: ModelConfig, dst: ModelConfig, params: Any,
+                    base: Any = None) -> Any:
+  """`opt_state` with its per-leaf learning-rate factors (LeafScaleState) set to
+  base * fan_in_ratios(src, dst, params): `base` is the source's factors as a params-shaped
+  tree (optim.leaf_scales; read by path), None for ones. Unchanged without a LeafScaleState."""
+  is_leaf = lambda x: isinstance(x, optim.LeafScaleState)
+  if not any(is_leaf(x) for x in jax.tree.leaves(opt_state, is_leaf=is_leaf)):
+    return opt_state
+  ratios = fan_in_ratios(src, dst, params)
+  if base is not None:
+    ratios = jax.tree_util.tree_map_with_path(
+        lambda path, r: r * trees.get(base, tuple(k.key for k in path)), ratios)
+  return optim.set_leaf_scales(opt_state, ratios)

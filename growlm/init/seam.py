@@ -28,8 +28,9 @@ from growlm.init.source import Source
 from growlm.model import decoder as model_lib
 from growlm.train import loss as loss_lib
 from growlm.train.checkpoint import Checkpoints
-from growlm.train.state import init_state
+from growlm.train import stages as stages_lib
 from growlm.train import trainer
+from growlm.train.state import TrainState, init_state
 from growlm.train.trainer import Initializer, Setup, Start
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def resume(setup: Setup) -> Start | None:
   ckpt = Checkpoints(rundir.checkpoints_dir(setup.workdir), keep=setup.config.checkpoint.keep,
                      async_save=False)
   try:
-    restored = ckpt.restore_latest(setup.abstract)
+    restored = ckpt.restore_latest(setup.abstract_at or setup.abstract)
   finally:
     ckpt.close()
   if restored is None:
@@ -81,11 +82,13 @@ def resume(setup: Setup) -> Start | None:
   step, state, data_state, meta = restored
   log.info("resumed from step %d", step)
   return Start(state, data_state=data_state, source_flops=float(meta.get("source_flops", 0.0)),
-               resumed=True)
+               resumed=True, flops=float(meta.get("flops", 0.0)))
 
 
 def grow(setup: Setup, src: Source) -> Start:
-  """Restores `src` onto the mesh and grows it into the first state; prints the report."""
+  """Restores `src` onto the mesh and grows it into the first state; prints the report. With
+  init.continue_schedule the state takes the source's step, schedule count, dropout key and
+  data position (growth between two runs that equals a growth stage inside one)."""
   config = setup.config
   src = source_lib.restore_source(src, setup.mesh, config.sharding_rules)
   plan = config.init.plan
@@ -97,10 +100,46 @@ def grow(setup: Setup, src: Source) -> Start:
       src.model, src.state.params, grown.config, state.params, batches, plan,
       extra={"source": fs.absolute(src.directory), "source_step": src.step,
              "source_flops": src.flops, "optimizer_init": config.init.optimizer,
-             "lr_multipliers": bool(config.init.lr_multipliers), "eval_dataset": eval_name},
+             "lr_multipliers": bool(config.init.lr_multipliers),
+             "lr_rescale": config.init.lr_rescale, "eval_dataset": eval_name},
       loss_fn=loss_lib.token_nll)
   _say(report_lib.format_report(report))
-  return Start(state, report=report, source_flops=src.flops)
+  if not config.init.continue_schedule:
+    return Start(state, report=report, source_flops=src.flops)
+  # The grown run goes on where the source stopped: its step (so the one schedule of
+  # train.num_steps, counted from the source's start), dropout key and data position.
+  state = state.replace(step=src.state.step, rng=src.state.rng,
+                        opt_state=stages_lib.with_schedule_count(state.opt_state, src.step))
+  return Start(state, data_state=src.data_state, report=report, source_flops=src.flops)
+
+
+def grow_stage(config: RunConfig, before: stages_lib.Kit, after: stages_lib.Kit,
+               state: TrainState, index: int) -> tuple[TrainState, dict]:
+  """Grows the live state (model `before.config.model`) by config.stages[index - 1] into
+  `after`'s model and shardings, on device; prints and returns the preservation report.
+
+  The state keeps its step, dropout key and place on the run's one schedule; Adam's moments are
+  grown (stage optimizer 'grow') or start again (fresh). Growth noise and new weights take the
+  seed init.seed + index."""
+  stage = config.stages[index - 1]
+  step = int(jax.device_get(state.step))
+  src = Source(directory="", config=config.to_json(), model=before.config.model, step=step,
+               state=state, meta={"flops": 0.0})
+  new, grown = source_lib.grow_state(
+      src, after.config.model, stage.plan, after.optimizer, after.shard,
+      seed=config.init.seed + index, train_seed=config.train.seed,
+      grow_optimizer=stage.optimizer == "grow")
+  new = new.replace(step=state.step, rng=state.rng,
+                    opt_state=stages_lib.with_schedule_count(new.opt_state, state.step))
+  eval_name, batches = next(iter(after.evaluator.batches.items()))
+  report = report_lib.preservation_report(
+      before.config.model, state.params, grown.config, new.params, batches, stage.plan,
+      extra={"stage": index, "step": step, "optimizer_init": stage.optimizer,
+             "rewarm_steps": stage.rewarm_steps, "eval_dataset": eval_name},
+      loss_fn=loss_lib.token_nll)
+  _say(f"growlm: growth stage {index} at step {step}")
+  _say(report_lib.format_report(report))
+  return new, report
 
 
 def fresh(setup: Setup, params_fn: Callable[[Any], Any] | None = None) -> Start:

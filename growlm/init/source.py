@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from growlm import fs, rundir, sharding
+from growlm.config import stages as config_stages
 from growlm.config.typed import RunConfig, TrainConfig
 from growlm.errors import GrowlmError
 from growlm.grow import core as grow_core
-from growlm.grow.optimizer import grow_opt_state, with_multipliers
+from growlm.grow.optimizer import grow_opt_state, with_lr_rescale, with_multipliers
 from growlm.grow.plan import GrowthPlan
 from growlm.interop import hf as hf_lib
 from growlm.model import decoder as model_lib
@@ -40,6 +41,7 @@ class Source:
   state: TrainState | None = None
   meta: dict | None = None
   hf: bool = False                     # a Hugging Face directory (no optimizer state)
+  data_state: dict | None = None       # the source run's data position at `step`
 
   @property
   def flops(self) -> float:
@@ -78,15 +80,18 @@ def read_source(directory: str, *, what: str = "init.source") -> Source:
   if not isinstance(saved.get("model"), dict):
     raise GrowlmError(f"{what}={directory!r}: config.json is neither a growlm run's (no "
                       "model section) nor a Hugging Face model's (no model_type)")
-  return Source(directory, saved, ModelConfig.from_dict(saved["model"]))
+  # A run with growth stages ends with (and its newest checkpoint holds) its last stage's model.
+  step = rundir.checkpoint_steps(directory)[-1]
+  return Source(directory, saved, ModelConfig.from_dict(config_stages.model_of_run(saved, step)))
 
 
 def source_optimizer(src: Source):
   """The optimizer the source run trained with (its state's structure depends on it)."""
   known = {f.name for f in dataclasses.fields(TrainConfig)}
   train_cfg = TrainConfig(**{k: v for k, v in src.config.get("train", {}).items() if k in known})
-  lr_mult = bool(src.config.get("init", {}).get("lr_multipliers", False))
-  return optim.make_optimizer(train_cfg, lr_multipliers=lr_mult)
+  init = src.config.get("init", {})
+  return optim.make_optimizer(train_cfg, lr_multipliers=bool(init.get("lr_multipliers", False)),
+                              lr_rescale=init.get("lr_rescale", "none") != "none")
 
 
 def _restore_hf(src: Source, mesh, rules) -> Source:
@@ -113,8 +118,8 @@ def restore_source(src: Source, mesh, rules) -> Source:
     restored = ckpt.restore_latest(abstract, set_aside=False)
   finally:
     ckpt.close()
-  step, state, _, meta = restored
-  return dataclasses.replace(src, step=step, state=state, meta=meta)
+  step, state, data_state, meta = restored
+  return dataclasses.replace(src, step=step, state=state, meta=meta, data_state=data_state)
 
 
 def check_init(config: RunConfig, src: Source) -> None:
@@ -122,6 +127,17 @@ def check_init(config: RunConfig, src: Source) -> None:
   if src.hf and config.init.optimizer == "grow":
     raise GrowlmError(f"config init.optimizer='grow' with init.source={src.directory!r}: "
                       "Hugging Face checkpoints carry no optimizer state; accepted: 'fresh'")
+  if src.hf and config.init.continue_schedule:
+    raise GrowlmError(f"config init.continue_schedule=True with init.source={src.directory!r}: "
+                      "a Hugging Face checkpoint has no step, schedule or data position; "
+                      "accepted: a growlm run dir, or continue_schedule=False")
+  if config.init.continue_schedule:
+    at = rundir.checkpoint_steps(src.directory)[-1]
+    if at >= config.train.num_steps:
+      raise GrowlmError(f"config init.continue_schedule=True: the source stopped at step {at}, "
+                        f"so train.num_steps={config.train.num_steps} leaves nothing to train; "
+                        f"accepted: num_steps > {at} (the schedule counts from the source's "
+                        "start)")
   check_seq_len(src.model, config.data.seq_len)
 
 
@@ -133,8 +149,10 @@ def grow_state(src: Source, target: ModelConfig, plan: GrowthPlan, optimizer, sh
   Two jits with the target's shardings: the parameters, then the optimizer state (Adam's
   moments grown from the source's, or fresh). The multiplier trees are never materialised:
   each leaf of them is built inside the optimizer state's jit where Adam's moments or the
-  learning-rate multipliers read it, and not at all when neither does. The returned Grown
-  carries the params, config and layer map (its scale trees are None)."""
+  learning-rate multipliers read it, and not at all when neither does. With init.lr_rescale the
+  per-leaf learning-rate factors are the fan-in ratios times the source's own factors (ones
+  for a source without them). The returned Grown carries the params, config and layer map (its scale
+  trees are None)."""
   cfg = grow_core.grown_config(src.model, target, plan)
   layer_map = tuple(grow_core.layer_sources(src.model.n_layers, target.n_layers, plan))
 
@@ -147,8 +165,13 @@ def grow_state(src: Source, target: ModelConfig, plan: GrowthPlan, optimizer, sh
     opt_state = jax.jit(lambda s, p: grow_opt_state(s, grown(p), src.model, plan, optimizer),
                         out_shardings=shard.opt_state)(src.state.opt_state, params)
   else:
-    opt_state = jax.jit(lambda p: with_multipliers(optimizer.init(p), grown(p), src.model, plan),
-                        out_shardings=shard.opt_state)(params)
+    # A fresh Adam state still keeps the source's own learning-rate factors (the rescale is
+    # relative to the first model's width, whatever happened to Adam in between).
+    base = None if src.state.opt_state is None else optim.leaf_scales(src.state.opt_state,
+                                                                      src.state.params)
+    fresh = lambda p, b: with_lr_rescale(with_multipliers(optimizer.init(p), grown(p), src.model,
+                                                          plan), src.model, cfg, p, base=b)
+    opt_state = jax.jit(fresh, out_shardings=shard.opt_state)(params, base)
   rng = jax.random.split(jax.random.PRNGKey(train_seed))[1]
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                      rng=jax.device_put(rng, shard.rng))

@@ -99,9 +99,11 @@ class Checkpoints:
     """(step, state, data_state, meta) from the newest undamaged step, else None if empty.
 
     `abstract_state` is a tree of jax.ShapeDtypeStruct with the target shardings (a checkpoint
-    restores onto another mesh). Damaged steps are skipped, named in one warning line, and with
-    `set_aside` renamed `N.damaged-K` so this run can write those steps again. Any other read
-    error raises GrowlmError, nothing renamed. Every process must call it."""
+    restores onto another mesh), or a callable step -> such a tree (a run with growth stages
+    holds different models at different steps). Damaged steps are skipped, named in one
+    warning line, and with `set_aside` renamed `N.damaged-K` so this run can write those steps
+    again. Any other read error raises GrowlmError, nothing renamed. Every process must call
+    it."""
     steps = self.steps()
     if not steps:
       return None
@@ -116,7 +118,9 @@ class Checkpoints:
                    "checksumming): restoring it unverified", step, self.directory, CHECKSUMS)
         try:
           out = self.manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+              state=ocp.args.StandardRestore(
+                  abstract_state(step) if callable(abstract_state) else abstract_state),
+              data=ocp.args.JsonRestore(),
               meta=ocp.args.JsonRestore()))
         except Exception as e:  # pylint: disable=broad-except  (classified right below)
           code, detail = (_DAMAGED if is_damage(e) else _UNREADABLE), describe(e)

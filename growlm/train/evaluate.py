@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable
 
@@ -33,7 +34,14 @@ class Evaluator:
             s, seq_len, global_batch, n_batches, process_index=jax.process_index(),
             process_count=jax.process_count())]
         for n, s in streams.items()}
+    self._batch_shard = batch_shard
     self._step = jax.jit(make_eval_step(cfg), in_shardings=(p_shard, batch_shard))
+
+  def for_model(self, cfg: ModelConfig, p_shard) -> "Evaluator":
+    """The same datasets and batches for another model (a run's next growth stage)."""
+    other = copy.copy(self)
+    other._step = jax.jit(make_eval_step(cfg), in_shardings=(p_shard, self._batch_shard))
+    return other
 
   def __call__(self, params) -> dict[str, float]:
     out = {}

@@ -76,7 +76,9 @@ class MetricsWriter:
       return
     keep = None
     if truncate_after_step is not None and fs.exists(path):
-      keep = [r for r in read_records(path) if r.get("step", 0) <= truncate_after_step]
+      # A growth stage at the restored step is done again after the restore: its old line goes.
+      keep = [r for r in read_records(path) if r.get("step", 0) < truncate_after_step or (
+          r.get("step", 0) == truncate_after_step and "stage" not in r)]
       self.kept_wall_seconds = max((float(r["wall_seconds"]) for r in keep
                                     if isinstance(r.get("wall_seconds"), (int, float))),
                                    default=0.0)

@@ -267,15 +267,17 @@ class WandbTracker(Tracker):
 
   def log_report(self, report: dict[str, Any]) -> None:
     """Every field (nested ones as growth/dims/d_model) into the summary, and the whole
-    report as a two-column table so it reads in one panel."""
+    report as a two-column table so it reads in one panel; a growth stage's report goes under
+    growth_stageJ/ instead."""
     if self.run is None:
       return
-    flat = _flatten(report, "growth/")
+    prefix = f"growth_stage{report['stage']}/" if "stage" in report else "growth/"
+    flat = _flatten(report, prefix)
     self.run.summary.update({k: v for k, v in flat.items() if v is not None})
-    rows = [[k[len("growth/"):], v if isinstance(v, str) else json.dumps(v, default=str)]
+    rows = [[k[len(prefix):], v if isinstance(v, str) else json.dumps(v, default=str)]
             for k, v in flat.items()]
     table = self._wandb.Table(columns=["field", "value"], data=rows)
-    self.run.log({"growth/report": table}, step=self._min_step)
+    self.run.log({prefix + "report": table}, step=self._min_step)
     self._advance(self._min_step)
 
   def log_image(self, name: str, path: str) -> None:

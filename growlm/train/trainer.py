@@ -24,10 +24,11 @@ from jax.sharding import Mesh
 from growlm import data as data_lib
 from growlm import lock as lock_lib
 from growlm import fs, rundir, sharding
-from growlm.config.typed import RunConfig, resume_conflicts
+from growlm.config.resume import resume_conflicts
+from growlm.config.typed import RunConfig
 from growlm.errors import GrowlmError, Preempted
-from growlm.model import flops as flops_lib
 from growlm import optim
+from growlm.train import stages as stages_lib
 from growlm.train import tracking
 from growlm.train.checkpoint import Checkpoints
 from growlm.train.evaluate import Evaluator
@@ -49,6 +50,7 @@ class Setup:
   abstract: TrainState                     # ShapeDtypeStructs carrying the target shardings
   shard: TrainState                        # NamedShardings of every leaf
   eval_batches: dict[str, list[dict]]      # global eval batches on device, per dataset
+  abstract_at: Callable[[int], TrainState] | None = None   # a checkpoint's abstract, by step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +61,14 @@ class Start:
   report: dict | None = None               # growth preservation report (a grown start)
   source_flops: float = 0.0                # training FLOPs of the source model(s)
   resumed: bool = False                    # restored from this run dir's own checkpoint
+  flops: float = 0.0                       # this run's own training FLOPs up to the state
 
 
 Initializer = Callable[[Setup], Start]
+# (run config, the stage's kit before, its kit after, state, stage index) -> (grown state,
+# preservation report): growlm.init.seam.grow_stage.
+StageGrower = Callable[[RunConfig, "stages_lib.Kit", "stages_lib.Kit", TrainState, int],
+                       tuple[TrainState, dict]]
 
 
 def make_train_step(cfg, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
@@ -137,7 +144,7 @@ def require_config(workdir: str) -> dict | None:
 
 def check_run_dir(workdir: str, config_json: dict) -> None:
   """Refuses a run dir that holds a run with another config (fields that do not change what is
-  computed may differ, growlm.config.typed.RESUMABLE_FIELDS), or whose files are not a run's."""
+  computed may differ, growlm.config.resume.RESUMABLE_FIELDS), or whose files are not a run's."""
   saved = require_config(workdir)
   if saved is not None:
     conflicts = resume_conflicts(saved, config_json)
@@ -148,10 +155,12 @@ def check_run_dir(workdir: str, config_json: dict) -> None:
 
 
 def train(config: RunConfig, workdir: str, initialize: Initializer, *,
-          stop_after_init: bool = False) -> dict[str, Any]:
+          stop_after_init: bool = False, grow_stage: StageGrower | None = None
+          ) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the last train and eval metrics.
 
-  `initialize(setup)` builds the first state (growlm.init.seam.initializer). With
+  `initialize(setup)` builds the first state (growlm.init.seam.initializer); `grow_stage`
+  grows the live state at each of config.stages (growlm.init.seam.grow_stage). With
   `stop_after_init` the run dir is written at the start state's step (step-0 eval, checkpoint)
   and nothing is trained: the grow command.
   """
@@ -174,18 +183,27 @@ def train(config: RunConfig, workdir: str, initialize: Initializer, *,
                       f"({sharding.batch_shards(mesh, rules)} = mesh data x fsdp)")
   iterator, eval_streams, manifests = load_data(config, tokenizer)
 
-  schedule = optim.make_schedule(t.lr, t.warmup_steps, t.num_steps, t.schedule, t.final_lr_ratio)
-  optimizer = optim.make_optimizer(t, schedule, lr_multipliers=config.init.lr_multipliers)
-  abstract, shard = state_shardings(cfg, optimizer, mesh, rules)
+  if config.stages and grow_stage is None:
+    raise ValueError("a config with stages needs a grow_stage (growlm.init.seam.grow_stage)")
+  schedule = stages_lib.make_schedule(config)
+  optimizer = optim.make_optimizer(t, schedule, lr_multipliers=config.init.lr_multipliers,
+                                   lr_rescale=config.init.lr_rescale != "none")
   batch_shard = sharding.batch_sharding(mesh, rules)
-  fpt = flops_lib.flops_per_token(cfg, d.seq_len)
 
   with jax.set_mesh(mesh):
     evaluator = Evaluator(cfg, eval_streams, d.seq_len, d.batch_size, config.eval.batches,
-                          batch_shard, shard.params)
-    start = initialize(Setup(config, workdir, mesh, optimizer, abstract, shard,
-                             evaluator.batches))
+                          batch_shard, state_shardings(cfg, optimizer, mesh, rules)[1].params)
+    stages = stages_lib.Stages(
+        config, optimizer, mesh, lambda m: make_train_step(m, optimizer, schedule, t.grad_accum),
+        batch_shard, evaluator)
+    kit = stages.kit(0)
+    start = initialize(Setup(config, workdir, mesh, optimizer, kit.abstract, kit.shard,
+                             evaluator.batches, abstract_at=stages.abstract_at))
     state = start.state
+    first = int(jax.device_get(state.step))
+    if not start.resumed and stages.index_at(first) != 0:
+      raise GrowlmError(f"config stages[0].step={config.stages[0].step} is not after the start "
+                        f"state's step {first}; accepted: stage steps > {first}")
     if start.data_state is not None:
       iterator.set_state(start.data_state)
     growth_report = start.report
@@ -200,7 +218,6 @@ def train(config: RunConfig, workdir: str, initialize: Initializer, *,
         fs.write_json_atomic(fs.join(workdir, rundir.GROWTH_REPORT), growth_report)
     ckpt = Checkpoints(rundir.checkpoints_dir(workdir), keep=config.checkpoint.keep,
                        async_save=config.checkpoint.async_save)
-    first = int(jax.device_get(state.step))
     # metrics.jsonl keeps what the restored state had seen (lines up to its step) and nothing of
     # a start that never reached a checkpoint, so every step is in it exactly once.
     writer = MetricsWriter(rundir.metrics_path(workdir), enabled=is_main,
@@ -210,9 +227,8 @@ def train(config: RunConfig, workdir: str, initialize: Initializer, *,
     try:
       tracker = tracking.make_tracker(config, workdir)
       stop.install()
-      summary = _loop(config, workdir, start, state, iterator, evaluator, ckpt, writer, tracker,
-                      stop, optimizer, schedule, shard, batch_shard, fpt, stop_after_init,
-                      lease)
+      summary = _loop(config, workdir, start, state, iterator, stages, ckpt, writer, tracker,
+                      stop, batch_shard, stop_after_init, lease, grow_stage)
     finally:
       # Every exit path (done, diverged, preempted, a data or disk error) waits for the
       # checkpoint in flight and closes every writer, so the process ends and nothing is
@@ -252,12 +268,13 @@ def _close_quietly(close: Callable[[], None], what: str) -> None:
                 (str(e).splitlines() or [""])[0])
 
 
-def _loop(config: RunConfig, workdir: str, start: Start, state: TrainState, iterator, evaluator,
-          ckpt: Checkpoints, writer: MetricsWriter, tracker, stop: StopRequest, optimizer,
-          schedule, shard, batch_shard, fpt: float, stop_after_init: bool,
-          lease: lock_lib.RunLock | None) -> dict[str, Any]:
-  """Steps from the start state to the end (or the stop step); returns the last metrics."""
-  cfg, d, t = config.model, config.data, config.train
+def _loop(config: RunConfig, workdir: str, start: Start, state: TrainState, iterator,
+          stages: stages_lib.Stages, ckpt: Checkpoints, writer: MetricsWriter, tracker,
+          stop: StopRequest, batch_shard, stop_after_init: bool,
+          lease: lock_lib.RunLock | None, grow_stage: StageGrower | None) -> dict[str, Any]:
+  """Steps from the start state to the end (or the stop step), growing the state at each stage;
+  returns the last metrics."""
+  d, t = config.data, config.train
   is_main = jax.process_index() == 0
   tokens_per_step = d.batch_size * d.seq_len
   first = int(jax.device_get(state.step))
@@ -269,30 +286,29 @@ def _loop(config: RunConfig, workdir: str, start: Start, state: TrainState, iter
   def record(rec: dict[str, Any]) -> None:
     writer.write(rec)
     tracker.log(rec)
-  step_fn = jax.jit(make_train_step(cfg, optimizer, schedule, t.grad_accum),
-                    in_shardings=(shard, batch_shard), out_shardings=(shard, None),
-                    donate_argnums=0)
+  kit = stages.kit(stages.index_at(first))
 
   # Wall-clock of the run so far: this launch's seconds plus what earlier launches recorded
   # (read by the metrics writer with the lines it keeps; only process 0 records either).
   wall_start = time.perf_counter() - writer.kept_wall_seconds
 
   def counters(step: int) -> dict[str, Any]:
-    flops = step * tokens_per_step * fpt
+    flops = start.flops + stages.flops(first, step, tokens_per_step)
     # flops_with_source equals flops for a scratch run: every run has the same three axes.
     return {"step": step, "tokens": step * tokens_per_step, "flops": flops,
             "flops_with_source": flops + source_flops,
             "wall_seconds": time.perf_counter() - wall_start}
 
   def meta(step: int) -> dict[str, Any]:
-    return {**counters(step), "source_flops": source_flops, "model": cfg.to_dict()}
+    return {**counters(step), "source_flops": source_flops, "model": kit.config.model.to_dict(),
+            "stage": kit.index}
 
   last_eval: dict[str, float] = {}
   if not start.resumed:
     if growth_report is not None:
-      record({**counters(0), "event": "growth",
+      record({**counters(first), "event": "growth",
               **{k: v for k, v in growth_report.items() if not isinstance(v, dict)}})
-    last_eval = evaluator(state.params)
+    last_eval = kit.evaluator(state.params)
     record({**counters(first), **last_eval})
   if stop_after_init:
     ckpt.save(first, state, iterator.get_state(), meta(first))
@@ -322,8 +338,20 @@ def _loop(config: RunConfig, workdir: str, start: Start, state: TrainState, iter
 
   with tracker:  # closes the W&B run, marked failed on an exception
     for step in range(first + 1, end + 1):
+      grows = stages.growth_after(step - 1)
+      if grows is not None:
+        if pending is not None:
+          read_back(pending)
+          pending = None
+        before, kit = kit, stages.kit(grows)
+        state, report = grow_stage(config, before, kit, state, grows)
+        if is_main:
+          fs.write_json_atomic(fs.join(workdir, rundir.stage_report_name(grows)), report)
+        record({**counters(step - 1), "event": "growth", "stage": grows,
+                **{k: v for k, v in report.items() if not isinstance(v, dict)}})
+        tracker.log_report(report)
       batch = sharding.global_batch_from_local(next(iterator), batch_shard)
-      state, metrics = step_fn(state, batch)
+      state, metrics = kit.step_fn(state, batch)
       window_steps += 1
       if pending is not None:
         read_back(pending)   # the step just dispatched runs while we read the previous one
@@ -332,7 +360,7 @@ def _loop(config: RunConfig, workdir: str, start: Start, state: TrainState, iter
       if not stopping and (step % config.eval.every_steps == 0 or step == t.num_steps):
         read_back(pending)
         pending = None
-        last_eval = evaluator(state.params)
+        last_eval = kit.evaluator(state.params)
         record({**counters(step), **last_eval})
       if stopping or step % config.checkpoint.every_steps == 0 or step == end:
         if pending is not None:

@@ -1,0 +1,114 @@
+"""Growth stages at run time: which model trains at a step, what a range of steps costs in
+FLOPs, one global learning-rate schedule, and each stage's compiled pieces.
+
+The stages themselves (config, models, step convention) are growlm.config.stages; the growth of
+the live state is the initialisation seam's (growlm.init.seam.grow_stage), handed to the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from growlm import optim
+from growlm.config import stages as stages_lib
+from growlm.config.typed import RunConfig
+from growlm.model import flops as flops_lib
+from growlm.model.config import ModelConfig
+from growlm.train.state import TrainState, state_shardings
+
+
+def make_schedule(config: RunConfig) -> optax.Schedule:
+  """The run's one schedule over train.num_steps (warmup, decay), times a linear ramp from 0
+  over `rewarm_steps` after each stage that asks for one."""
+  t = config.train
+  base = optim.make_schedule(t.lr, t.warmup_steps, t.num_steps, t.schedule, t.final_lr_ratio)
+  rewarms = [(s.step, s.rewarm_steps) for s in config.stages if s.rewarm_steps > 0]
+  if not rewarms:
+    return base
+
+  def schedule(count):
+    lr = base(count)
+    for start, n in rewarms:
+      ramp = jnp.clip((count - start) / n, 0.0, 1.0)
+      lr = lr * jnp.where(count >= start, ramp, 1.0)
+    return lr
+  return schedule
+
+
+def with_schedule_count(opt_state: Any, step) -> Any:
+  """`opt_state` with its learning-rate schedule's step count set to `step` (a state grown or
+  initialised mid-run goes on along the run's schedule instead of starting it again). The count
+  is a copy: a train step donates its state, and no two leaves may share a buffer."""
+  is_sched = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  return jax.tree.map(
+      lambda x: optax.ScaleByScheduleState(count=jnp.array(step, jnp.int32, copy=True))
+      if is_sched(x)
+      else x, opt_state, is_leaf=is_sched)
+
+
+@dataclasses.dataclass
+class Kit:
+  """What training one stage's model needs: its config, state shardings and jitted steps."""
+  index: int
+  config: RunConfig                 # the run's config with this stage's model
+  abstract: TrainState
+  shard: TrainState
+  step_fn: Callable
+  evaluator: Any
+  flops_per_token: float
+  optimizer: optax.GradientTransformation   # the run's (the same object in every stage)
+
+
+class Stages:
+  """The run's stages and their kits (built when first needed; stage 0's always)."""
+
+  def __init__(self, config: RunConfig, optimizer, mesh, make_step: Callable[..., Callable],
+               batch_shard, evaluator):
+    self.config = config
+    self.stages = config.stages
+    self.models: list[ModelConfig] = stages_lib.models(config.model, config.stages)
+    self._optimizer, self._mesh, self._make_step = optimizer, mesh, make_step
+    self._batch_shard, self._evaluator = batch_shard, evaluator
+    self._kits: dict[int, Kit] = {}
+    self._fpt = [flops_lib.flops_per_token(m, config.data.seq_len) for m in self.models]
+
+  def index_at(self, step: int) -> int:
+    return stages_lib.index_at(self.stages, step)
+
+  def growth_after(self, step: int) -> int | None:
+    """The stage (1-based index into `models`) that grows a state at `step`, if any."""
+    for j, s in enumerate(self.stages, start=1):
+      if s.step == step:
+        return j
+    return None
+
+  def abstract_at(self, step: int) -> TrainState:
+    return self.kit(self.index_at(step)).abstract
+
+  def kit(self, i: int) -> Kit:
+    if i not in self._kits:
+      cfg = self.models[i]
+      config = self.config.replace(model=cfg, stages=()) if i else self.config
+      abstract, shard = state_shardings(cfg, self._optimizer, self._mesh,
+                                        self.config.sharding_rules)
+      step_fn = jax.jit(self._make_step(cfg), in_shardings=(shard, self._batch_shard),
+                        out_shardings=(shard, None), donate_argnums=0)
+      evaluator = self._evaluator if i == 0 else self._evaluator.for_model(cfg, shard.params)
+      self._kits[i] = Kit(i, config, abstract, shard, step_fn, evaluator, self._fpt[i],
+                          self._optimizer)
+    return self._kits[i]
+
+  def flops(self, first: int, last: int, tokens_per_step: int) -> float:
+    """FLOPs of optimizer steps first+1 .. last, each at the model that takes it."""
+    bounds = [0] + [s.step for s in self.stages] + [1 << 62]
+    total = 0.0
+    for i, fpt in enumerate(self._fpt):
+      lo, hi = max(first, bounds[i]), min(last, bounds[i + 1])
+      if hi > lo:
+        total += (hi - lo) * tokens_per_step * fpt
+    return total

@@ -1,0 +1,172 @@
+"""Growth stages inside one run (growlm.config.stages): equal to growth between two runs,
+resumable in any stage, FLOPs integrated over stages, one schedule with optional re-warmup."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import one_line_naming, run_config
+from growlm import commands
+from growlm.config import stages as stages_lib
+from growlm.config.typed import resolve
+from growlm.errors import GrowlmError
+from growlm.init import source as source_lib
+from growlm.model import flops as flops_lib
+from growlm.rundir import read_metrics
+from growlm.train import stages as train_stages
+from growlm.train.checkpoint import Checkpoints
+
+STEPS, AT = 12, 6
+GROW = {"d_model": 128, "n_heads": 4, "mlp_dim": 512, "n_layers": 4}
+PLAN = {"width": "tile", "depth": "identity"}
+
+
+def _config(**overrides):
+  c = run_config(**{"train.num_steps": STEPS, "train.warmup_steps": 2,
+                    "eval.every_steps": AT, "checkpoint.every_steps": AT,
+                    "log.every_steps": 1, **overrides})
+  return c
+
+
+def _staged(**overrides):
+  c = _config(**overrides)
+  c.stages = ({"step": AT, "model": GROW, "plan": PLAN, "optimizer": "grow"},)
+  return c
+
+
+def _final(workdir):
+  ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
+  try:
+    return ckpt.manager.restore(ckpt.steps()[-1])["state"]["params"]
+  finally:
+    ckpt.close()
+
+
+def _metrics(workdir):
+  return read_metrics(os.path.join(workdir, "metrics.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def staged_run(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("stages") / "staged")
+  commands.train(_staged(), wd)
+  return wd
+
+
+def test_a_two_stage_run_equals_growth_between_two_runs(staged_run, tmp_path):
+  """Run A stops at the stage step; run B grows A by the same plan and goes on along the same
+  schedule and data (init.continue_schedule): B's final parameters are A+B's, bit for bit."""
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  commands.train(_staged(**{"train.stop_at": AT}), a)
+  grown = stages_lib.models(resolve(_config()).model, resolve(_staged()).stages)[1]
+  c = _config(**{"init.source": a, "init.optimizer": "grow", "init.continue_schedule": True,
+                 "init.seed": 1})
+  for k, v in grown.to_dict().items():
+    c.model[k] = v
+  c.init.plan.width, c.init.plan.depth = PLAN["width"], PLAN["depth"]
+  commands.train(c, b)
+  one, two = _final(staged_run), _final(b)
+  assert jax.tree.structure(one) == jax.tree.structure(two)
+  for x, y in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+    np.testing.assert_array_equal(x, y)
+  end_one = [r for r in _metrics(staged_run) if r["step"] == STEPS and "train_loss" in r][-1]
+  end_two = [r for r in _metrics(b) if r["step"] == STEPS and "train_loss" in r][-1]
+  assert end_one["train_loss"] == end_two["train_loss"]
+  assert end_one["lr"] == end_two["lr"]
+  # FLOPs: the staged run counts both stages itself; B counts A's as its source's.
+  assert end_one["flops_with_source"] == pytest.approx(end_two["flops_with_source"], rel=1e-12)
+  assert end_two["flops"] < end_one["flops"]
+
+
+def test_flops_integrate_over_stages_and_growth_is_logged(staged_run):
+  cfg = resolve(_staged())
+  small, big = stages_lib.models(cfg.model, cfg.stages)
+  tokens = cfg.data.batch_size * cfg.data.seq_len
+  fpt = [flops_lib.flops_per_token(m, cfg.data.seq_len) for m in (small, big)]
+  rows = _metrics(staged_run)
+  last = [r for r in rows if r["step"] == STEPS][-1]
+  assert last["flops"] == pytest.approx(tokens * (AT * fpt[0] + (STEPS - AT) * fpt[1]))
+  growth = [r for r in rows if r.get("event") == "growth"]
+  assert len(growth) == 1 and growth[0]["stage"] == 1 and growth[0]["step"] == AT
+  assert growth[0]["flops"] == pytest.approx(tokens * AT * fpt[0])
+  assert growth[0]["max_abs_logit_diff"] < 1e-4          # tile + identity is exact
+  report = json.load(open(os.path.join(staged_run, "growth_stage1.json")))
+  assert report["stage"] == 1 and report["step"] == AT and report["dst_params"] > \
+      report["src_params"]
+  # The run dir is a growth source (and a sampling one) holding its last stage's model.
+  src = source_lib.read_source(staged_run)
+  assert (src.model.d_model, src.model.n_layers) == (GROW["d_model"], GROW["n_layers"])
+
+
+@pytest.mark.parametrize("stop", [AT, AT + 2])
+def test_a_staged_run_resumes_in_either_stage(staged_run, tmp_path, stop):
+  """Stopped at the stage step (before the growth) or inside stage 1, then relaunched: the same
+  final parameters and one growth line."""
+  wd = str(tmp_path / "run")
+  commands.train(_staged(**{"train.stop_at": stop, "checkpoint.every_steps": stop}), wd)
+  commands.train(_staged(**{"checkpoint.every_steps": stop}), wd)
+  for x, y in zip(jax.tree.leaves(_final(staged_run)), jax.tree.leaves(_final(wd))):
+    np.testing.assert_array_equal(x, y)
+  assert len([r for r in _metrics(wd) if r.get("event") == "growth"]) == 1
+
+
+def test_one_schedule_with_rewarm():
+  c = _staged()
+  c.stages = ({"step": AT, "model": GROW, "plan": PLAN, "rewarm_steps": 4},)
+  cfg = resolve(c)
+  plain = train_stages.make_schedule(resolve(_staged()))
+  rewarm = train_stages.make_schedule(cfg)
+  for step in (0, 3, AT - 1):
+    assert float(rewarm(step)) == pytest.approx(float(plain(step)))
+  assert float(rewarm(AT)) == 0.0
+  assert float(rewarm(AT + 2)) == pytest.approx(0.5 * float(plain(AT + 2)))
+  for step in (AT + 4, STEPS - 1):
+    assert float(rewarm(step)) == pytest.approx(float(plain(step)))
+
+
+@pytest.mark.parametrize("stage, says", [
+    ({"step": STEPS, "model": GROW}, ("stages[0].step", "< train.num_steps")),
+    ({"step": 0, "model": GROW}, ("stages[0].step", ">= 1")),
+    ({"step": AT, "model": {"d_model": 100}}, ("stages[0]", "d_model")),
+    ({"step": AT, "model": {"width": 128}}, ("stages[0].model", "'width'")),
+    ({"step": AT, "model": GROW, "optimizer": "adam"}, ("stages[0].optimizer", "fresh")),
+    ({"step": AT, "model": GROW, "rewarm": 3}, ("stages[0]", "rewarm_steps")),
+    ({"model": GROW}, ("stages[0]", "'step'")),
+])
+def test_bad_stages_are_one_line(stage, says):
+  c = _config()
+  c.stages = (stage,)
+  with pytest.raises(GrowlmError) as e:
+    resolve(c)
+  one_line_naming(e, *says)
+
+
+def test_stages_must_increase_and_follow_a_continued_source():
+  c = _config()
+  c.stages = ({"step": AT, "model": GROW}, {"step": AT, "model": {"n_layers": 8}})
+  with pytest.raises(GrowlmError) as e:
+    resolve(c)
+  one_line_naming(e, "stages[1].step", f"> {AT}")
+  c.stages = ({"step": 4, "model": {"n_layers": 4}},
+              {"step": 8, "model": {"n_layers": 8}, "plan": {"depth": "stack"}})
+  cfg = resolve(c)
+  assert [m.n_layers for m in stages_lib.models(cfg.model, cfg.stages)] == [2, 4, 8]
+  assert [stages_lib.index_at(cfg.stages, k) for k in (0, 4, 5, 8, 9)] == [0, 0, 1, 1, 2]
+
+
+def test_the_analysis_reads_a_staged_run_as_grown_from_scratch(staged_run):
+  """A staged run has no source and no loss right after growth; it pairs with scratch runs of
+  its final size and never reads "reached at growth"."""
+  from growlm.curves import is_grown, load_run  # pylint: disable=g-import-not-at-top
+  from growlm.experiments import analysis  # pylint: disable=g-import-not-at-top
+  run = load_run(staged_run)
+  assert is_grown(run)
+  assert analysis._arch(run)["d_model"] == GROW["d_model"]  # pylint: disable=protected-access
+  out = analysis.compare(run, run)
+  assert out["method"] == f"stages tile+identity@{AT}" and out["source_flops"] == 0.0
+  d = out["datasets"]["heldout"]
+  assert d["loss_after_growth"] is None and not d["reached_at_growth"]
+  assert d["savings"] == pytest.approx(0.0) == d["savings_with_source"]
