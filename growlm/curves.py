@@ -60,6 +60,12 @@ def is_grown(run: dict) -> bool:
   return bool(run["config"].get("init", {}).get("source") or run["config"].get("stages"))
 
 
+def stage_flops(run: dict) -> list[float]:
+  """FLOPs (with the source's) at each growth stage inside the run (growlm.config.stages)."""
+  return [float(r.get("flops_with_source", r["flops"])) for r in run["rows"]
+          if r.get("event") == "growth" and "stage" in r]
+
+
 def plot_loss_curves(runs: list[dict], path: str, group: Any = None) -> str:
   """Eval loss against FLOPs (grown runs include their source's FLOPs), one panel per dataset;
   the growth point of each grown run is marked. `group(run)` names the line a run belongs to
@@ -88,9 +94,10 @@ def plot_loss_curves(runs: list[dict], path: str, group: Any = None) -> str:
       (line,) = ax.plot(f, losses.mean(0), "-" if grown else "--", marker=".", label=label)
       if len(curves) > 1:
         ax.fill_between(f, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
-      if grown:
-        ax.plot(f[:1], losses.mean(0)[:1], marker="*", markersize=14, color=line.get_color(),
-                linestyle="none")
+      if grown:   # a growth stage inside the run is marked where it happened
+        at = stage_flops(members[0]) or list(f[:1])
+        ax.plot(at, np.interp(at, f, losses.mean(0)), marker="*", markersize=14,
+                color=line.get_color(), linestyle="none")
     ax.set_xlabel("training FLOPs (grown runs: + source FLOPs)")
     ax.set_ylabel(f"eval loss ({ds}), nats/token")
     ax.set_title(ds)

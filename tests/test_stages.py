@@ -170,3 +170,26 @@ def test_the_analysis_reads_a_staged_run_as_grown_from_scratch(staged_run):
   d = out["datasets"]["heldout"]
   assert d["loss_after_growth"] is None and not d["reached_at_growth"]
   assert d["savings"] == pytest.approx(0.0) == d["savings_with_source"]
+
+
+def test_a_staged_run_on_a_sharded_mesh(staged_run, tmp_path):
+  """On a (data 2, fsdp 2, tensor 2) mesh the growth runs sharded and the run trains as on one
+  device: the same final train loss up to float32 summation order (1e-6 relative measured)."""
+  wd = str(tmp_path / "sharded")
+  c = _staged()
+  c.mesh = {"data": 2, "fsdp": 2, "tensor": 2}
+  commands.train(c, wd)
+  growth = [r for r in _metrics(wd) if r.get("event") == "growth"]
+  assert len(growth) == 1 and growth[0]["max_abs_logit_diff"] < 1e-4
+  one, eight = ([r for r in _metrics(w) if r["step"] == STEPS and "train_loss" in r][-1]
+                for w in (staged_run, wd))
+  assert eight["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+  assert eight["flops"] == one["flops"]
+
+
+def test_the_plot_marks_a_stage_where_it_happened(staged_run, tmp_path):
+  from growlm import curves  # pylint: disable=g-import-not-at-top
+  run = curves.load_run(staged_run)
+  growth = [r for r in run["rows"] if r.get("event") == "growth"][0]
+  assert curves.stage_flops(run) == [growth["flops"]] and growth["flops"] > 0
+  assert os.path.getsize(curves.plot_loss_curves([run], str(tmp_path / "c.png"))) > 0
