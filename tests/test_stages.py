@@ -193,3 +193,20 @@ def test_the_plot_marks_a_stage_where_it_happened(staged_run, tmp_path):
   growth = [r for r in run["rows"] if r.get("event") == "growth"][0]
   assert curves.stage_flops(run) == [growth["flops"]] and growth["flops"] > 0
   assert os.path.getsize(curves.plot_loss_curves([run], str(tmp_path / "c.png"))) > 0
+
+
+def test_a_staged_run_is_compared_with_scratch_of_its_final_size_and_steps(staged_run):
+  """Its baseline is the scratch run as long as its last stage (steps after the last growth),
+  as for a run grown from a source, not the one as long as the whole staged run."""
+  import copy  # pylint: disable=g-import-not-at-top
+  from growlm.curves import load_run  # pylint: disable=g-import-not-at-top
+  from growlm.experiments import analysis  # pylint: disable=g-import-not-at-top
+  run = load_run(staged_run)
+  scratch = []
+  for steps in (STEPS, STEPS - AT):
+    r = copy.deepcopy(run)
+    r["name"], r["config"]["stages"] = f"scratch_{steps}", []
+    r["config"]["model"] = stages_lib.final_model(run["config"])
+    r["config"]["train"]["num_steps"] = steps
+    scratch.append(r)
+  assert analysis.find_baseline(run, [run, *scratch])["name"] == f"scratch_{STEPS - AT}"

@@ -78,10 +78,13 @@ def scratch_runs(run: dict, runs: list[dict], seeds: int = 1) -> list[dict]:
 
 
 def find_baseline(run: dict, runs: list[dict], seeds: int = 1) -> dict | None:
-  """The from-scratch run of the same architecture (same data and token budget preferred)."""
+  """The from-scratch run of the same architecture (same data and token budget preferred). A
+  run with growth stages counts the steps it took at its final size, as a grown run does (its
+  earlier stages play the source's part, and its FLOPs include them)."""
   cands = scratch_runs(run, runs, seeds)
-  same_budget = [r for r in cands if r["config"]["train"]["num_steps"] ==
-                 run["config"]["train"]["num_steps"]]
+  steps = run["config"]["train"]["num_steps"] - max(
+      (s["step"] for s in run["config"].get("stages") or []), default=0)
+  same_budget = [r for r in cands if r["config"]["train"]["num_steps"] == steps]
   return (same_budget or cands or [None])[0]
 
 
