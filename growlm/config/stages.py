@@ -74,7 +74,8 @@ def parse(value: Any) -> tuple[Stage, ...]:
       out.append(raw)
       continue
     what = f"stages[{i}]"
-    fields = strict_fields(f"config {what}", _as_mapping(raw, what), {f.name for f in dataclasses.fields(Stage)})
+    fields = strict_fields(f"config {what}", _as_mapping(raw, what),
+                           {f.name for f in dataclasses.fields(Stage)})
     if "step" not in fields or "model" not in fields:
       raise GrowlmError(f"config {what} lacks 'step' or 'model'; accepted: a mapping with step "
                         "(int > 0), model (the model fields that change), and optional plan, "

@@ -230,10 +230,10 @@ def analyze(sweep_dir: str, plot: bool = True) -> dict[str, Any]:
             "source" if fs.absolute(run["dir"]) in sources else "scratch")
     f = [r["flops"] for r in run["rows"] if "flops" in r]
     wall = [r["wall_seconds"] for r in run["rows"] if "wall_seconds" in r]
+    model = final_model(run["config"])
     results["runs"][run["name"]] = {
         "kind": kind,
-        "model": {k: final_model(run["config"])[k] for k in ("d_model", "n_layers", "n_heads",
-                                                            "mlp_dim")},
+        "model": {k: model[k] for k in ("d_model", "n_layers", "n_heads", "mlp_dim")},
         "steps": max((r["step"] for r in run["rows"]), default=0),
         "flops": max(f, default=0.0), "wall_seconds": max(wall, default=None),
         "final_eval_loss": final, "final_train_loss": _last_train(run)}

@@ -108,9 +108,8 @@ def grow(setup: Setup, src: Source) -> Start:
     return Start(state, report=report, source_flops=src.flops)
   # The grown run goes on where the source stopped: its step (so the one schedule of
   # train.num_steps, counted from the source's start), dropout key and data position.
-  state = state.replace(step=src.state.step, rng=src.state.rng,
-                        opt_state=stages_lib.with_schedule_count(state.opt_state, src.step))
-  return Start(state, data_state=src.data_state, report=report, source_flops=src.flops)
+  return Start(stages_lib.carry_on(state, src.state), data_state=src.data_state, report=report,
+               source_flops=src.flops)
 
 
 def grow_stage(config: RunConfig, before: stages_lib.Kit, after: stages_lib.Kit,
@@ -129,8 +128,7 @@ def grow_stage(config: RunConfig, before: stages_lib.Kit, after: stages_lib.Kit,
       src, after.config.model, stage.plan, after.optimizer, after.shard,
       seed=config.init.seed + index, train_seed=config.train.seed,
       grow_optimizer=stage.optimizer == "grow")
-  new = new.replace(step=state.step, rng=state.rng,
-                    opt_state=stages_lib.with_schedule_count(new.opt_state, state.step))
+  new = stages_lib.carry_on(new, state)
   eval_name, batches = next(iter(after.evaluator.batches.items()))
   report = report_lib.preservation_report(
       before.config.model, state.params, grown.config, new.params, batches, stage.plan,

@@ -75,14 +75,15 @@ def read_source(directory: str, *, what: str = "init.source") -> Source:
   saved = rundir.read_config(directory)
   if saved is None:
     raise GrowlmError(f"{what}={directory!r} has no config.json; accepted: {accepted}")
-  if not rundir.has_checkpoint(directory):
+  steps = rundir.checkpoint_steps(directory)
+  if not steps:
     raise GrowlmError(f"{what}={directory!r} has no checkpoint under checkpoints/")
   if not isinstance(saved.get("model"), dict):
     raise GrowlmError(f"{what}={directory!r}: config.json is neither a growlm run's (no "
                       "model section) nor a Hugging Face model's (no model_type)")
   # A run with growth stages ends with (and its newest checkpoint holds) its last stage's model.
-  step = rundir.checkpoint_steps(directory)[-1]
-  return Source(directory, saved, ModelConfig.from_dict(config_stages.model_of_run(saved, step)))
+  return Source(directory, saved,
+                ModelConfig.from_dict(config_stages.model_of_run(saved, steps[-1])))
 
 
 def source_optimizer(src: Source):
@@ -151,8 +152,8 @@ def grow_state(src: Source, target: ModelConfig, plan: GrowthPlan, optimizer, sh
   each leaf of them is built inside the optimizer state's jit where Adam's moments or the
   learning-rate multipliers read it, and not at all when neither does. With init.lr_rescale the
   per-leaf learning-rate factors are the fan-in ratios times the source's own factors (ones
-  for a source without them). The returned Grown carries the params, config and layer map (its scale
-  trees are None)."""
+  for a source without them). The returned Grown carries the params, config and layer map (its
+  scale trees are None)."""
   cfg = grow_core.grown_config(src.model, target, plan)
   layer_map = tuple(grow_core.layer_sources(src.model.n_layers, target.n_layers, plan))
 

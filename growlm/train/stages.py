@@ -51,6 +51,13 @@ def with_schedule_count(opt_state: Any, step) -> Any:
       else x, opt_state, is_leaf=is_sched)
 
 
+def carry_on(new: TrainState, old: TrainState) -> TrainState:
+  """`new` (a state just grown from `old`) with `old`'s step, dropout key and place on the
+  learning-rate schedule: the run goes on where `old` was, as if growth took no step."""
+  return new.replace(step=old.step, rng=old.rng,
+                     opt_state=with_schedule_count(new.opt_state, old.step))
+
+
 @dataclasses.dataclass
 class Kit:
   """What training one stage's model needs: its config, state shardings and jitted steps."""
@@ -68,12 +75,14 @@ class Stages:
   """The run's stages and their kits (built when first needed; stage 0's always)."""
 
   def __init__(self, config: RunConfig, optimizer, mesh, make_step: Callable[..., Callable],
-               batch_shard, evaluator):
+               batch_shard, make_evaluator: Callable[..., Any]):
+    """`make_step(model)` is the train step; `make_evaluator(model, param_shardings)` builds
+    stage 0's evaluator (later stages reuse its batches, Evaluator.for_model)."""
     self.config = config
     self.stages = config.stages
     self.models: list[ModelConfig] = stages_lib.models(config.model, config.stages)
     self._optimizer, self._mesh, self._make_step = optimizer, mesh, make_step
-    self._batch_shard, self._evaluator = batch_shard, evaluator
+    self._batch_shard, self._make_evaluator = batch_shard, make_evaluator
     self._kits: dict[int, Kit] = {}
     self._fpt = [flops_lib.flops_per_token(m, config.data.seq_len) for m in self.models]
 
@@ -98,7 +107,8 @@ class Stages:
                                         self.config.sharding_rules)
       step_fn = jax.jit(self._make_step(cfg), in_shardings=(shard, self._batch_shard),
                         out_shardings=(shard, None), donate_argnums=0)
-      evaluator = self._evaluator if i == 0 else self._evaluator.for_model(cfg, shard.params)
+      evaluator = (self._make_evaluator(cfg, shard.params) if i == 0 else
+                   self.kit(0).evaluator.for_model(cfg, shard.params))
       self._kits[i] = Kit(i, config, abstract, shard, step_fn, evaluator, self._fpt[i],
                           self._optimizer)
     return self._kits[i]

@@ -35,7 +35,7 @@ from growlm.train.evaluate import Evaluator
 from growlm.train.loss import token_nll
 from growlm.train.metrics import MetricsWriter, ProgressBar, check_metrics_file
 from growlm.train.signals import StopRequest
-from growlm.train.state import TrainState, state_shardings
+from growlm.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +191,13 @@ def train(config: RunConfig, workdir: str, initialize: Initializer, *,
   batch_shard = sharding.batch_sharding(mesh, rules)
 
   with jax.set_mesh(mesh):
-    evaluator = Evaluator(cfg, eval_streams, d.seq_len, d.batch_size, config.eval.batches,
-                          batch_shard, state_shardings(cfg, optimizer, mesh, rules)[1].params)
     stages = stages_lib.Stages(
         config, optimizer, mesh, lambda m: make_train_step(m, optimizer, schedule, t.grad_accum),
-        batch_shard, evaluator)
+        batch_shard, lambda m, p_shard: Evaluator(m, eval_streams, d.seq_len, d.batch_size,
+                                                  config.eval.batches, batch_shard, p_shard))
     kit = stages.kit(0)
     start = initialize(Setup(config, workdir, mesh, optimizer, kit.abstract, kit.shard,
-                             evaluator.batches, abstract_at=stages.abstract_at))
+                             kit.evaluator.batches, abstract_at=stages.abstract_at))
     state = start.state
     first = int(jax.device_get(state.step))
     if not start.resumed and stages.index_at(first) != 0:
