@@ -213,3 +213,16 @@ def test_a_staged_run_is_compared_with_scratch_of_its_final_size_and_steps(stage
     r["config"]["train"]["num_steps"] = steps
     scratch.append(r)
   assert analysis.find_baseline(run, [run, *scratch])["name"] == f"scratch_{STEPS - AT}"
+
+
+def test_continue_schedule_refusals_are_one_line(staged_run):
+  """A Hugging Face source has no schedule to continue; a source already at train.num_steps
+  leaves nothing to train."""
+  c = resolve(_config(**{"init.source": staged_run, "init.continue_schedule": True}))
+  with pytest.raises(GrowlmError) as e:
+    source_lib.check_init(c, source_lib.read_source(staged_run))
+  one_line_naming(e, "continue_schedule", f"step {STEPS}", f"num_steps > {STEPS}")
+  hf = source_lib.Source("/x/hf", {}, resolve(_config()).model, hf=True)
+  with pytest.raises(GrowlmError) as e:
+    source_lib.check_init(c, hf)
+  one_line_naming(e, "continue_schedule", "Hugging Face", "accepted")
