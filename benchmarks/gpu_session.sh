@@ -6,8 +6,13 @@
 # Phases: env, apitests (started in the background, on CPU cores 8-15 with JAX_PLATFORMS=cpu:
 # tests/test_jax_api.py and the not-slow model, attention, loss and train tests on this
 # machine's jax), throughput (the gpt2-124m preset against the PyTorch reference), checks
-# (benchmarks/device_checks.py), growth (benchmarks/growth.py --preset gpt2-124m), knobs
-# (benchmarks/knobs.py with a profile of each variant; KNOBS overrides its --variants).
+# (benchmarks/device_checks.py; bgchecks starts it in the background instead: numerics only, so
+# it may share the GPU), growth (benchmarks/growth.py --preset gpt2-124m), knobs
+# (benchmarks/knobs.py with a profile of each variant; KNOBS overrides its --variants), scale
+# (configs/scale.py: the site-packages corpus prepared unless it is there, then SCALE_SEEDS (3) seeds side by side,
+# each seed's runs in order, for at most SCALE_SECS (420; it took 392 s on an H100) seconds; the run dirs without their
+# checkpoints go to $OUT/scale.tgz, to be analysed with `launch.py --analyze_only`; SCALE_CONFIG
+# (configs/scale.py) and SCALE_FLAGS (added to every launcher) rehearse it on a CPU).
 # Everything goes to $OUT (default runs/gpu): one log, the JSON results and the traces as one
 # tarball. Meant for an image that has jax with CUDA, flax, optax, orbax and torch: wheels in
 # .whl/ (ml-collections) are installed to /tmp/site first. DEADLINE (seconds, default 540)
@@ -32,6 +37,24 @@ BENCH_CPUS=${BENCH_CPUS:-0-7}   # the benchmarks' cores; the background tests ta
 TEST_CPUS=${TEST_CPUS:-8-15}
 
 say() { echo "$*" | tee -a "$LOG"; }
+# scale_sweep: one launcher per seed, side by side; each trains its seed's runs in dependency
+# order (the names come from the launcher's own dry run, so the config alone decides them).
+scale_sweep() {
+  local cfg=$1 dir=$2 seeds=$3; shift 3
+  local names k only pids=()
+  names=$(python3 experiments/launch.py --config="$cfg" --seeds="$seeds" --sweep_dir="$dir" \
+    --dry_run "$@" | grep -o -- '--config.name=[^ ]*' | cut -d= -f2) || return 1
+  for (( k = 0; k < seeds; k++ )); do
+    only=$(echo "$names" | grep -- "-s$k\$" | paste -sd, -)
+    python3 experiments/launch.py --config="$cfg" --seeds="$seeds" --sweep_dir="$dir" \
+      --only="$only" --noanalyze "$@" > "$OUT/scale-s$k.log" 2>&1 &
+    pids+=($!)
+  done
+  local rc=0 p
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  for (( k = 0; k < seeds; k++ )); do echo "-- seed $k:"; tail -n 4 "$OUT/scale-s$k.log"; done
+  return $rc
+}
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
 # phase NAME SECONDS CMD...: runs CMD with at most SECONDS (and never past the deadline).
 phase() {
@@ -63,6 +86,22 @@ for p in $PHASES; do
     throughput)
       phase throughput 240 taskset -c "$BENCH_CPUS" python3 benchmarks/throughput.py --preset gpt2-124m \
         --out "$OUT/throughput.json" ${THROUGHPUT_FLAGS:-} ${EXTRA:-} ;;
+    bgchecks)
+      say "== checks: background, log in $OUT/checks.log"
+      (timeout 240 taskset -c "$BENCH_CPUS" python3 benchmarks/device_checks.py \
+        --out "$OUT/device_checks.json" --watchdog 30 ${EXTRA:-} > "$OUT/checks.log" 2>&1;
+       echo "checks rc=$?" >> "$OUT/checks.log") &
+      CHECKS=$! ;;
+    scale)
+      SCALE_DIR=${SCALE_DIR:-runs/scale}
+      [[ -f runs/data/site-packages/manifest.json ]] || phase prepare 90 python3 -m growlm.prepare \
+        --source=site-packages --tokenizer=bytes --out=runs/data/site-packages --progress=false
+      export -f scale_sweep; export OUT
+      phase scale "${SCALE_SECS:-420}" bash -c 'scale_sweep "$@"' scale_sweep \
+        "${SCALE_CONFIG:-configs/scale.py}" \
+        "$SCALE_DIR" "${SCALE_SEEDS:-3}" ${SCALE_FLAGS:-}
+      # One file: the device tool brings back only so many files from $OUT.
+      tar czf "$OUT/scale.tgz" -C "$SCALE_DIR" --exclude=checkpoints . ;;
     checks)
       phase checks 90 taskset -c "$BENCH_CPUS" python3 benchmarks/device_checks.py \
         --out "$OUT/device_checks.json" --watchdog 30 ${EXTRA:-} ;;
@@ -78,6 +117,11 @@ batch=32}"
     *) say "unknown phase $p" ;;
   esac
 done
+if [[ -n "${CHECKS:-}" ]]; then
+  say "== waiting for checks"
+  wait "$CHECKS"
+  tail -n 40 "$OUT/checks.log" | tee -a "$LOG"
+fi
 if [[ -n "${APITESTS:-}" ]]; then
   say "== waiting for apitests"
   wait "$APITESTS"

@@ -1,4 +1,4 @@
-"""An accelerator-sized growth experiment: one H100-class GPU, about 10 minutes, fair baselines.
+"""An accelerator-sized growth experiment: one H100-class GPU, about 7 minutes, fair baselines.
 
 Once, the larger local corpus (every .py file of this Python's site-packages, byte tokens):
 
@@ -9,23 +9,26 @@ then, on the GPU machine:
   python experiments/launch.py --config=configs/scale.py --seeds=3 --sweep_dir=runs/scale
   python experiments/launch.py --config=configs/scale.py:runlocal --sweep_dir=/tmp/s   # CPU check
 
+or, as it was run for docs/results.md (the corpus prepared, the three seeds side by side on the
+one GPU, each seed's runs in order): `bash benchmarks/gpu_session.sh scale`, then
+`python experiments/launch.py --analyze_only --sweep_dir=DIR` on the run dirs it copies out.
+
 Runs, per seed (NAME-s0, -s1, -s2 with --seeds=3):
-  source            GPT-2 style, d_model 256, 4 layers (3.3M parameters), 500 steps
-  grown_tile        the source grown to d_model 512, 8 layers (25M) exactly (tile + identity)
+  source            GPT-2 style, d_model 256, 4 layers (3.5M parameters), 300 steps
+  grown_tile        the source grown to d_model 512, 8 layers (23.8M) exactly (tile + identity)
   grown_mean_fill   the same growth with mean_fill (exact under LayerNorm at any ratio)
   grown_zeros       the seed paper's zero padding (+ identity layers), not exact
-  scratch           the target from a random init, the same 500 steps (16.4M tokens)
+  scratch           the target from a random init, the same 300 steps (9.8M tokens)
   scratch_2x/_4x    the target from scratch at 2x and 4x the tokens, each with its own full
                     schedule: with `scratch` they make the compute frontier of the analysis
 Every run has batch 32 x 1024 byte tokens, AdamW at lr 1e-3 with cosine decay, bf16 compute.
 Evaluated on the corpus's held-out files (`heldout`, never trained on) and on the Python
 standard library (`stdlib`: another corpus, which site-packages does not contain).
 
-Compute (PaLM FLOPs, growlm.model.flops): 3.2e16 per seed, 9.5e16 for three seeds; at the
-~2.6e14 FLOP/s growlm reached on an H100 for GPT-2 124M in bf16 (benchmarks/README.md) that is
-about 6 minutes of training, more with compilation, evaluation and a smaller model's lower
-utilisation: about 10 minutes. Not run yet; when it is, its results.md and loss_curves.png go
-to docs/results.md.
+Compute (PaLM FLOPs, growlm.model.flops): 1.9e16 per seed, 5.7e16 for three seeds. Measured on
+one H100 on 2026-11-28 with `bash benchmarks/gpu_session.sh scale`: 8 s to prepare the corpus,
+6 min 32 s for the 21 runs (three seeds side by side). The results table and plot are in
+docs/results.md ("At accelerator size"), the per-seed table in docs/scale_results.md.
 """
 
 from growlm.config import defaults as config_lib
@@ -45,12 +48,12 @@ def get_config(arg: str | None = None):
   c.data.batch_size = 32
   with c.unlocked():
     c.data.eval.stdlib = "stdlib@all"
-  c.train.num_steps = 500
-  c.train.warmup_steps = 50
+  c.train.num_steps = 300
+  c.train.warmup_steps = 30
   c.train.lr = 1e-3
   c.eval.every_steps = 50
   c.eval.batches = 8
-  c.checkpoint.every_steps = 250
+  c.checkpoint.every_steps = 150
   c.log.every_steps = 10
   c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
   if args.runlocal:   # seconds on a CPU: the embedded corpus in memory, tiny shapes

@@ -4,11 +4,17 @@ Measured on held-out batches, never assumed: max and mean |delta logits|, KL(sou
 per token, and both models' losses; and, since a dead unit changes no logit, how many of the
 growth's new units receive any gradient (grow/dead.py). Every growth prints it and saves it as
 growth_report.json.
-Both models run in the target's compute dtype with every matrix product at the highest
-precision (float32 products stay float32 on accelerators too), whatever the caller's default.
+Both models compute in float32 with every matrix product at the highest precision (float32
+products stay float32 on accelerators too), whatever the config's dtype and the caller's
+default: the figures measure the growth, not rounding. A model that trains in bfloat16 or float16
+also gets the same comparison in that dtype (`compute_dtype`), which is what its training sees.
+On an H100, an exact tile + identity growth (d_model 256 -> 512, 4 -> 8 layers) showed max
+|delta logits| 1.6e-6 in float32 at the highest precision, 3.9e-2 in bfloat16.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from typing import Any, Iterable
 
@@ -47,6 +53,17 @@ def _batch_stats(src_cfg, dst_cfg, src_params, dst_params, batch):
           "nll_src": nll_s.sum(), "nll_dst": nll_d.sum(), "n_tokens": kl.size}
 
 
+def _compare(src_cfg, dst_cfg, src_params, dst_params, batches) -> dict[str, float]:
+  """_stats summed over the batches (the max of 'max')."""
+  step = jax.jit(_stats, static_argnums=(0, 1))
+  totals: dict[str, float] = {}
+  for b in batches:
+    for k, v in jax.device_get(step(src_cfg, dst_cfg, src_params, dst_params, b)).items():
+      v = float(v)
+      totals[k] = max(totals.get(k, 0.0), v) if k == "max" else totals.get(k, 0.0) + v
+  return totals
+
+
 def method_name(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan | None) -> str:
   """The plan's name, naming only the parts that act: 'tile', 'identity' or 'tile+identity'."""
   if plan is None:
@@ -67,15 +84,18 @@ def preservation_report(src_cfg: ModelConfig, src_params: Any, dst_cfg: ModelCon
   counts the new units that train (dead.new_unit_report, with a plan; `loss_fn` is the
   trainer's per-token loss, growlm.train.loss.token_nll, which this layer may not import)."""
   batches = list(batches)   # read twice: the comparison, then the dead-unit steps
-  step = jax.jit(_stats, static_argnums=(0, 1))
-  totals: dict[str, float] = {}
-  for b in batches:
-    for k, v in jax.device_get(step(src_cfg, dst_cfg, src_params, dst_params, b)).items():
-      v = float(v)
-      totals[k] = max(totals.get(k, 0.0), v) if k == "max" else totals.get(k, 0.0) + v
-  if not totals:
+  if not batches:
     raise ValueError("preservation_report needs at least one batch")
+  f32 = lambda c: dataclasses.replace(c, dtype="float32")
+  totals = _compare(f32(src_cfg), f32(dst_cfg), src_params, dst_params, batches)
   n_tok = totals["n_tokens"]
+  low = None
+  if dst_cfg.dtype != "float32":   # the same comparison in the dtype the model trains in
+    t = _compare(src_cfg, dst_cfg, src_params, dst_params, batches)
+    low = {"dtype": dst_cfg.dtype, "max_abs_logit_diff": t["max"],
+           "mean_abs_logit_diff": t["sum_abs"] / t["n_logits"],
+           "kl_src_dst": t["kl"] / t["n_tokens"],
+           "loss_delta": (t["nll_dst"] - t["nll_src"]) / t["n_tokens"]}
   report = {
       "method": method_name(src_cfg, dst_cfg, plan),
       "plan": plan.to_dict() if plan else None,
@@ -90,7 +110,8 @@ def preservation_report(src_cfg: ModelConfig, src_params: Any, dst_cfg: ModelCon
       "src_params": trees.count(src_params),
       "dst_params": trees.count(dst_params),
       "dims": core.describe(src_cfg, dst_cfg),
-      "dtype": dst_cfg.dtype,
+      "dtype": "float32",
+      "compute_dtype": low,
       "norm_eps": [src_cfg.norm_eps, dst_cfg.norm_eps],
       "matmul_precision": PRECISION,
       "new_units": (dead.new_unit_report(src_cfg, dst_cfg, plan, dst_params, batches, loss_fn)
@@ -109,8 +130,11 @@ def format_report(r: dict[str, Any]) -> str:
           f"  max |delta logits| {r['max_abs_logit_diff']:.3e}, mean {r['mean_abs_logit_diff']:.3e}"
           f", KL(src||dst) {r['kl_src_dst']:.3e} nats/token\n"
           f"  held-out loss: source {r['loss_src']:.4f}, grown {r['loss_dst']:.4f} "
-          f"(delta {r['loss_delta']:+.3e}) over {r['n_tokens']:,} tokens\n"
-          f"  {dead.format_line(r.get('new_units'))}")
+          f"(delta {r['loss_delta']:+.3e}) over {r['n_tokens']:,} tokens (float32)\n"
+          + (f"  in {low['dtype']}, as training computes: max |delta logits| "
+             f"{low['max_abs_logit_diff']:.3e}, KL {low['kl_src_dst']:.3e}, loss delta "
+             f"{low['loss_delta']:+.3e}\n" if (low := r.get("compute_dtype")) else "")
+          + f"  {dead.format_line(r.get('new_units'))}")
 
 
 def save_report(report: dict[str, Any], directory: str, name: str = "growth_report.json") -> str:
