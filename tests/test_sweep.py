@@ -257,6 +257,17 @@ def test_frontier_wall_clock_and_growth_that_already_reached_the_target(tmp_path
   assert d["wall_seconds_to_scratch_final"] == pytest.approx(4.0 + 4.0 * (reach - 50) / 50)
   assert d["wall_savings"] == pytest.approx(1 - d["wall_seconds_to_scratch_final"] / 20.0)
   assert d["reached_at_growth"] is False
+  # Equal compute: at the grown run's 100 FLOPs the frontier is the 2x run (3.4 against 4.0);
+  # at 140 (+ the source's 40), 3.4 - 0.8 * 0.4 = 3.08. A run ending before 140 has no say.
+  assert d["frontier_loss_at_final_flops"] == pytest.approx(3.4)
+  assert d["final_vs_frontier"] == pytest.approx(2.9 - 3.4)
+  assert d["frontier_loss_at_final_flops_with_source"] == pytest.approx(3.08)
+  assert d["final_vs_frontier_with_source"] == pytest.approx(2.9 - 3.08)
+  assert analysis.frontier_loss(300.0, "heldout", [{"rows": [], "name": "x"}]) is None
+  pooled = {p["run"]: p for p in res["pooled"]}["grown"]["final_vs_frontier_with_source"]
+  assert pooled["mean"] == pytest.approx(2.9 - 3.08) and pooled["n"] == 1
+  row = [l for l in (tmp_path / "results.md").read_text().splitlines() if l.startswith("| grown")]
+  assert row[0].rstrip(" |").endswith(f"{2.9 - 3.4:+.4f} | {2.9 - 3.08:+.4f}"), row[0]
   free = g["free"]["datasets"]["heldout"]
   assert free["reached_at_growth"] is True and free["savings"] is None
   assert free["savings_with_source"] == pytest.approx(1 - 40 / 200)

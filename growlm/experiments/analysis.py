@@ -107,6 +107,13 @@ def frontier(target: float, dataset: str, scratch: list[dict]) -> tuple[float | 
   return best
 
 
+def frontier_loss(f: float, dataset: str, scratch: list[dict]) -> float | None:
+  """The lowest eval loss any scratch run had at FLOPs `f` (interpolated; a run whose curve
+  ends before `f` does not count): the frontier at equal compute."""
+  at = [loss_at(*eval_curve(r, dataset)[:2], f) for r in scratch]
+  return min((v for v in at if v is not None), default=None)
+
+
 def _final(run: dict, dataset: str) -> tuple[float | None, float | None]:
   f, l, _ = eval_curve(run, dataset)
   return (float(l[-1]), float(f[-1])) if len(l) else (None, None)
@@ -146,6 +153,8 @@ def compare(grown: dict, scratch: dict, others: list[dict] | None = None) -> dic
     wall_reach = (float(np.interp(reach, gf, gw)) if reach is not None and len(gw)
                   and not np.isnan(gw).any() else None)
     scratch_wall = float(sw[-1]) if len(sw) and not math.isnan(sw[-1]) else None
+    every = others if others is not None else [scratch]
+    eq, eq_src = (frontier_loss(float(gf[-1]) + extra, ds, every) for extra in (0.0, source_flops))
     out["datasets"][ds] = {
         "loss_after_growth": None if stages else float(gl[0]),
         "scratch_loss_step0": float(sl[0]),
@@ -166,6 +175,10 @@ def compare(grown: dict, scratch: dict, others: list[dict] | None = None) -> dic
         "wall_seconds_to_scratch_final": wall_reach,
         "scratch_wall_seconds": scratch_wall,
         "wall_savings": None if at_growth else _saving(wall_reach, scratch_wall),
+        "frontier_loss_at_final_flops": eq,
+        "final_vs_frontier": None if eq is None else float(gl[-1]) - eq,
+        "frontier_loss_at_final_flops_with_source": eq_src,
+        "final_vs_frontier_with_source": None if eq_src is None else float(gl[-1]) - eq_src,
         "final_train_loss": _last_train(grown),
         "scratch_final_train_loss": _last_train(scratch),
     }
@@ -188,7 +201,7 @@ def sweep_seeds(sweep_dir: str) -> int:
 
 POOLED = ("loss_after_growth", "final_loss", "final_train_loss", "savings",
           "savings_with_source", "savings_vs_frontier", "savings_vs_frontier_with_source",
-          "wall_savings")
+          "wall_savings", "final_vs_frontier", "final_vs_frontier_with_source")
 
 
 def pool(grown: list[dict], seeds: int) -> list[dict[str, Any]]:
@@ -259,7 +272,8 @@ def results_table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
   """(columns, rows): one row per grown run and eval dataset, the numbers of results.json."""
   keys = ("loss_after_growth", "final_loss", "scratch_final_loss", "final_train_loss",
           "reached_at_growth", "savings", "savings_with_source", "savings_vs_frontier",
-          "savings_vs_frontier_with_source", "wall_savings")
+          "savings_vs_frontier_with_source", "wall_savings", "final_vs_frontier",
+          "final_vs_frontier_with_source")
   rows = [[g["run"], g["method"], g["baseline"], ds] + [d.get(k) for k in keys]
           for g in results["grown"] if g.get("baseline") for ds, d in g["datasets"].items()]
   return ["run", "method", "baseline", "dataset", *keys], rows
@@ -293,14 +307,18 @@ def results_markdown(results: dict[str, Any]) -> str:
            "source model's training FLOPs to the grown run's; \"frontier\" divides by the least "
            "FLOPs any scratch run of that size (each budget with its own schedule) needed to "
            "reach the same loss; \"wall\" is the same ratio in wall-clock seconds. A grown run "
-           "already at the target right after growth reads \"reached at growth\".", "",
+           "already at the target right after growth reads \"reached at growth\". \"final - "
+           "frontier\" is the grown run's final eval loss minus the lowest loss any scratch run "
+           "of that size had at the same FLOPs (+src: at the grown run's FLOPs plus the "
+           "source's): below zero, growth did better at equal compute.", "",
            "| run | method | dataset | loss after growth | scratch @ step 0 | scratch @ source "
            "FLOPs | final | scratch final | train final | scratch train final | savings | "
-           "savings +src | frontier | frontier +src | wall |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "savings +src | frontier | frontier +src | wall | final - frontier | "
+           "final - frontier +src |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for g in results["grown"]:
     if not g.get("baseline"):
-      lines.append(f"| {g['run']} | no scratch baseline of this size |" + " |" * 13)
+      lines.append(f"| {g['run']} | no scratch baseline of this size |" + " |" * 15)
       continue
     for ds, d in g["datasets"].items():
       lines.append(
@@ -311,17 +329,20 @@ def results_markdown(results: dict[str, Any]) -> str:
           f"{_savings_cell(d, 'savings')} | {_savings_cell(d, 'savings_with_source')} | "
           f"{_savings_cell(d, 'savings_vs_frontier')} | "
           f"{_savings_cell(d, 'savings_vs_frontier_with_source')} | "
-          f"{_savings_cell(d, 'wall_savings')} |")
+          f"{_savings_cell(d, 'wall_savings')} | {_fmt(d['final_vs_frontier'], '+.4f')} | "
+          f"{_fmt(d['final_vs_frontier_with_source'], '+.4f')} |")
   if results.get("seeds", 1) > 1:
     lines += ["", f"## Over {results['seeds']} seeds", "",
               "Mean ± sample standard deviation over the repetitions (n); each repetition is "
               "compared with the scratch runs of its own seed.", "",
               "| run | method | dataset | n | final | savings | savings +src | frontier | "
-              "frontier +src | reached at growth |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "frontier +src | final - frontier | final - frontier +src | reached at growth |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in results.get("pooled", []):
       cells = [_pm(p["final_loss"])] + [_pm(p[k], pct=True) for k in (
           "savings", "savings_with_source", "savings_vs_frontier",
-          "savings_vs_frontier_with_source")]
+          "savings_vs_frontier_with_source")] + [
+              _pm(p[k]) for k in ("final_vs_frontier", "final_vs_frontier_with_source")]
       lines.append(f"| {p['run']} | {p['method']} | {p['dataset']} | {p['n']} | "
                    + " | ".join(cells) + f" | {p['reached_at_growth']} of {p['n']} |")
   lines += ["", "| run | kind | d_model | layers | steps | FLOPs | wall s | train loss |",
