@@ -226,3 +226,17 @@ def test_continue_schedule_refusals_are_one_line(staged_run):
   with pytest.raises(GrowlmError) as e:
     source_lib.check_init(c, hf)
   one_line_naming(e, "continue_schedule", "Hugging Face", "accepted")
+
+
+def test_stages_before_a_continued_sources_step_are_refused_before_the_run_dir(staged_run,
+                                                                               tmp_path):
+  """init.continue_schedule starts at the source's step (12): a stage at step 6 lies behind it.
+  The trainer refuses with one line once it knows that step, before it writes the run dir."""
+  c = _config(**{"init.source": staged_run, "init.continue_schedule": True,
+                 "train.num_steps": 2 * STEPS, **{f"model.{k}": v for k, v in GROW.items()}})
+  c.stages = ({"step": AT, "model": {"n_layers": 8}, "plan": {"depth": "stack"}},)
+  wd = tmp_path / "behind"
+  with pytest.raises(GrowlmError) as e:
+    commands.train(c, str(wd))
+  one_line_naming(e, f"stages[0].step={AT}", f"step {STEPS}", f"stage steps > {STEPS}")
+  assert not wd.exists()
