@@ -3,7 +3,9 @@ accelerator (cuDNN kernels, TF32 matmul passes) where CI cannot go.
 
   1. growth exactness: tile + identity (d_model 256 -> 512, 4 -> 8 layers, float32, gpt2 and
      llama) through `growlm.grow` and the preservation report (products at HIGHEST), and the
-     same logits compared at jax's default precision, which is what the report once used;
+     same logits compared at jax's default precision, which is what the report once used; then
+     the same growth of a bfloat16 model (the report's float32 figures and its bfloat16 ones),
+     with each report's seconds, compilation included (the order: 2, 3, then 1);
   2. chunked cross-entropy against the plain full-logits one (float32, and the train step's
      bfloat16 inputs): loss and gradients, relative;
   3. attention: every implementation that runs here against the naive reference computed from
@@ -26,6 +28,7 @@ import datetime
 import faulthandler
 import os
 import sys
+import time
 from typing import Any, Sequence
 
 import jax
@@ -146,7 +149,15 @@ def growth_checks(s: dict) -> list[dict[str, Any]]:
     tokens = jax.random.randint(jax.random.key(3), (2, 4, s["growth_seq"] + 1), 0,
                                 src.vocab_size)
     batches = [{"inputs": b[:, :-1], "targets": b[:, 1:]} for b in tokens]
+    t0 = time.perf_counter()
     rep = report_lib.preservation_report(src, params, cfg, grown, batches, plan)
+    seconds = time.perf_counter() - t0
+    # The same growth of a bfloat16 model: the report's float32 figures beside its bfloat16
+    # ones, and what the float32 pass adds to a grown run's start (compilation included).
+    t0 = time.perf_counter()
+    low = report_lib.preservation_report(src.replace(dtype="bfloat16"), params,
+                                         cfg.replace(dtype="bfloat16"), grown, batches, plan)
+    low_seconds = time.perf_counter() - t0
     default = max(float(jnp.max(jnp.abs(
         jax.jit(lambda p, x: model_lib.apply(src, p, x))(params, b["inputs"])
         - jax.jit(lambda p, x: model_lib.apply(cfg, p, x))(grown, b["inputs"]))))
@@ -156,6 +167,11 @@ def growth_checks(s: dict) -> list[dict[str, Any]]:
                  "max_abs_logit_diff_report": rep["max_abs_logit_diff"],
                  "loss_delta_report": rep["loss_delta"],
                  "max_abs_logit_diff_default_precision": default,
+                 "report_seconds": seconds,
+                 "bf16_model_max_abs_logit_diff_report": low["max_abs_logit_diff"],
+                 "bf16_model_max_abs_logit_diff_in_bf16":
+                     low["compute_dtype"]["max_abs_logit_diff"],
+                 "bf16_model_report_seconds": low_seconds,
                  "attention": attention_lib.choose(cfg.attention, cfg.dtype, cfg.head_dim,
                                                    s["growth_seq"])})
   return rows
