@@ -15,7 +15,8 @@
 # (configs/scale.py) and SCALE_FLAGS (added to every launcher) rehearse it on a CPU).
 # Everything goes to $OUT (default runs/gpu): one log, the JSON results and the traces as one
 # tarball. Meant for an image that has jax with CUDA, flax, optax, orbax and torch: wheels in
-# .whl/ (ml-collections) are installed to /tmp/site first. DEADLINE (seconds, default 540)
+# .whl/ (ml-collections, grain, array-record: bash benchmarks/gpu_wheels.sh) are installed to
+# /tmp/site first. DEADLINE (seconds, default 540)
 # bounds the whole run: the last phases get what is left. EXTRA is added to every benchmark's
 # flags (EXTRA=--quick rehearses the session on a CPU in a minute).
 set -u
