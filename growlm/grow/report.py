@@ -15,7 +15,6 @@ On an H100, an exact tile + identity growth (d_model 256 -> 512, 4 -> 8 layers) 
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Any, Iterable
 
 import jax
