@@ -104,7 +104,7 @@ for p in $PHASES; do
       # One file: the device tool brings back only so many files from $OUT.
       tar czf "$OUT/scale.tgz" -C "$SCALE_DIR" --exclude=checkpoints . ;;
     checks)
-      phase checks 90 taskset -c "$BENCH_CPUS" python3 benchmarks/device_checks.py \
+      phase checks 240 taskset -c "$BENCH_CPUS" python3 benchmarks/device_checks.py \
         --out "$OUT/device_checks.json" --watchdog 30 ${EXTRA:-} ;;
     growth)
       phase growth 90 taskset -c "$BENCH_CPUS" python3 benchmarks/growth.py --preset gpt2-124m \
