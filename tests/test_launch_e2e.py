@@ -119,8 +119,11 @@ def test_sweep_on_a_fake_tpu_is_preempted_resumed_and_analysed(tmp_path, gcs):
 
 
 def _preempt_resume_analyse(root, env, work, sweep):
+  # keep=10: the stop checkpoint stays listed after the resumed run saves 20, 30 and 40 (with
+  # the default 3, a stop at step 11-19 was dropped, and the check below failed by timing).
   args = ["--only=source,grown_tile", "--config.train.num_steps=40",
-          "--config.checkpoint.every_steps=10", "--config.eval.every_steps=20"]
+          "--config.checkpoint.every_steps=10", "--config.eval.every_steps=20",
+          "--config.checkpoint.keep=10"]
   t0 = time.time()
   res = _launch(env, work, sweep, *args)
   assert res.returncode == 0, res.stderr[-3000:]
