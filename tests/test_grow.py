@@ -759,6 +759,26 @@ def test_preservation_report_of_a_bfloat16_model_measures_in_float32_and_in_bflo
   assert "as training computes" not in report_lib.format_report(f32)
 
 
+@_x64
+def test_preservation_report_of_a_float64_model_stays_float64(monkeypatch):
+  """The report never computes narrower than the model: an exact growth of a float64 model
+  reads float64 rounding (observed ~1e-15; float32 would show ~1e-6), with no compute_dtype."""
+  src = _cfg("gpt2", d_model=32, n_heads=2, n_kv_heads=2, head_dim=16, mlp_dim=64, n_layers=2,
+             dtype="float64")
+  plan = GrowthPlan("tile", depth="identity")
+  cfg = grown_config(src, src.replace(d_model=64, n_heads=4, n_kv_heads=4, mlp_dim=128,
+                                      n_layers=4), plan)
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), _random_params(src))
+  out = grow(params, src, cfg, plan, jax.random.key(1), scales=False).params
+  tokens = jax.random.randint(jax.random.key(2), (B, L), 0, src.vocab_size)
+  monkeypatch.setattr(report_lib.dead, "new_unit_report", lambda *a, **k: None)
+  r = report_lib.preservation_report(src, params, cfg, out,
+                                     [{"inputs": tokens, "targets": tokens}], plan)
+  assert r["dtype"] == "float64" and r["compute_dtype"] is None, r
+  assert r["max_abs_logit_diff"] < 1e-9, r
+  assert "tokens (float64)" in report_lib.format_report(r)
+
+
 # --- 12. Growth builds only what its plan reads (benchmarks/growth.py measures the cost).
 
 

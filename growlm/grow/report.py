@@ -4,9 +4,9 @@ Measured on held-out batches, never assumed: max and mean |delta logits|, KL(sou
 per token, and both models' losses; and, since a dead unit changes no logit, how many of the
 growth's new units receive any gradient (grow/dead.py). Every growth prints it and saves it as
 growth_report.json.
-Both models compute in float32 with every matrix product at the highest precision (float32
-products stay float32 on accelerators too), whatever the config's dtype and the caller's
-default: the figures measure the growth, not rounding. A model that trains in bfloat16 or float16
+Both models compute in float32 (float64 for a float64 model) with every matrix product at the
+highest precision (float32 products stay float32 on accelerators too), whatever the config's
+dtype and the caller's default: the figures measure the growth, not rounding. A model that trains in bfloat16 or float16
 also gets the same comparison in that dtype (`compute_dtype`), which is what its training sees.
 On an H100, an exact tile + identity growth (d_model 256 -> 512, 4 -> 8 layers) showed max
 |delta logits| 1.6e-6 in float32 at the highest precision, 3.9e-2 in bfloat16.
@@ -85,11 +85,13 @@ def preservation_report(src_cfg: ModelConfig, src_params: Any, dst_cfg: ModelCon
   batches = list(batches)   # read twice: the comparison, then the dead-unit steps
   if not batches:
     raise ValueError("preservation_report needs at least one batch")
-  f32 = lambda c: dataclasses.replace(c, dtype="float32")
-  totals = _compare(f32(src_cfg), f32(dst_cfg), src_params, dst_params, batches)
+  # float32, or float64 for a float64 model: never narrower than float32.
+  wide = jnp.dtype(jnp.promote_types(dst_cfg.dtype, jnp.float32)).name
+  totals = _compare(dataclasses.replace(src_cfg, dtype=wide),
+                    dataclasses.replace(dst_cfg, dtype=wide), src_params, dst_params, batches)
   n_tok = totals["n_tokens"]
   low = None
-  if dst_cfg.dtype != "float32":   # the same comparison in the dtype the model trains in
+  if dst_cfg.dtype != wide:   # the same comparison in the half dtype the model trains in
     t = _compare(src_cfg, dst_cfg, src_params, dst_params, batches)
     low = {"dtype": dst_cfg.dtype, "max_abs_logit_diff": t["max"],
            "mean_abs_logit_diff": t["sum_abs"] / t["n_logits"],
@@ -109,7 +111,7 @@ def preservation_report(src_cfg: ModelConfig, src_params: Any, dst_cfg: ModelCon
       "src_params": trees.count(src_params),
       "dst_params": trees.count(dst_params),
       "dims": core.describe(src_cfg, dst_cfg),
-      "dtype": "float32",
+      "dtype": wide,
       "compute_dtype": low,
       "norm_eps": [src_cfg.norm_eps, dst_cfg.norm_eps],
       "matmul_precision": PRECISION,
@@ -129,7 +131,7 @@ def format_report(r: dict[str, Any]) -> str:
           f"  max |delta logits| {r['max_abs_logit_diff']:.3e}, mean {r['mean_abs_logit_diff']:.3e}"
           f", KL(src||dst) {r['kl_src_dst']:.3e} nats/token\n"
           f"  held-out loss: source {r['loss_src']:.4f}, grown {r['loss_dst']:.4f} "
-          f"(delta {r['loss_delta']:+.3e}) over {r['n_tokens']:,} tokens (float32)\n"
+          f"(delta {r['loss_delta']:+.3e}) over {r['n_tokens']:,} tokens ({r['dtype']})\n"
           + (f"  in {low['dtype']}, as training computes: max |delta logits| "
              f"{low['max_abs_logit_diff']:.3e}, KL {low['kl_src_dst']:.3e}, loss delta "
              f"{low['loss_delta']:+.3e}\n" if (low := r.get("compute_dtype")) else "")
