@@ -9,15 +9,16 @@
 # (benchmarks/device_checks.py; bgchecks starts it in the background instead: numerics only, so
 # it may share the GPU), growth (benchmarks/growth.py --preset gpt2-124m), knobs
 # (benchmarks/knobs.py with a profile of each variant; KNOBS overrides its --variants), scale
-# (configs/scale.py: the site-packages corpus prepared unless it is there, then SCALE_SEEDS (3) seeds side by side,
-# each seed's runs in order, for at most SCALE_SECS (420; it took 392 s on an H100) seconds; the run dirs without their
-# checkpoints go to $OUT/scale.tgz, to be analysed with `launch.py --analyze_only`; SCALE_CONFIG
-# (configs/scale.py) and SCALE_FLAGS (added to every launcher) rehearse it on a CPU).
+# (configs/scale.py: the site-packages corpus prepared unless it is there, then SCALE_SEEDS (3)
+# seeds side by side, each seed's runs in order, for at most SCALE_SECS (420; it took 392 s on
+# an H100) seconds; the run dirs without their checkpoints go to $OUT/scale.tgz, to be analysed
+# with `launch.py --analyze_only`; SCALE_CONFIG (configs/scale.py) and SCALE_FLAGS (added to
+# every launcher) rehearse it on a CPU).
 # Everything goes to $OUT (default runs/gpu): one log, the JSON results and the traces as one
 # tarball. Meant for an image that has jax with CUDA, flax, optax, orbax and torch: wheels in
 # .whl/ (ml-collections, grain, array-record: bash benchmarks/gpu_wheels.sh) are installed to
-# /tmp/site first. DEADLINE (seconds, default 540)
-# bounds the whole run: the last phases get what is left. EXTRA is added to every benchmark's
+# /tmp/site first. DEADLINE (seconds, default 540) bounds the whole run: the last phases get
+# what is left. EXTRA is added to every benchmark's
 # flags (EXTRA=--quick rehearses the session on a CPU in a minute).
 set -u
 OUT=${OUT:-runs/gpu}
@@ -38,6 +39,10 @@ BENCH_CPUS=${BENCH_CPUS:-0-7}   # the benchmarks' cores; the background tests ta
 TEST_CPUS=${TEST_CPUS:-8-15}
 
 say() { echo "$*" | tee -a "$LOG"; }
+# benchmarks/device_checks.py as both `checks` (in turn) and `bgchecks` (in the background) run it.
+# shellcheck disable=SC2206
+CHECKS_CMD=(taskset -c "$BENCH_CPUS" python3 benchmarks/device_checks.py
+            --out "$OUT/device_checks.json" --watchdog 30 ${EXTRA:-})
 # scale_sweep: one launcher per seed, side by side; each trains its seed's runs in dependency
 # order (the names come from the launcher's own dry run, so the config alone decides them).
 scale_sweep() {
@@ -89,8 +94,7 @@ for p in $PHASES; do
         --out "$OUT/throughput.json" ${THROUGHPUT_FLAGS:-} ${EXTRA:-} ;;
     bgchecks)
       say "== checks: background, log in $OUT/checks.log"
-      (timeout 240 taskset -c "$BENCH_CPUS" python3 benchmarks/device_checks.py \
-        --out "$OUT/device_checks.json" --watchdog 30 ${EXTRA:-} > "$OUT/checks.log" 2>&1;
+      (timeout 240 "${CHECKS_CMD[@]}" > "$OUT/checks.log" 2>&1;
        echo "checks rc=$?" >> "$OUT/checks.log") &
       CHECKS=$! ;;
     scale)
@@ -104,8 +108,7 @@ for p in $PHASES; do
       # One file: the device tool brings back only so many files from $OUT.
       tar czf "$OUT/scale.tgz" -C "$SCALE_DIR" --exclude=checkpoints . ;;
     checks)
-      phase checks 240 taskset -c "$BENCH_CPUS" python3 benchmarks/device_checks.py \
-        --out "$OUT/device_checks.json" --watchdog 30 ${EXTRA:-} ;;
+      phase checks 240 "${CHECKS_CMD[@]}" ;;
     growth)
       phase growth 90 taskset -c "$BENCH_CPUS" python3 benchmarks/growth.py --preset gpt2-124m \
         --out "$OUT/growth.json" ${EXTRA:-} ;;
