@@ -87,7 +87,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
   p.add_argument("--profile", default="", help="a directory: trace 3 more steps of each "
-                 "variant there and report the 25 costliest device events per step")
+                 "variant there and report the 40 costliest device events per step and each "
+                 "profiled thread's busy time")
   common.add_output_flags(p, DEFAULT_OUT, QUICK)
   args = p.parse_args(argv)
   if args.preset is None:
@@ -137,7 +138,7 @@ def bench_variant(args: argparse.Namespace, fields: dict[str, Any], mesh,
     step_s, matmul_s, _ = throughput._interleaved(  # pylint: disable=protected-access
         step, reference, args.steps, args.warmup)
     loss = float(step()["train_loss"])
-    ops = profile(step, args.profile, len(args.seen)) if args.profile else None
+    ops, busy = profile(step, args.profile, len(args.seen)) if args.profile else (None, None)
     args.seen.append(fields)
     del carry["state"]
   fpt = flops_lib.flops_per_token(cfg, L)
@@ -164,6 +165,8 @@ def bench_variant(args: argparse.Namespace, fields: dict[str, Any], mesh,
       "final_train_loss": loss,
       "xla_memory": common.xla_memory(compiled),
       "profile_top": ops,
+      "profile_busy": busy,
+      "step_ms": 1e3 * statistics.median(step_s),
   }
 
 
@@ -172,7 +175,9 @@ def profile(step, directory: str, index: int, steps: int = 3, top: int = 40
   """Traces `steps` steps with jax.profiler into DIRECTORY/INDEX and sums each event name's time
   over the device planes' lines (the host's when there is no device plane; whole-module and
   step lines left out): the `top` names by time, in ms per step, with their line (on a GPU:
-  the HLO ops' line and each stream's kernels). The .xplane.pb stays for tools like xprof."""
+  the HLO ops' line and each stream's kernels), and each of those lines' busy time: the union
+  of its events, in ms per step (on a CPU, how much of the step each worker thread computes).
+  The .xplane.pb stays for tools like xprof."""
   out = os.path.join(directory, str(index))
   os.makedirs(out, exist_ok=True)
   jax.block_until_ready(step())
@@ -185,14 +190,30 @@ def profile(step, directory: str, index: int, steps: int = 3, top: int = 40
   device = [pl for pl in planes if pl.name.startswith("/device:")] or [
       pl for pl in planes if pl.name.startswith("/host:CPU")]
   totals: collections.Counter = collections.Counter()
+  busy = []
   for plane in device:
     for line in plane.lines:
       if "Modules" in line.name or "Steps" in line.name:
         continue
+      spans = sorted((e.start_ns, e.start_ns + e.duration_ns) for e in line.events)
       for event in line.events:
         totals[(line.name, event.name)] += event.duration_ns
-  return [{"line": line, "name": name, "ms_per_step": ns / 1e6 / steps}
-          for (line, name), ns in totals.most_common(top)]
+      if spans:
+        busy.append({"line": line.name, "busy_ms_per_step": _union_ns(spans) / 1e6 / steps})
+  ops = [{"line": line, "name": name, "ms_per_step": ns / 1e6 / steps}
+         for (line, name), ns in totals.most_common(top)]
+  return ops, busy
+
+
+def _union_ns(spans: list[tuple[int, int]]) -> int:
+  """Total length of the union of sorted (start, end) spans (nested events count once)."""
+  total, (start, end) = 0, spans[0]
+  for s, e in spans[1:]:
+    if s > end:
+      total, start, end = total + end - start, s, e
+    else:
+      end = max(end, e)
+  return total + end - start
 
 
 def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
@@ -209,6 +230,9 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     print(_line(row), flush=True)
     for op in row["profile_top"] or []:
       print(f"    {op['ms_per_step']:9.3f} ms  {op['line'][:28]:<28} {op['name'][:90]}")
+    for line in row["profile_busy"] or []:
+      print(f"    busy {line['busy_ms_per_step']:9.1f} ms of a {row['step_ms']:.1f} ms step  "
+            f"{line['line'][:60]}")
   return {
       "benchmark": "growlm train-step knobs",
       "command": command,

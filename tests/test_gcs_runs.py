@@ -116,3 +116,37 @@ def test_gs_data_prepare_train_and_hf_export(gcs, tmp_path, monkeypatch):
 def jax_leaves(tree):
   import jax  # pylint: disable=g-import-not-at-top
   return jax.tree.leaves(tree)
+
+
+@pytest.mark.slow
+def test_gs_staged_run_stops_at_its_stage_resumes_and_matches_a_local_one(gcs, tmp_path,
+                                                                          monkeypatch):
+  """A run that grows inside itself (config.stages) on gs://: stopped at the stage step, it
+  grows on relaunch, writes its stage report there and trains as the same run on local disk."""
+  monkeypatch.chdir(tmp_path)
+  base = {"train.num_steps": 8, "train.warmup_steps": 2, "checkpoint.every_steps": 4,
+          "eval.every_steps": 4, "log.every_steps": 1}
+
+  def staged(**more):
+    c = run_config(**base, **more)
+    c.stages = ({"step": 4, "model": {"d_model": 128, "n_heads": 4, "mlp_dim": 512,
+                                      "n_layers": 4},
+                 "plan": {"width": "tile", "depth": "identity"}, "optimizer": "grow"},)
+    return c
+
+  local = str(tmp_path.parent / f"{tmp_path.name}-local")
+  commands.train(staged(), local)
+  run = gcs.bucket() + "/staged"
+  commands.train(staged(**{"train.stop_at": 4}), run)
+  assert rundir.checkpoint_steps(run) == [4] and not fs.exists(fs.join(run, "growth_stage1.json"))
+  commands.train(staged(), run)
+  assert rundir.checkpoint_steps(run) == [4, 8]
+  got, ref = (_train_steps(rundir.metrics_path(d)) for d in (run, local))
+  assert got == ref and [s for s, _ in got] == list(range(1, 9))
+  growths = [r for r in rundir.read_metrics(rundir.metrics_path(run))
+             if r.get("event") == "growth"]
+  assert len(growths) == 1 and growths[0]["step"] == 4
+  report = fs.read_json_object(fs.join(run, "growth_stage1.json"), "report")
+  assert report["stage"] == 1 and report["max_abs_logit_diff"] < 1e-4   # tile + identity: exact
+  assert not fs.exists(fs.join(run, ".growlm-lock.json"))
+  assert os.listdir(tmp_path) == []

@@ -38,6 +38,8 @@ def test_knobs_quick_reports_the_resolved_knobs_and_its_arithmetic(tmp_path):
     assert row["flops_per_token"] == pytest.approx(flops.flops_per_token(cfg, L))
     assert row["mfu_spec"] is None     # a CPU has no spec peak
     assert row["profile_top"] and all(op["ms_per_step"] >= 0 for op in row["profile_top"])
+    busy = [b["busy_ms_per_step"] for b in row["profile_busy"]]
+    assert busy and min(busy) >= 0 and positive_finite(max(busy))
   assert first["over_first"] == 1.0
   assert second["over_first"] == pytest.approx(second["tokens_per_sec"] / first["tokens_per_sec"])
 
@@ -54,3 +56,10 @@ def test_device_checks_loss_part_on_this_device():
       assert r["loss_rel"] < 1e-6 and r["grad_rel"] < 1e-5, r
     else:
       assert r["loss_rel"] < 1e-2 and r["grad_rel"] < 1e-2, r
+
+
+def test_profile_busy_time_counts_nested_and_overlapping_events_once():
+  union = load_benchmark("knobs")._union_ns  # pylint: disable=protected-access
+  assert union([(0, 10)]) == 10
+  assert union([(0, 10), (2, 5), (8, 14), (20, 25)]) == 19   # nested, overlapping, apart
+  assert union([(0, 4), (4, 6)]) == 6
