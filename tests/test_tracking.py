@@ -282,3 +282,68 @@ def test_sweep_results_go_to_the_sweeps_group(tmp_path):
   off = dict(cfg, wandb=dict(cfg["wandb"], enabled=False))
   assert tracking.log_sweep_results(str(tmp_path / "none"), off, ["run"], []) is None
   assert not (tmp_path / "none").exists()
+
+
+def _state(workdir):
+  from growlm import fs  # pylint: disable=g-import-not-at-top
+  return json.loads(fs.read_bytes(fs.join(workdir, "wandb", tracking.STATE_FILE)))
+
+
+def test_the_resume_state_is_written_per_step_locally_and_at_flush_on_gs(gcs, tmp_path,
+                                                                         monkeypatch):
+  """A local run dir stores the last logged step at every step. A gs:// one stores it at most
+  every STATE_EVERY_S seconds (each write is several object requests), at flush and at close,
+  and a relaunch still resumes after the last step."""
+  monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_local"))
+  writes = []
+  real = tracking._write_state  # pylint: disable=protected-access
+  monkeypatch.setattr(tracking, "_write_state",
+                      lambda w, s: (writes.append((w, s["last_step"])), real(w, s))[1])
+  local = str(tmp_path / "run")
+  with tracking.make_tracker(resolve(_config()), local) as t:
+    for r in _records(range(3)):
+      t.log(r)
+      assert _state(local)["last_step"] == r["step"]
+
+  run = gcs.bucket() + "/run"
+  writes.clear()
+  t = tracking.make_tracker(resolve(_config()), run)
+  for r in _records(range(6)):
+    t.log(r)
+  assert writes == [(run, None)]                 # the run id alone, when it was made
+  assert _state(run)["last_step"] is None
+  t.flush()
+  t.flush()                                      # nothing new: no second write
+  assert writes[1:] == [(run, 5)] and _state(run)["last_step"] == 5
+  monkeypatch.setattr(tracking, "STATE_EVERY_S", 0.0)
+  t.log(_records([6])[0])
+  assert writes[2:] == [(run, 6)]
+  monkeypatch.setattr(tracking, "STATE_EVERY_S", 3600.0)
+  t.log(_records([7])[0])
+  t.close()
+  assert writes[3:] == [(run, 7)] and _state(run)["last_step"] == 7
+  second = tracking.make_tracker(resolve(_config()), run)
+  for r in _records(range(6, 9)):
+    second.log(r)
+  assert second._skipped == [6, 6, 7]   # pylint: disable=protected-access
+  second.close()
+
+
+def test_the_trainer_flushes_the_tracker_before_each_checkpoint(tmp_path, monkeypatch):
+  from growlm import commands  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  class Recording(tracking.Tracker):
+    def log(self, record):
+      if "train_loss" in record:
+        calls.append(("log", record["step"]))
+
+    def flush(self):
+      calls.append(("flush", None))
+
+  from conftest import run_config  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(tracking, "make_tracker", lambda config, workdir: Recording())
+  commands.train(run_config(**{"train.num_steps": 6, "checkpoint.every_steps": 3,
+                               "log.every_steps": 1}), str(tmp_path))
+  flushed_after = [calls[i - 1][1] for i, c in enumerate(calls) if c[0] == "flush"]
+  assert flushed_after == [3, 6], calls        # right after the train line of each checkpoint

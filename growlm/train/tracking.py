@@ -21,6 +21,7 @@ import netrc
 import numbers
 import os
 import secrets
+import time
 from typing import Any
 
 import jax
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
              "disabled": "disabled"}
 STATE_FILE = "growlm_wandb.json"
+# A gs:// run dir's state object is rewritten at most this often (each rewrite is a few object
+# requests, too slow for every logged step), and at every checkpoint and at close.
+STATE_EVERY_S = 30.0
 
 
 def wandb_fields(config: RunConfig) -> dict[str, Any]:
@@ -187,6 +191,10 @@ class Tracker:
     """Plots the run's eval loss against FLOPs (RUN/loss_curve.png) and logs it; the no-op
     tracker draws nothing."""
 
+  def flush(self) -> None:
+    """Stores what a relaunch needs to resume the tracker's run (the trainer calls it before
+    each checkpoint)."""
+
   def close(self) -> None:
     """Flushes and ends the run; safe to call twice."""
 
@@ -241,13 +249,27 @@ class WandbTracker(Tracker):
     # ends; offline it cannot know, so the step stored with the id decides.
     self._min_step = max(int(self.run.starting_step), 0 if last is None else int(last) + 1)
     self._skipped: list[int] = []
+    self._state_dirty, self._state_written = False, time.monotonic()
 
   def _advance(self, step: int) -> None:
     # Logging the same step again merges into W&B's open history row; a larger one commits it.
     self._min_step = step
     if self._state.get("last_step") is None or step > self._state["last_step"]:
       self._state["last_step"] = step
+      self._state_dirty = True
+      if (not fs.is_url(self._workdir)
+          or time.monotonic() - self._state_written >= STATE_EVERY_S):
+        self.flush()
+
+  def flush(self) -> None:
+    """Stores the last logged step with the run id (RUN/wandb/growlm_wandb.json): a local run
+    dir at every logged step, a gs:// one at most every STATE_EVERY_S seconds and here. After a
+    crash between two writes, an offline relaunch logs the steps since the stored one a second
+    time (online, W&B reports where its run ends and they are skipped); a stop by signal, the
+    end of the run and every checkpoint store it."""
+    if self._state_dirty:
       _write_state(self._workdir, self._state)
+      self._state_dirty, self._state_written = False, time.monotonic()
 
   def log(self, record: dict[str, Any]) -> None:
     """Events go to the run summary; other records to the history at their step."""
@@ -301,6 +323,7 @@ class WandbTracker(Tracker):
     """Ends the W&B run; exit_code 1 marks it failed in the UI."""
     if self.run is None:
       return
+    self.flush()
     if self._skipped:
       log.info("wandb: skipped %d records at steps %d..%d, logged before the resume",
                len(self._skipped), min(self._skipped), max(self._skipped))

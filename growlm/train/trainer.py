@@ -368,6 +368,7 @@ def _loop(config: RunConfig, workdir: str, start: Start, state: TrainState, iter
         if lease is not None:
           lease.ensure_held()  # taken over by another launch: stop before writing over it
         writer.flush()   # every line up to a checkpoint is stored before it (see MetricsWriter)
+        tracker.flush()  # and the W&B run's last step, so a resume skips what it holds
         ckpt.save(step, state, iterator.get_state(), meta(step))
       if stopping:
         bar.close()
