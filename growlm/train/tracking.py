@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
              "disabled": "disabled"}
 STATE_FILE = "growlm_wandb.json"
-# A gs:// run dir's state object is rewritten at most this often (each rewrite is a few object
-# requests, too slow for every logged step), and at every checkpoint and at close.
+# A gs:// run dir's state object is rewritten at most this often (each rewrite is an object
+# upload, a network round trip the training loop would wait for at every logged step), and at
+# every checkpoint and at close.
 STATE_EVERY_S = 30.0
 
 
