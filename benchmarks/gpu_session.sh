@@ -18,8 +18,8 @@
 # tarball. Meant for an image that has jax with CUDA, flax, optax, orbax and torch: wheels in
 # .whl/ (ml-collections, grain, array-record: bash benchmarks/gpu_wheels.sh) are installed to
 # /tmp/site first. DEADLINE (seconds, default 540) bounds the whole run: the last phases get
-# what is left. EXTRA is added to every benchmark's
-# flags (EXTRA=--quick rehearses the session on a CPU in a minute).
+# what is left. EXTRA is added to every benchmark's flags (EXTRA=--quick rehearses the session
+# on a CPU in a minute).
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"

@@ -166,7 +166,6 @@ def bench_variant(args: argparse.Namespace, fields: dict[str, Any], mesh,
       "xla_memory": common.xla_memory(compiled),
       "profile_top": ops,
       "profile_busy": busy,
-      "step_ms": 1e3 * statistics.median(step_s),
   }
 
 
@@ -230,8 +229,9 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     print(_line(row), flush=True)
     for op in row["profile_top"] or []:
       print(f"    {op['ms_per_step']:9.3f} ms  {op['line'][:28]:<28} {op['name'][:90]}")
+    step_ms = 1e3 * statistics.median(row["step_seconds"])
     for line in row["profile_busy"] or []:
-      print(f"    busy {line['busy_ms_per_step']:9.1f} ms of a {row['step_ms']:.1f} ms step  "
+      print(f"    busy {line['busy_ms_per_step']:9.1f} ms of a {step_ms:.1f} ms step  "
             f"{line['line'][:60]}")
   return {
       "benchmark": "growlm train-step knobs",

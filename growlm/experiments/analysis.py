@@ -140,6 +140,7 @@ def compare(grown: dict, scratch: dict, others: list[dict] | None = None) -> dic
                          "exact_expected": report.get("exact_expected"),
                          "max_abs_logit_diff": report.get("max_abs_logit_diff"),
                          "source_flops": source_flops, "datasets": {}}
+  every = others if others is not None else [scratch]   # the frontier's scratch runs
   for ds in eval_datasets(grown):
     gf, gl, _ = eval_curve(grown, ds)
     sf, sl, _ = eval_curve(scratch, ds)
@@ -148,12 +149,11 @@ def compare(grown: dict, scratch: dict, others: list[dict] | None = None) -> dic
     target, scratch_flops = float(sl[-1]), float(sf[-1])
     reach = flops_to_reach(gf, gl, target)
     at_growth = not stages and reach is not None and float(gl[0]) <= target
-    front, front_run = frontier(target, ds, others if others is not None else [scratch])
+    front, front_run = frontier(target, ds, every)
     gw, sw = _eval_wall(grown, ds), _eval_wall(scratch, ds)
     wall_reach = (float(np.interp(reach, gf, gw)) if reach is not None and len(gw)
                   and not np.isnan(gw).any() else None)
     scratch_wall = float(sw[-1]) if len(sw) and not math.isnan(sw[-1]) else None
-    every = others if others is not None else [scratch]
     eq, eq_src = (frontier_loss(float(gf[-1]) + extra, ds, every) for extra in (0.0, source_flops))
     out["datasets"][ds] = {
         "loss_after_growth": None if stages else float(gl[0]),
