@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-posi
 
 from growlm.config import defaults as config_lib  # noqa: E402  pylint: disable=wrong-import-position
 from growlm.config.typed import resolve  # noqa: E402  pylint: disable=wrong-import-position
+from growlm.train import metrics  # noqa: E402  pylint: disable=wrong-import-position
 from growlm.train import tracking  # noqa: E402  pylint: disable=wrong-import-position
 from growlm.errors import GrowlmError  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -292,7 +293,7 @@ def _state(workdir):
 def test_the_resume_state_is_written_per_step_locally_and_at_flush_on_gs(gcs, tmp_path,
                                                                          monkeypatch):
   """A local run dir stores the last logged step at every step. A gs:// one stores it at most
-  every STATE_EVERY_S seconds (each write is several object requests), at flush and at close,
+  every metrics.UPLOAD_EVERY_S (each write is an object upload), at flush and at close,
   and a relaunch still resumes after the last step."""
   monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_local"))
   writes = []
@@ -315,10 +316,10 @@ def test_the_resume_state_is_written_per_step_locally_and_at_flush_on_gs(gcs, tm
   t.flush()
   t.flush()                                      # nothing new: no second write
   assert writes[1:] == [(run, 5)] and _state(run)["last_step"] == 5
-  monkeypatch.setattr(tracking, "STATE_EVERY_S", 0.0)
+  monkeypatch.setattr(metrics, "UPLOAD_EVERY_S", 0.0)
   t.log(_records([6])[0])
   assert writes[2:] == [(run, 6)]
-  monkeypatch.setattr(tracking, "STATE_EVERY_S", 3600.0)
+  monkeypatch.setattr(metrics, "UPLOAD_EVERY_S", 3600.0)
   t.log(_records([7])[0])
   t.close()
   assert writes[3:] == [(run, 7)] and _state(run)["last_step"] == 7

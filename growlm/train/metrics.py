@@ -47,6 +47,11 @@ def read_records(path: str) -> list[dict[str, Any]]:
     out.append(rec)
   return out
 
+# How often, at most, a gs:// run dir's files that change as training goes (metrics.jsonl, the
+# W&B resume state) are uploaded again: an object store has no append, and each upload is a
+# network round trip the training loop waits for. Each is also stored at every checkpoint.
+UPLOAD_EVERY_S = 30.0
+
 
 def check_metrics_file(path: str) -> None:
   """Raises GrowlmError (one line) if `path` exists and is not a readable metrics.jsonl."""
@@ -62,7 +67,7 @@ class MetricsWriter:
   before each checkpoint, so a resume never finds a gap before its step) and at `close()`."""
 
   def __init__(self, path: str, *, enabled: bool = True, truncate_after_step: int | None = None,
-               upload_every_s: float = 30.0):
+               upload_every_s: float = UPLOAD_EVERY_S):
     self.enabled = enabled
     self.path = path
     self._f = None

@@ -29,6 +29,7 @@ import jax
 from growlm import curves, fs, transfer
 from growlm.config.typed import RunConfig
 from growlm.errors import GrowlmError
+from growlm.train import metrics
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,6 @@ log = logging.getLogger(__name__)
 ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
              "disabled": "disabled"}
 STATE_FILE = "growlm_wandb.json"
-# A gs:// run dir's state object is rewritten at most this often (each rewrite is an object
-# upload, a network round trip the training loop would wait for at every logged step), and at
-# every checkpoint and at close.
-STATE_EVERY_S = 30.0
 
 
 def wandb_fields(config: RunConfig) -> dict[str, Any]:
@@ -259,12 +256,12 @@ class WandbTracker(Tracker):
       self._state["last_step"] = step
       self._state_dirty = True
       if (not fs.is_url(self._workdir)
-          or time.monotonic() - self._state_written >= STATE_EVERY_S):
+          or time.monotonic() - self._state_written >= metrics.UPLOAD_EVERY_S):
         self.flush()
 
   def flush(self) -> None:
     """Stores the last logged step with the run id (RUN/wandb/growlm_wandb.json): a local run
-    dir at every logged step, a gs:// one at most every STATE_EVERY_S seconds and here. After a
+    dir at every logged step, a gs:// one at most every metrics.UPLOAD_EVERY_S and here. After a
     crash between two writes, an offline relaunch logs the steps since the stored one a second
     time (online, W&B reports where its run ends and they are skipped); a stop by signal, the
     end of the run and every checkpoint store it."""
