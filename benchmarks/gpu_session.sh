@@ -8,7 +8,8 @@
 # machine's jax), throughput (the gpt2-124m preset against the PyTorch reference), checks
 # (benchmarks/device_checks.py; bgchecks starts it in the background instead: numerics only, so
 # it may share the GPU), growth (benchmarks/growth.py --preset gpt2-124m), knobs
-# (benchmarks/knobs.py with a profile of each variant; KNOBS overrides its --variants), scale
+# (benchmarks/knobs.py with a profile of each variant; KNOBS overrides its --variants), xlaflags
+# (knobs.py's default variant once per XLA flag set: XLAFLAGS, sets separated by ";"), scale
 # (configs/scale.py: the site-packages corpus prepared unless it is there, then SCALE_SEEDS (3)
 # seeds side by side, each seed's runs in order, for at most SCALE_SECS (420; it took 392 s on
 # an H100) seconds; the run dirs without their checkpoints go to $OUT/scale.tgz, to be analysed
@@ -118,6 +119,17 @@ for p in $PHASES; do
         --variants "${KNOBS:-default; remat=none; remat=full; loss_chunk=1024; scan_unroll=2; \
 batch=32}"
       tar czf "$OUT/knobs_traces.tgz" -C /tmp knobs_prof 2>/dev/null ;;
+    xlaflags)
+      # One process per XLA flag set (XLA reads XLA_FLAGS once, at start): the default variant of
+      # knobs.py under each, added to any XLA_FLAGS already set; an unknown flag fails its set.
+      IFS=';' read -ra FLAGSETS <<< "${XLAFLAGS:-; --xla_gpu_enable_cudnn_layer_norm=true; \
+--xla_gpu_enable_while_loop_double_buffering=true; --xla_gpu_enable_command_buffer=}"
+      for k in "${!FLAGSETS[@]}"; do
+        f=$(echo "${FLAGSETS[$k]}" | xargs)
+        XLA_FLAGS=$(echo "${XLA_FLAGS:-} $f" | xargs) phase "xlaflags $k [${f:-none}]" 120 \
+          taskset -c "$BENCH_CPUS" python3 benchmarks/knobs.py --preset gpt2-124m \
+          --variants default --out "$OUT/xlaflags_$k.json" ${EXTRA:-}
+      done ;;
     *) say "unknown phase $p" ;;
   esac
 done

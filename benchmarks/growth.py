@@ -10,7 +10,11 @@ What one run measures (one device, the first one):
      each timed growth (a shared machine's load drifts; both medians sample the same stretch);
   3. the floor: (bytes read + bytes written) / copy rate, where growth must read the source
      (params, and the moments if grown) and write the target; ratio = growth time / floor;
-  4. memory: XLA's `memory_analysis()` of the compiled growth (arguments + outputs - aliased +
+  4. the draw: the target's own init of the leaves the growth reads it for (`core.fresh_leaves`,
+     bit for bit `init_params`'), timed alone after each growth, as a ratio to the floor and a
+     share of the growth; and one flat truncated-normal draw of as many values, the device's
+     random-number rate (is the init's loop over layers, or the generator, the cost?);
+  5. memory: XLA's `memory_analysis()` of the compiled growth (arguments + outputs - aliased +
      temporaries; the CPU client keeps no runtime peak) against the bound source + target + one
      target-sized buffer (the target's params), and the device allocator's peak where the
      runtime keeps one (GPU/TPU: `peak_bytes_in_use`, process-wide since start).
@@ -38,7 +42,7 @@ import jax.numpy as jnp
 from growlm import trees
 from growlm.grow import core
 from growlm.grow import optimizer as grow_opt
-from growlm.grow.plan import DEPTH_METHODS, WIDTH_METHODS, GrowthPlan
+from growlm.grow.plan import DEPTH_METHODS, WIDTH_METHODS, GrowthPlan, layer_sources
 from growlm.model import decoder as model_lib
 from growlm.model.config import STYLES, ModelConfig, make_model_config
 
@@ -138,17 +142,31 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     target_param_bytes = _nbytes(target_params)
     del out, target_params
 
+    # The draw alone: the target's own init of the leaves this growth reads it for, as grow()
+    # builds it (a jitted call of its own; inside the growth XLA may fuse it differently).
+    fresh = core.fresh_paths(core.leaf_specs(src, cfg, plan, params), plan,
+                             layer_sources(src.n_layers, dst.n_layers, plan))
+    draw = lambda: core.fresh_leaves(cfg, inputs[1], fresh) if fresh else []
+    shapes = model_lib.abstract_params(cfg)[0]
+    fresh_values = int(sum(trees.get(shapes, p).size for p in fresh))
+    # The device's own random-number rate: as many truncated normals drawn as one flat array.
+    flat = jax.jit(lambda k: jax.random.truncated_normal(k, -2.0, 2.0, (max(fresh_values, 1),)))
+
     # The copy: a float32 buffer of the target's size, read once and written once.
     buf = jnp.ones(max(bytes_written // 4, 1), jnp.float32)
     copy = jax.jit(lambda x: x + 0).lower(buf).compile()
     buffer_bytes = _nbytes(buf)
-    for _ in range(args.warmup + 1):
+    for _ in range(args.warmup + 1):   # the first draw compiles it
       _timed(lambda: copy(buf))
       _timed(lambda: compiled(*inputs))
-    copy_s, growth_s = [], []
+      _timed(draw)
+      _timed(lambda: flat(inputs[1]))
+    copy_s, growth_s, draw_s, flat_s = [], [], [], []
     for _ in range(args.runs):
       copy_s.append(_timed(lambda: copy(buf)))
       growth_s.append(_timed(lambda: compiled(*inputs)))
+      draw_s.append(_timed(draw))
+      flat_s.append(_timed(lambda: flat(inputs[1])))
 
   copy_rate = 2 * buffer_bytes / statistics.median(copy_s)
   floor_s = (bytes_read + bytes_written) / copy_rate
@@ -186,6 +204,14 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
       # The fastest growth against the fastest copy: under intermittent load the steadier pair.
       "ratio_to_floor_best": min(growth_s) * 2 * buffer_bytes / (
           min(copy_s) * (bytes_read + bytes_written)),
+      # What the draw costs: the leaves growth reads from the target's own init (bit for bit
+      # init_params'), their value count, that draw timed alone (its share of the growth), and
+      # one flat truncated-normal draw of as many values (the device's random-number rate).
+      "fresh": {"paths": ["/".join(p) for p in fresh], "values": fresh_values,
+                "seconds": draw_s, "median_seconds": statistics.median(draw_s),
+                "ratio_to_floor": statistics.median(draw_s) / floor_s,
+                "share_of_growth": statistics.median(draw_s) / median_s,
+                "flat_seconds": flat_s, "flat_median_seconds": statistics.median(flat_s)},
       "xla_memory": memory,
       "memory_bound_definition": ("source (bytes_read) + target (bytes_written) + one "
                                   "target-sized buffer (target_param_bytes)"),
@@ -206,6 +232,11 @@ def _summary(r: dict[str, Any]) -> str:
       f"  growth median {r['median_growth_seconds'] * 1e3:.2f} ms over {len(r['growth_seconds'])}"
       f" runs (compile {r['compile_seconds']:.1f} s): {r['ratio_to_floor']:.2f}x the floor "
       f"(best pair {r['ratio_to_floor_best']:.2f}x)"]
+  f = r["fresh"]
+  lines.append(f"  the target's own init it reads ({len(f['paths'])} leaves, "
+               f"{f['values']:,} values) drawn alone: {f['median_seconds'] * 1e3:.2f} ms = "
+               f"{f['ratio_to_floor']:.2f}x the floor, {f['share_of_growth']:.0%} of the growth;"
+               f" one flat draw of as many: {f['flat_median_seconds'] * 1e3:.2f} ms")
   m = r["xla_memory"]
   if m:
     lines.append(f"  XLA memory: args {mib(m['argument_size_in_bytes'])} + out "

@@ -62,3 +62,33 @@ def test_each_seed_gets_its_own_runs_and_the_flags(tmp_path):
 def test_a_failed_seed_fails_the_phase(tmp_path):
   proc, calls = _scale_sweep(tmp_path, fail_on="source-s1")
   assert proc.returncode != 0 and len(calls) == 2
+
+
+def test_xlaflags_runs_one_process_per_flag_set_and_goes_on_after_a_failure(tmp_path):
+  """`xlaflags`: knobs.py's default variant once per set, each set added to the XLA_FLAGS
+  already there (an empty set: those alone), and a set that fails does not stop the next."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  log = tmp_path / "calls.log"
+  (bin_dir / "python3").write_text(textwrap.dedent(f"""\
+      #!/usr/bin/env bash
+      [[ "$1 $2" == "-m pip" ]] && exit 0
+      echo "XLA_FLAGS=[$XLA_FLAGS] $*" >> {log}
+      [[ "$XLA_FLAGS" == *--a=1* ]] && exit 3
+      exit 0
+      """))
+  (bin_dir / "python3").chmod(0o755)
+  out = tmp_path / "out"
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out),
+             XLA_FLAGS="--pre=1", XLAFLAGS=" ; --a=1;--b=2 ")
+  proc = subprocess.run(["bash", str(SCRIPT), "xlaflags"], env=env, capture_output=True,
+                        text=True, cwd=REPO, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  calls = log.read_text().splitlines()
+  assert [c.split("]", 1)[0] + "]" for c in calls] == [
+      "XLA_FLAGS=[--pre=1]", "XLA_FLAGS=[--pre=1 --a=1]", "XLA_FLAGS=[--pre=1 --b=2]"], calls
+  for k, call in enumerate(calls):
+    assert (f"benchmarks/knobs.py --preset gpt2-124m --variants default "
+            f"--out {out}/xlaflags_{k}.json") in call, call
+  session = (out / "session.log").read_text()
+  assert "xlaflags 1 [--a=1] rc=3" in session and "xlaflags 2 [--b=2] rc=0" in session, session

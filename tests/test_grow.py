@@ -787,9 +787,9 @@ def test_growth_builds_only_the_fresh_leaves_it_reads(monkeypatch):
   or new identity layers (never for writers into the residual stream, nor at all for a tile
   growth that adds no unit and no layer), and each such leaf equals init_params' bit for bit."""
   src = _cfg("gpt2", d_model=16, n_heads=2, n_kv_heads=2, head_dim=8, mlp_dim=32, n_layers=2)
-  real = grow_core._fresh_leaves  # pylint: disable=protected-access
+  real = grow_core.fresh_leaves
   calls = []
-  monkeypatch.setattr(grow_core, "_fresh_leaves", lambda cfg, rng, paths: (
+  monkeypatch.setattr(grow_core, "fresh_leaves", lambda cfg, rng, paths: (
       calls.append({"/".join(p) for p in paths}), real(cfg, rng, paths))[1])
   plans = [(src.replace(d_model=32), GrowthPlan("tile")),
            (src.replace(d_model=24, mlp_dim=48, n_layers=3), GrowthPlan("mean_fill")),

@@ -13,11 +13,18 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_benchmark, positive_finite
-from growlm.grow import GrowthPlan, grown_config
+from growlm.grow import GrowthPlan, grow, grown_config
+from growlm.grow import core as grow_core
 from growlm.model import decoder as model
 from growlm.model.config import ModelConfig
 
 SCRIPT = REPO / "benchmarks" / "growth.py"
+
+
+def _get(tree, path: str):
+  for k in path.split("/"):
+    tree = tree[k]
+  return tree
 
 
 def _bytes(cfg: ModelConfig) -> int:
@@ -26,7 +33,7 @@ def _bytes(cfg: ModelConfig) -> int:
 
 
 @pytest.mark.parametrize("opt_state", ["none", "grow"])
-def test_quick_growth_benchmark(tmp_path, opt_state):
+def test_quick_growth_benchmark(tmp_path, monkeypatch, opt_state):
   """--quick (gpt2 nano -> tiny, mean_fill + identity) in process: every figure recomputed."""
   mod = load_benchmark("growth")
   out = tmp_path / "growth.json"
@@ -59,6 +66,23 @@ def test_quick_growth_benchmark(tmp_path, opt_state):
   best = min(r["growth_seconds"]) / (
       (r["bytes_read"] + r["bytes_written"]) / (2 * copy["buffer_bytes"] / min(copy["seconds"])))
   assert r["ratio_to_floor_best"] == pytest.approx(best, rel=1e-12)
+  # The draw: exactly the leaves grow() builds from the target's own init (asked of a spy),
+  # their value count, and the figures derived from its times.
+  f, asked = r["fresh"], []
+  real = grow_core.fresh_leaves
+  monkeypatch.setattr(grow_core, "fresh_leaves",
+                      lambda c, k, paths: (asked.append(paths), real(c, k, paths))[1])
+  jax.eval_shape(lambda p, k: grow(p, src, dst, plan, k, scales=False).params,
+                 model.abstract_params(src)[0], jax.random.key(0))
+  assert f["paths"] == ["/".join(p) for p in asked[0]] and "layers/mlp/wi" in f["paths"]
+  shapes = model.abstract_params(dst)[0]
+  assert f["values"] == sum(int(np.prod(_get(shapes, p).shape)) for p in f["paths"])
+  assert len(f["seconds"]) == len(f["flat_seconds"]) == runs
+  assert all(positive_finite(t) for t in f["seconds"] + f["flat_seconds"])
+  assert f["median_seconds"] == pytest.approx(statistics.median(f["seconds"]), rel=1e-12)
+  assert f["ratio_to_floor"] == pytest.approx(f["median_seconds"] / floor, rel=1e-12)
+  assert f["share_of_growth"] == pytest.approx(f["median_seconds"] / median, rel=1e-12)
+  assert f["flat_median_seconds"] == pytest.approx(statistics.median(f["flat_seconds"]))
   # Memory: XLA's estimate and the bound, then the bound itself (deterministic).
   m = r["xla_memory"]
   assert m["estimate_bytes"] == (m["argument_size_in_bytes"] + m["output_size_in_bytes"]

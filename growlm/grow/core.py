@@ -269,8 +269,15 @@ def _needs_fresh(path, spec: LeafSpec, plan: GrowthPlan, new_layers: bool) -> bo
   return path[-1] not in _NORM_LEAVES and bool(np.isin(spec.fill, (NOISE, FREE)).any())
 
 
+def fresh_paths(specs: dict, plan: GrowthPlan, sources) -> tuple:
+  """The leaves (of `leaf_specs`) a growth reads from the target's own init, in tree order."""
+  new_layers = any(n for _, n in sources)
+  return tuple(p for p, (spec, _, _) in specs.items()
+               if _needs_fresh(p, spec, plan, p[0] == "layers" and new_layers))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 2))
-def _fresh_leaves(cfg: ModelConfig, rng, paths: tuple) -> list:
+def fresh_leaves(cfg: ModelConfig, rng, paths: tuple) -> list:
   """The target's own init of the leaves at `paths` alone: the whole init is traced, so each
   leaf is bit for bit `init_params(cfg, rng)`'s, and XLA drops every other leaf's initialiser.
   Speed knobs are pinned: the init's values never depend on them, nor then do its bits."""
@@ -360,9 +367,8 @@ def grow(params: Any, src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, rng:
   trees.check_like(params, model_lib.abstract_params(src)[0], "growth: source")
   sources = layer_sources(src.n_layers, dst.n_layers, plan)
   specs = leaf_specs(src, cfg, plan, params)
-  need = tuple(p for p, (spec, _, _) in specs.items() if _needs_fresh(
-      p, spec, plan, p[0] == "layers" and any(n for _, n in sources)))
-  fresh_all = dict(zip(need, _fresh_leaves(cfg, _fold(rng, ("fresh",)), need))) if need else {}
+  need = fresh_paths(specs, plan, sources)
+  fresh_all = dict(zip(need, fresh_leaves(cfg, _fold(rng, ("fresh",)), need))) if need else {}
   out = {}
   for path, (spec, t, x) in specs.items():
     fresh, layered = fresh_all.get(path), path[0] == "layers"
