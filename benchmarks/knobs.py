@@ -87,8 +87,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
   p.add_argument("--profile", default="", help="a directory: trace 3 more steps of each "
-                 "variant there and report the 40 costliest device events per step and each "
-                 "profiled thread's busy time")
+                 "variant there and report the 40 costliest device events per step, each "
+                 "profiled line's busy time and that of all of them together")
   common.add_output_flags(p, DEFAULT_OUT, QUICK)
   args = p.parse_args(argv)
   if args.preset is None:
@@ -169,13 +169,19 @@ def bench_variant(args: argparse.Namespace, fields: dict[str, Any], mesh,
   }
 
 
+CPU_WORKERS = "XLAEigen"         # the CPU runtime's worker threads are named tf_XLAEigen/...
+ANY_LINE = "any of the lines above"
+
+
 def profile(step, directory: str, index: int, steps: int = 3, top: int = 40
             ) -> list[dict[str, Any]]:
   """Traces `steps` steps with jax.profiler into DIRECTORY/INDEX and sums each event name's time
   over the device planes' lines (the host's when there is no device plane; whole-module and
   step lines left out): the `top` names by time, in ms per step, with their line (on a GPU:
-  the HLO ops' line and each stream's kernels), and each of those lines' busy time: the union
-  of its events, in ms per step (on a CPU, how much of the step each worker thread computes).
+  the HLO ops' line and each stream's kernels). Then the busy time, the union of events in ms
+  per step, of each line that runs the program (on a CPU, XLA's worker threads), and last of
+  all of them together: the step less that is the most time nothing ran. A line's own figure
+  undercounts on a CPU: a product that YNNPACK splits over both threads is traced on one.
   The .xplane.pb stays for tools like xprof."""
   out = os.path.join(directory, str(index))
   os.makedirs(out, exist_ok=True)
@@ -188,8 +194,9 @@ def profile(step, directory: str, index: int, steps: int = 3, top: int = 40
   planes = list(jax.profiler.ProfileData.from_file(path).planes)
   device = [pl for pl in planes if pl.name.startswith("/device:")] or [
       pl for pl in planes if pl.name.startswith("/host:CPU")]
+  host = not device[0].name.startswith("/device:") if device else False
   totals: collections.Counter = collections.Counter()
-  busy = []
+  busy, every = [], []
   for plane in device:
     for line in plane.lines:
       if "Modules" in line.name or "Steps" in line.name:
@@ -197,8 +204,11 @@ def profile(step, directory: str, index: int, steps: int = 3, top: int = 40
       spans = sorted((e.start_ns, e.start_ns + e.duration_ns) for e in line.events)
       for event in line.events:
         totals[(line.name, event.name)] += event.duration_ns
-      if spans:
+      if spans and not (host and CPU_WORKERS not in line.name):   # python, client threads: waits
         busy.append({"line": line.name, "busy_ms_per_step": _union_ns(spans) / 1e6 / steps})
+        every += spans
+  if every:
+    busy.append({"line": ANY_LINE, "busy_ms_per_step": _union_ns(sorted(every)) / 1e6 / steps})
   ops = [{"line": line, "name": name, "ms_per_step": ns / 1e6 / steps}
          for (line, name), ns in totals.most_common(top)]
   return ops, busy

@@ -38,8 +38,14 @@ def test_knobs_quick_reports_the_resolved_knobs_and_its_arithmetic(tmp_path):
     assert row["flops_per_token"] == pytest.approx(flops.flops_per_token(cfg, L))
     assert row["mfu_spec"] is None     # a CPU has no spec peak
     assert row["profile_top"] and all(op["ms_per_step"] >= 0 for op in row["profile_top"])
-    busy = [b["busy_ms_per_step"] for b in row["profile_busy"]]
+    # Each XLA worker thread's busy time, then all of them together: at least the busiest one,
+    # at most their sum (python and client threads, which mostly wait, left out).
+    *lines, anyl = row["profile_busy"]
+    busy = [b["busy_ms_per_step"] for b in lines]
     assert busy and min(busy) >= 0 and positive_finite(max(busy))
+    assert all(knobs.CPU_WORKERS in b["line"] for b in lines), lines
+    assert anyl["line"] == knobs.ANY_LINE
+    assert max(busy) <= anyl["busy_ms_per_step"] <= sum(busy), row
   assert first["over_first"] == 1.0
   assert second["over_first"] == pytest.approx(second["tokens_per_sec"] / first["tokens_per_sec"])
 
