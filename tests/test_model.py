@@ -152,6 +152,20 @@ def test_speed_knobs_do_not_change_logits_or_grads(knob):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("knob", [dict(remat="full"), dict(remat="dots_no_batch"),
+                                  dict(scan_unroll=3), dict(attention="xla"), dict(loss_chunk=4)])
+def test_speed_knobs_do_not_change_the_init_bits(knob):
+  """A run's seed gives the same parameters whatever its speed knobs, bit for bit. Flax derives
+  each parameter's key from its module path and a per-module counter that keeps counting across
+  traces of the layer scan, so a knob that changed the modules or how that scan is traced could
+  change every weight (grow.core.fresh_leaves relies on this; benchmarks/README.md, growth)."""
+  cfg = make_model_config("nano", "gpt2", n_layers=3, remat="none")
+  a = model.init_params(cfg, jax.random.key(5))
+  b = model.init_params(cfg.replace(**knob), jax.random.key(5))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x).view(np.uint32), np.asarray(y).view(np.uint32))
+
+
 def test_remat_auto_and_explicit_policies():
   # auto: dots_no_batch, measured fastest on the 2-core CPU and on an H100 (benchmarks/README.md)
   for platform in ("cpu", "gpu", "tpu"):
