@@ -9,6 +9,8 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
+from growlm.errors import EXIT_USER_ERROR, GrowlmError
+
 
 def xla_memory(compiled) -> dict[str, int]:
   """XLA's static buffer sizes for one compiled program (the CPU client keeps no runtime peak).
@@ -70,11 +72,16 @@ def apply_quick(args, quick: dict) -> None:
 def cli(script: str, argv: Sequence[str] | None, parse_args: Callable, run: Callable,
         summary: Callable[[dict], str]) -> dict[str, Any]:
   """Parses `argv` (default sys.argv[1:]), runs, prints the summary, writes `args.out`
-  (through a temporary file, so a stopped run leaves no half-written result)."""
+  (through a temporary file, so a stopped run leaves no half-written result). Bad input found
+  while running (a knob's value the model config refuses) exits with one `growlm: error:` line."""
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
   rel = os.path.relpath(os.path.abspath(script))
-  result = run(args, command=" ".join([os.path.relpath(sys.executable), rel] + argv))
+  try:
+    result = run(args, command=" ".join([os.path.relpath(sys.executable), rel] + argv))
+  except GrowlmError as e:
+    print(f"growlm: error: {e}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
   print(summary(result))
   out_dir = os.path.dirname(args.out)
   if out_dir:

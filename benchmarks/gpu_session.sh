@@ -116,8 +116,8 @@ for p in $PHASES; do
     knobs)
       phase knobs 600 taskset -c "$BENCH_CPUS" python3 benchmarks/knobs.py --preset gpt2-124m \
         --profile /tmp/knobs_prof --out "$OUT/knobs.json" ${EXTRA:-} \
-        --variants "${KNOBS:-default; remat=none; remat=full; loss_chunk=1024; scan_unroll=2; \
-batch=32}"
+        --variants "${KNOBS:-default; scan_unroll=12; remat=full; remat=none,scan_unroll=12; \
+param_dtype=bfloat16; batch=32}"
       tar czf "$OUT/knobs_traces.tgz" -C /tmp knobs_prof 2>/dev/null ;;
     xlaflags)
       # One process per XLA flag set (XLA reads XLA_FLAGS once, at start): the default variant of

@@ -28,7 +28,7 @@ def test_knobs_quick_reports_the_resolved_knobs_and_its_arithmetic(tmp_path):
   # On a CPU at seq_len 32, auto resolves to xla attention (blocked needs >= 64 positions),
   # dots_no_batch, and loss chunks of half the sequence.
   assert first["model"] == {"attention": "xla", "remat": "dots_no_batch", "scan_unroll": 1,
-                            "loss_chunk": 16, "dtype": "float32"}
+                            "loss_chunk": 16, "dtype": "float32", "param_dtype": "float32"}
   assert second["model"]["remat"] == "full" and second["model"]["loss_chunk"] == 8
   cfg = make_model_config("nano", "gpt2", max_len=32)
   for row in (first, second):
@@ -69,3 +69,26 @@ def test_profile_busy_time_counts_nested_and_overlapping_events_once():
   assert union([(0, 10)]) == 10
   assert union([(0, 10), (2, 5), (8, 14), (20, 25)]) == 19   # nested, overlapping, apart
   assert union([(0, 4), (4, 6)]) == 6
+
+
+def test_knobs_param_dtype_variant_and_a_refused_value(tmp_path, capsys):
+  """param_dtype=bfloat16 trains with bf16 parameters; a value the model config refuses exits
+  2 with one `growlm: error:` line naming it, and writes no result."""
+  knobs = load_benchmark("knobs")
+  r = knobs.main(["--quick", "--variants", "default; param_dtype=bfloat16", "--out",
+                  str(tmp_path / "k.json")])
+  f32, row = r["rows"]
+  assert row["model"]["param_dtype"] == "bfloat16" and row["variant"] == {
+      "param_dtype": "bfloat16"}
+  assert positive_finite(row["final_train_loss"])
+  # The step's arguments (the state: parameters and both moments, and the batch) shrink by
+  # about half: the variant really stores them in bf16.
+  arg = lambda x: x["xla_memory"]["argument_size_in_bytes"]
+  assert 0.45 < arg(row) / arg(f32) < 0.6, (arg(row), arg(f32))
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as e:
+    knobs.main(["--quick", "--variants", "param_dtype=int8", "--out", str(tmp_path / "x.json")])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 2 and len(err) == 1, err
+  assert err[0].startswith("growlm: error: model config: param_dtype='int8'; accepted:"), err
+  assert not (tmp_path / "x.json").exists() and not (tmp_path / "x.json.tmp").exists()
