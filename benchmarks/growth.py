@@ -144,11 +144,10 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
 
     # The draw alone: the target's own init of the leaves this growth reads it for, as grow()
     # builds it (a jitted call of its own; inside the growth XLA may fuse it differently).
-    fresh = core.fresh_paths(core.leaf_specs(src, cfg, plan, params), plan,
-                             layer_sources(src.n_layers, dst.n_layers, plan))
+    specs = core.leaf_specs(src, cfg, plan, params)   # {path: (spec, target shape, source)}
+    fresh = core.fresh_paths(specs, plan, layer_sources(src.n_layers, dst.n_layers, plan))
     draw = lambda: core.fresh_leaves(cfg, inputs[1], fresh) if fresh else []
-    shapes = model_lib.abstract_params(cfg)[0]
-    fresh_values = int(sum(trees.get(shapes, p).size for p in fresh))
+    fresh_values = int(sum(specs[p][1].size for p in fresh))
     # The device's own random-number rate: as many truncated normals drawn as one flat array.
     flat = jax.jit(lambda k: jax.random.truncated_normal(k, -2.0, 2.0, (max(fresh_values, 1),)))
 

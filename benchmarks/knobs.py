@@ -178,7 +178,7 @@ ANY_LINE = "any of the lines above"
 
 
 def profile(step, directory: str, index: int, steps: int = 3, top: int = 40
-            ) -> list[dict[str, Any]]:
+            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
   """Traces `steps` steps with jax.profiler into DIRECTORY/INDEX and sums each event name's time
   over the device planes' lines (the host's when there is no device plane; whole-module and
   step lines left out): the `top` names by time, in ms per step, with their line (on a GPU:
@@ -196,12 +196,11 @@ def profile(step, directory: str, index: int, steps: int = 3, top: int = 40
   jax.profiler.stop_trace()
   path = sorted(glob.glob(os.path.join(out, "**", "*.xplane.pb"), recursive=True))[-1]
   planes = list(jax.profiler.ProfileData.from_file(path).planes)
-  device = [pl for pl in planes if pl.name.startswith("/device:")] or [
-      pl for pl in planes if pl.name.startswith("/host:CPU")]
-  host = not device[0].name.startswith("/device:") if device else False
+  device = [pl for pl in planes if pl.name.startswith("/device:")]
+  host = not device
   totals: collections.Counter = collections.Counter()
   busy, every = [], []
-  for plane in device:
+  for plane in device or [pl for pl in planes if pl.name.startswith("/host:CPU")]:
     for line in plane.lines:
       if "Modules" in line.name or "Steps" in line.name:
         continue

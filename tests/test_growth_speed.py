@@ -13,18 +13,13 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_benchmark, positive_finite
+from growlm import trees
 from growlm.grow import GrowthPlan, grow, grown_config
 from growlm.grow import core as grow_core
 from growlm.model import decoder as model
 from growlm.model.config import ModelConfig
 
 SCRIPT = REPO / "benchmarks" / "growth.py"
-
-
-def _get(tree, path: str):
-  for k in path.split("/"):
-    tree = tree[k]
-  return tree
 
 
 def _bytes(cfg: ModelConfig) -> int:
@@ -76,7 +71,8 @@ def test_quick_growth_benchmark(tmp_path, monkeypatch, opt_state):
                  model.abstract_params(src)[0], jax.random.key(0))
   assert f["paths"] == ["/".join(p) for p in asked[0]] and "layers/mlp/wi" in f["paths"]
   shapes = model.abstract_params(dst)[0]
-  assert f["values"] == sum(int(np.prod(_get(shapes, p).shape)) for p in f["paths"])
+  assert f["values"] == sum(int(np.prod(trees.get(shapes, tuple(p.split("/"))).shape))
+                           for p in f["paths"])
   assert len(f["seconds"]) == len(f["flat_seconds"]) == runs
   assert all(positive_finite(t) for t in f["seconds"] + f["flat_seconds"])
   assert f["median_seconds"] == pytest.approx(statistics.median(f["seconds"]), rel=1e-12)
