@@ -10,10 +10,11 @@ What one run measures (one device, the first one):
      each timed growth (a shared machine's load drifts; both medians sample the same stretch);
   3. the floor: (bytes read + bytes written) / copy rate, where growth must read the source
      (params, and the moments if grown) and write the target; ratio = growth time / floor;
-  4. the draw: the target's own init of the leaves the growth reads it for (`core.fresh_leaves`,
-     bit for bit `init_params`'), timed alone after each growth, as a ratio to the floor and a
-     share of the growth; and one flat truncated-normal draw of as many values, the device's
-     random-number rate (is the init's loop over layers, or the generator, the cost?);
+  4. the draw: the target's own init of the leaves the growth reads it for
+     (`grow.fresh.fresh_leaves`, bit for bit `init_params`'), timed alone after each growth (in
+     the growth XLA fuses it into the writes), as a ratio to the floor and a share of the
+     growth; and one flat truncated-normal draw of as many values through `jax.random`'s own
+     generator (on a CPU, jax's Threefry loop: growlm.model.prng draws the same bits faster);
   5. memory: XLA's `memory_analysis()` of the compiled growth (arguments + outputs - aliased +
      temporaries; the CPU client keeps no runtime peak) against the bound source + target + one
      target-sized buffer (the target's params), and the device allocator's peak where the
@@ -40,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from growlm import trees
-from growlm.grow import core
+from growlm.grow import core, fresh as grow_fresh
 from growlm.grow import optimizer as grow_opt
 from growlm.grow.plan import DEPTH_METHODS, WIDTH_METHODS, GrowthPlan, layer_sources
 from growlm.model import decoder as model_lib
@@ -145,9 +146,11 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     # The draw alone: the target's own init of the leaves this growth reads it for, as grow()
     # builds it (a jitted call of its own; inside the growth XLA may fuse it differently).
     specs = core.leaf_specs(src, cfg, plan, params)   # {path: (spec, target shape, source)}
-    fresh = core.fresh_paths(specs, plan, layer_sources(src.n_layers, dst.n_layers, plan))
-    draw = lambda: core.fresh_leaves(cfg, inputs[1], fresh) if fresh else []
-    fresh_values = int(sum(specs[p][1].size for p in fresh))
+    sources = layer_sources(src.n_layers, dst.n_layers, plan)
+    fresh = grow_fresh.fresh_paths(specs, plan, sources)
+    layers = grow_fresh.fresh_layers(fresh, specs, plan, sources)
+    draw = lambda: grow_fresh.fresh_leaves(cfg, inputs[1], fresh, layers) if fresh else []
+    fresh_values = int(sum(specs[p][1].size for p in fresh))   # each draws a whole target leaf
     # The device's own random-number rate: as many truncated normals drawn as one flat array.
     flat = jax.jit(lambda k: jax.random.truncated_normal(k, -2.0, 2.0, (max(fresh_values, 1),)))
 

@@ -22,10 +22,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from growlm.model import decoder as model
-from growlm import sharding
+from growlm import sharding, trees
 from growlm.errors import GrowlmError
 from growlm.grow import GrowthPlan, grow, grown_config, is_exact, layer_sources, validate
 from growlm.grow import core as grow_core
+from growlm.grow import fresh as grow_fresh
+from growlm.grow.depth import grow_depth
 from growlm.grow import report as report_lib
 from growlm.model.config import make_model_config
 
@@ -782,6 +784,62 @@ def test_preservation_report_of_a_float64_model_stays_float64(monkeypatch):
 # --- 12. Growth builds only what its plan reads (benchmarks/growth.py measures the cost).
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_leaves_in_scan(cfg, rng, paths):
+  """The leaves at `paths` of init_params (drawn in its scan over layers), as growth read them."""
+  full = model.init_params(cfg, rng)
+  return [trees.get(full, p) for p in paths]
+
+
+def _width_first(params, src, dst, plan, rng):
+  """Growth in the order growlm used before the draw moved out of the layer scan: width on the
+  source's layers, fresh values read from init_params of the target (copies from the layer of
+  their source's index), then depth places the layers (new identity layers read their own)."""
+  cfg = grown_config(src, dst, plan)
+  sources = layer_sources(src.n_layers, dst.n_layers, plan)
+  specs = grow_core.leaf_specs(src, cfg, plan, params)
+  need = grow_fresh.fresh_paths(specs, plan, sources)
+  key = grow_core._fold(rng, ("fresh",))  # pylint: disable=protected-access
+  fresh_all = dict(zip(need, _init_leaves_in_scan(cfg, key, need)))
+  out = {}
+  for path, (spec, t, x) in specs.items():
+    fresh = fresh_all.get(path)
+    layered = path[0] == "layers"
+    value = grow_core.grow_leaf(x, path, spec, fresh[:src.n_layers] if layered and fresh
+                                is not None else fresh, src, cfg, plan, rng)
+    if layered:
+      value = grow_depth(value, path, sources, plan, 0.0 if path[-1] in WRITERS else fresh, 0.0)
+    trees.put(out, path, value.astype(t.dtype))
+  return out
+
+
+@pytest.mark.parametrize("width,depth,extra", [
+    ("mean_fill", "identity", {}),
+    ("noise", "identity", {"depth_position": "append"}),
+    ("zeros", "copy", {}), ("tile", "stack", {}), ("tile", "identity", {"symmetry_noise": 0.1})])
+def test_growth_draws_what_width_first_growth_drew(width, depth, extra):
+  """Each fresh value is now drawn where it is written, depth placed before width (XLA fuses
+  the draw into the write); the grown parameters are bit for bit those of the width-first
+  order, so published growths reproduce. Leaves whose fresh values are scaled (noise_scale,
+  symmetry_noise) keep that order and the init's scan: drawn in the same fusion, XLA folded
+  the init's scale into noise_scale, an ulp or two off."""
+  src = _cfg("gpt2" if width == "mean_fill" else "llama", n_layers=2)
+  dst = src.replace(d_model=2 * src.d_model, n_heads=2 * src.n_heads,
+                    n_kv_heads=2 * src.n_kv_heads, mlp_dim=2 * src.mlp_dim, n_layers=5)
+  plan = GrowthPlan(width, depth, **extra)
+  params, rng = _random_params(src), jax.random.key(3)
+  got = jax.jit(lambda p, r: grow(p, src, dst, plan, r, scales=False).params)(params, rng)
+  want = jax.jit(lambda p, r: _width_first(p, src, dst, plan, r))(params, rng)
+  for (path, a), b in zip(_leaves(got).items(), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32),
+                                  err_msg=path)
+  cfg, sources = grown_config(src, dst, plan), layer_sources(src.n_layers, dst.n_layers, plan)
+  specs = grow_core.leaf_specs(src, cfg, plan, params)
+  need = [p for p in grow_fresh.fresh_paths(specs, plan, sources) if p[0] == "layers"]
+  fast = [w is not None for w in grow_fresh.fresh_layers(tuple(need), specs, plan, sources)]
+  assert need and all(fast) == (width != "noise" and not extra.get("symmetry_noise")), fast
+
+
 def test_growth_builds_only_the_fresh_leaves_it_reads(monkeypatch):
   """The target's own init is built only for leaves with noise or free entries, zero-sum noise,
   or new identity layers (never for writers into the residual stream, nor at all for a tile
@@ -789,8 +847,8 @@ def test_growth_builds_only_the_fresh_leaves_it_reads(monkeypatch):
   src = _cfg("gpt2", d_model=16, n_heads=2, n_kv_heads=2, head_dim=8, mlp_dim=32, n_layers=2)
   real = grow_core.fresh_leaves
   calls = []
-  monkeypatch.setattr(grow_core, "fresh_leaves", lambda cfg, rng, paths: (
-      calls.append({"/".join(p) for p in paths}), real(cfg, rng, paths))[1])
+  monkeypatch.setattr(grow_core, "fresh_leaves", lambda cfg, rng, paths, layers=None: (
+      calls.append({"/".join(p) for p in paths}), real(cfg, rng, paths, layers))[1])
   plans = [(src.replace(d_model=32), GrowthPlan("tile")),
            (src.replace(d_model=24, mlp_dim=48, n_layers=3), GrowthPlan("mean_fill")),
            (src.replace(n_layers=4), GrowthPlan(depth_position="append"))]

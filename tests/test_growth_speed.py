@@ -66,7 +66,8 @@ def test_quick_growth_benchmark(tmp_path, monkeypatch, opt_state):
   f, asked = r["fresh"], []
   real = grow_core.fresh_leaves
   monkeypatch.setattr(grow_core, "fresh_leaves",
-                      lambda c, k, paths: (asked.append(paths), real(c, k, paths))[1])
+                      lambda c, k, paths, layers=None: (asked.append(paths),
+                                                        real(c, k, paths, layers))[1])
   jax.eval_shape(lambda p, k: grow(p, src, dst, plan, k, scales=False).params,
                  model.abstract_params(src)[0], jax.random.key(0))
   assert f["paths"] == ["/".join(p) for p in asked[0]] and "layers/mlp/wi" in f["paths"]

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from growlm.model import flops
+from growlm import trees
+from growlm.model import flops, prng
 from growlm.model import decoder as model
 from growlm.errors import GrowlmError
 from growlm.model.config import ModelConfig, make_model_config
@@ -158,12 +159,106 @@ def test_speed_knobs_do_not_change_the_init_bits(knob):
   """A run's seed gives the same parameters whatever its speed knobs, bit for bit. Flax derives
   each parameter's key from its module path and a per-module counter that keeps counting across
   traces of the layer scan, so a knob that changed the modules or how that scan is traced could
-  change every weight (grow.core.fresh_leaves relies on this; benchmarks/README.md, growth)."""
+  change every weight (grow.fresh.fresh_leaves relies on this; benchmarks/README.md, growth)."""
   cfg = make_model_config("nano", "gpt2", n_layers=3, remat="none")
   a = model.init_params(cfg, jax.random.key(5))
   b = model.init_params(cfg.replace(**knob), jax.random.key(5))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x).view(np.uint32), np.asarray(y).view(np.uint32))
+
+
+def _bits(x):
+  x = np.asarray(x)
+  return x.reshape(-1).view(np.dtype(f"uint{8 * x.dtype.itemsize}"))
+
+
+@pytest.mark.parametrize("style,param_dtype", [("gpt2", "float32"), ("llama", "float32"),
+                                               ("gpt2", "bfloat16")])
+def test_init_leaves_are_init_params_bit_for_bit(style, param_dtype):
+  """init_leaves draws each leaf alone, outside the layer scan, from the keys flax derives for
+  init_params: every leaf, for typed and raw (legacy uint32) keys, equals init_params' bit for
+  bit; `layers` picks layers of a per-layer leaf, repeats and order kept."""
+  cfg = make_model_config("nano", style, n_layers=3, param_dtype=param_dtype)
+  for rng in (jax.random.key(7), jax.random.PRNGKey(8)):
+    full = model.init_params(cfg, rng)
+    paths = tuple(trees.paths(full))
+    drawn = model.init_leaves(cfg, rng, paths)
+    for path, x in zip(paths, drawn, strict=True):
+      np.testing.assert_array_equal(_bits(x), _bits(trees.get(full, path)), err_msg=str(path))
+    wi = ("layers", "mlp", "wi") if style == "gpt2" else ("layers", "mlp", "wi_gate")
+    some = model.init_leaves(cfg, rng, (wi, ("embed",)), ((2, 0, 0), (1,)))
+    np.testing.assert_array_equal(_bits(some[0]), _bits(trees.get(full, wi)[np.array([2, 0, 0])]))
+    np.testing.assert_array_equal(_bits(some[1]), _bits(full["embed"]))
+
+
+def _primitives(jaxpr, inside_scan=False):
+  """(primitive name, whether it runs inside a scan) for every equation, nested ones too."""
+  for eqn in jaxpr.eqns:
+    yield eqn.primitive.name, inside_scan
+    nested = inside_scan or eqn.primitive.name == "scan"
+    for v in eqn.params.values():
+      for j in v if isinstance(v, (list, tuple)) else [v]:
+        sub = getattr(j, "jaxpr", j)   # a ClosedJaxpr's jaxpr, or a Jaxpr
+        if hasattr(sub, "eqns"):
+          yield from _primitives(sub, nested)
+
+
+def test_init_leaves_draw_outside_the_layer_scan():
+  """init_params draws every layer's weights inside the scan over layers (one layer after
+  another); init_leaves only derives keys there and draws each leaf in one vmapped pass (what
+  lets XLA fuse a growth's draw into its writes: benchmarks/README.md, growth)."""
+  cfg = make_model_config("nano", "gpt2", n_layers=3)
+  rng = jax.random.key(0)
+  paths = (("layers", "mlp", "wi"), ("layers", "attn", "query"))
+  full = list(_primitives(jax.make_jaxpr(lambda r: model.init_params(cfg, r))(rng).jaxpr))
+  some = list(_primitives(jax.make_jaxpr(lambda r: model.init_leaves(cfg, r, paths))(rng).jaxpr))
+  assert ("random_bits", True) in full, sorted(set(full))
+  assert ("random_bits", True) not in some and ("random_bits", False) in some, sorted(set(some))
+
+
+@pytest.mark.parametrize("shape", [(), (3,), (5, 7, 3), (2, 0, 4)])
+def test_straight_threefry_draws_jax_threefry_bits(shape):
+  """growlm.model.prng's Threefry hash (straight-line arithmetic) gives jax's own bits: raw bits
+  of every width (64 with float64 on), uniform and truncated normal floats, per key under vmap;
+  a key that is not jax's partitionable Threefry draws through its own generator."""
+  key = jax.random.key(11)
+  ours = prng.like_key(jax.random.key_data(key), key)
+  assert str(ours.dtype) != str(key.dtype)   # it is growlm's generator that draws
+  for width in (8, 16, 32):
+    np.testing.assert_array_equal(jax.random.bits(ours, shape, f"uint{width}"),
+                                  jax.random.bits(key, shape, f"uint{width}"))
+  with jax.enable_x64(True):
+    np.testing.assert_array_equal(jax.random.bits(ours, shape, "uint64"),
+                                  jax.random.bits(key, shape, "uint64"))
+  for dt in (jnp.float32, jnp.bfloat16):
+    np.testing.assert_array_equal(_bits(jax.random.truncated_normal(ours, -2, 2, shape, dt)),
+                                  _bits(jax.random.truncated_normal(key, -2, 2, shape, dt)))
+  keys = jax.random.split(key, 3)
+  np.testing.assert_array_equal(
+      _bits(jax.vmap(lambda d: jax.random.uniform(prng.like_key(d, key), shape))(
+          jax.random.key_data(keys))),
+      _bits(jax.vmap(lambda k: jax.random.uniform(k, shape))(keys)))
+  raw = jax.random.PRNGKey(3)
+  np.testing.assert_array_equal(jax.random.bits(prng.like_key(raw, raw), shape),
+                                jax.random.bits(raw, shape))
+  rbg = jax.random.key(5, impl="rbg")
+  same = prng.like_key(jax.random.key_data(rbg), rbg)
+  assert str(same.dtype) == str(rbg.dtype)
+  np.testing.assert_array_equal(jax.random.bits(same, shape), jax.random.bits(rbg, shape))
+  with jax.threefry_partitionable(False):   # jax's other counter layout: its own hash, its bits
+    np.testing.assert_array_equal(jax.random.bits(ours, shape), jax.random.bits(key, shape))
+
+
+def test_straight_threefry_hash_matches_the_published_test_vectors():
+  """Threefry-2x32 with 20 rounds, against the Random123 known-answer vectors (also in jax's
+  own tests): zero key and counter; all-ones; and the digits of pi."""
+  vectors = [((0, 0), (0, 0), (0x6B200159, 0x99BA4EFE)),
+             ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
+             ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0))]
+  for (k0, k1), (x0, x1), want in vectors:
+    u = lambda v: jnp.asarray(v, jnp.uint32)
+    got = prng.threefry2x32(u(k0), u(k1), u([x0]), u([x1]))
+    assert [int(g[0]) for g in got] == list(want)
 
 
 def test_remat_auto_and_explicit_policies():

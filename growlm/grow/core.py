@@ -19,7 +19,6 @@ Dimension letters as in growlm.model: D d_model, F mlp_dim, H heads, K kv heads,
 
 from __future__ import annotations
 
-import functools
 import math
 import zlib
 from typing import Any, NamedTuple
@@ -30,14 +29,15 @@ import numpy as np
 
 from growlm import trees
 from growlm.errors import GrowlmError
-from growlm.grow.depth import DEPTH_WRITERS, depth_exact, grow_depth
-from growlm.grow.plan import EXACT_WIDTH, GrowthPlan, layer_sources
+from growlm.grow.depth import (DEPTH_WRITERS, depth_exact, fill_new_layers, grow_depth,
+                               place_layers)
+from growlm.grow.fresh import fresh_layers, fresh_leaves, fresh_paths, late_width
+from growlm.grow.plan import (EXACT_WIDTH, FREE, MEAN, NOISE, NORM_LEAVES, ZERO, GrowthPlan,
+                              layer_sources)
 from growlm.model import decoder as model_lib
 from growlm.model.config import ModelConfig
 
-ZERO, MEAN, NOISE, FREE = 4, 3, 2, 1   # fill kinds of new entries; the highest wins
 _RESIDUAL_WRITERS = {"embed", "pos_embed", "out", "out_bias", "wo", "wo_bias"}
-_NORM_LEAVES = {"scale", "bias"}
 
 # Every ModelConfig field, by what growth does with it (tests check that none is left out, so a
 # new field has to be decided here):
@@ -146,7 +146,7 @@ def _leaf_role(path: tuple[str, ...], axis: str, tied: bool) -> str:
   """reader | writer | norm | final_norm_tied | q_dim | new_rows, for one axis of one leaf."""
   leaf = path[-1]
   if axis == "embed":
-    if leaf in _NORM_LEAVES:
+    if leaf in NORM_LEAVES:
       return "final_norm_tied" if path[0] == "final_norm" and tied else "norm"
     return "writer" if leaf in _RESIDUAL_WRITERS else "reader"
   if axis == "pos":
@@ -258,33 +258,6 @@ def leaf_specs(src: ModelConfig, cfg: ModelConfig, plan: GrowthPlan, src_params)
   return out
 
 
-def _needs_fresh(path, spec: LeafSpec, plan: GrowthPlan, new_layers: bool) -> bool:
-  """Whether the leaf reads the target's own init: noise and free entries (without symmetry
-  noise, free ones take 0 * fresh, so each zero keeps the sign it always had), the scale of
-  zero-sum noise, and the non-writers of new identity layers."""
-  if new_layers and plan.depth == "identity" and path[-1] not in DEPTH_WRITERS:
-    return True
-  if plan.symmetry_noise > 0 and any(m.zero_sum > 1 for m in spec.maps.values()):
-    return True
-  return path[-1] not in _NORM_LEAVES and bool(np.isin(spec.fill, (NOISE, FREE)).any())
-
-
-def fresh_paths(specs: dict, plan: GrowthPlan, sources) -> tuple:
-  """The leaves (of `leaf_specs`) a growth reads from the target's own init, in tree order."""
-  new_layers = any(n for _, n in sources)
-  return tuple(p for p, (spec, _, _) in specs.items()
-               if _needs_fresh(p, spec, plan, p[0] == "layers" and new_layers))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def fresh_leaves(cfg: ModelConfig, rng, paths: tuple) -> list:
-  """The target's own init of the leaves at `paths` alone: the whole init is traced, so each
-  leaf is bit for bit `init_params(cfg, rng)`'s, and XLA drops every other leaf's initialiser.
-  Speed knobs are pinned: the init's values never depend on them, nor then do its bits."""
-  full = model_lib.init_params(cfg.replace(attention="naive", scan_unroll=1), rng)
-  return [trees.get(full, p) for p in paths]
-
-
 def grow_leaf(x: jax.Array, path: tuple[str, ...], spec: LeafSpec, fresh: jax.Array | None,
               src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, rng) -> jax.Array:
   """One parameter's width growth (the layers axis is left as it is). `fresh`, the target's own
@@ -305,7 +278,7 @@ def grow_leaf(x: jax.Array, path: tuple[str, ...], spec: LeafSpec, fresh: jax.Ar
       eps = (eps - eps.mean(axis=i, keepdims=True)).reshape(value.shape)
       value = value + eps
   leaf = path[-1]
-  if leaf in _NORM_LEAVES:
+  if leaf in NORM_LEAVES:
     # New norm gains: mean_fill makes the new coordinates read as zero (gain 0); the padding
     # methods give them the old gains' rescaled unit value. New norm biases are zero.
     # (tile has no new norm entries: its embed map copies every target coordinate.)
@@ -368,16 +341,22 @@ def grow(params: Any, src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, rng:
   sources = layer_sources(src.n_layers, dst.n_layers, plan)
   specs = leaf_specs(src, cfg, plan, params)
   need = fresh_paths(specs, plan, sources)
-  fresh_all = dict(zip(need, fresh_leaves(cfg, _fold(rng, ("fresh",)), need))) if need else {}
+  fresh_all = dict(zip(need, fresh_leaves(cfg, _fold(rng, ("fresh",)), need,
+                                          fresh_layers(need, specs, plan, sources)))
+                   ) if need else {}
   out = {}
   for path, (spec, t, x) in specs.items():
-    fresh, layered = fresh_all.get(path), path[0] == "layers"
-    # Width first, on the source's layers; then depth places them among the target's layers.
-    value = grow_leaf(x, path, spec, fresh[:src.n_layers] if layered and fresh is not None
-                      else fresh, src, cfg, plan, rng)
-    if layered:
-      value = grow_depth(value, path, sources, plan,
-                         0.0 if path[-1] in DEPTH_WRITERS else fresh, 0.0)
+    fresh = fresh_all.get(path)
+    new = 0.0 if path[-1] in DEPTH_WRITERS else fresh
+    if late_width(path, spec, plan):
+      value = fill_new_layers(grow_leaf(place_layers(x, sources), path, spec, fresh, src, cfg,
+                                        plan, rng), path, sources, plan, new, 0.0)
+    elif path[0] == "layers":
+      value = grow_leaf(x, path, spec, None if fresh is None else fresh[:src.n_layers], src, cfg,
+                        plan, rng)
+      value = grow_depth(value, path, sources, plan, new, 0.0)
+    else:
+      value = grow_leaf(x, path, spec, fresh, src, cfg, plan, rng)
     trees.put(out, path, value.astype(t.dtype))
   a_tree, b_tree = scale_trees(src, dst, plan, specs=specs) if scales else (None, None)
   return Grown(out, cfg, a_tree, b_tree, tuple(sources))

@@ -33,11 +33,24 @@ def grow_depth(v: Any, path: tuple[str, ...], sources: list[tuple[int, bool]], p
   """Places layers along axis 0: copies of source layers, or new ones. New identity layers take
   `identity_new`; with copy_zero_out, the writers of new copies take `zeroed_copy` (None: kept).
   layer_ranges and stack copy every target layer's source layer as it is."""
-  index = [j for j, _ in sources]
-  if index == list(range(v.shape[0])):   # every source layer in its place: nothing to move
+  if [j for j, _ in sources] == list(range(v.shape[0])):   # every source layer in its place
     return v
-  v = jnp.take(v, jnp.asarray(index), axis=0)
+  return fill_new_layers(place_layers(v, sources), path, sources, plan, identity_new,
+                         zeroed_copy)
+
+
+def place_layers(v: Any, sources: list[tuple[int, bool]]) -> Any:
+  """Each target layer's source layer (layer_sources' index), along axis 0."""
+  index = [j for j, _ in sources]
+  return v if index == list(range(v.shape[0])) else jnp.take(v, jnp.asarray(index), axis=0)
+
+
+def fill_new_layers(v: Any, path: tuple[str, ...], sources: list[tuple[int, bool]],
+                    plan: GrowthPlan, identity_new: Any, zeroed_copy: Any = None) -> Any:
+  """grow_depth's values for new layers, over placed layers `v`."""
   is_new = np.array([n for _, n in sources])
+  if not is_new.any():
+    return v
   new_b = jnp.asarray(is_new.reshape((-1,) + (1,) * (v.ndim - 1)))
   if plan.depth == "identity":
     return jnp.where(new_b, identity_new, v)
@@ -45,3 +58,11 @@ def grow_depth(v: Any, path: tuple[str, ...], sources: list[tuple[int, bool]], p
       and zeroed_copy is not None):
     return jnp.where(new_b, zeroed_copy, v)
   return v
+
+
+def draw_layers(sources: list[tuple[int, bool]], plan: GrowthPlan) -> tuple[int, ...]:
+  """For each target layer, the layer of the target's own init its fresh values come from: a
+  new identity layer's own; the source layer's for a copy (its width growth reads the init's
+  layer of the source layer's index, as when width grew the source's layers before placing)."""
+  return tuple(i if new and plan.depth == "identity" else j
+               for i, (j, new) in enumerate(sources))

@@ -15,6 +15,8 @@ DEPTH_METHODS = ("identity", "copy", "stack", "layer_ranges")
 DEPTH_POSITIONS = ("append", "prepend", "interleave")
 # Methods whose grown model computes the source's function (where the model allows it).
 EXACT_WIDTH = ("mean_fill", "tile")
+ZERO, MEAN, NOISE, FREE = 4, 3, 2, 1   # fill kinds of new entries; the highest wins
+NORM_LEAVES = {"scale", "bias"}        # a norm's leaves: new entries are set, never drawn
 
 
 def _show(v: Any) -> str:

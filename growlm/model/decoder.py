@@ -13,6 +13,7 @@ axes; sharding rules map logical names to mesh axes (growlm.sharding).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from typing import Any
 
@@ -20,7 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from growlm.model import attention
+from growlm import trees
+from growlm.model import attention, prng
 from growlm.model.config import ModelConfig
 
 # The logical axis vocabulary. `pos` is the learned position table's row axis.
@@ -42,9 +44,28 @@ def _acc_dtype(dtype) -> Any:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+# While init_leaves traces the model, _param draws nothing: it keeps each parameter's key in
+# this collection and records the parameter's initialiser, shape and dtype by path.
+INIT_KEYS = "init_keys"
+_CAPTURE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("growlm_init_capture",
+                                                                      default=None)
+
+
 def _param(module: nn.Module, name: str, init, shape, axes, cfg: ModelConfig):
-  return module.param(name, nn.with_logical_partitioning(init, axes), shape,
-                      _dtype(cfg.param_dtype))
+  dtype = _dtype(cfg.param_dtype)
+  inits = _CAPTURE.get()
+  if inits is None:
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+  keys = []
+
+  def keep_key(key, shape, dtype):   # flax hands it the key `init` would have drawn from
+    keys.append(key)
+    return jnp.zeros(shape, dtype)
+
+  value = module.param(name, nn.with_logical_partitioning(keep_key, axes), shape, dtype)
+  module.variable(INIT_KEYS, name, lambda: prng.key_data(keys[-1]))
+  inits[tuple(module.path) + (name,)] = (init, shape, dtype)
+  return value
 
 
 def _fan_in_init(scale: float, in_axis, out_axis):
@@ -228,7 +249,7 @@ class Decoder(nn.Module):
     remat = remat_policy(cfg.remat)
     if remat != "none":
       block = nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[remat])
-    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
+    stack = nn.scan(block, variable_axes={"params": 0, INIT_KEYS: 0}, split_rngs={"params": True,
                     "dropout": True}, length=cfg.n_layers, unroll=cfg.scan_unroll,
                     metadata_params={nn.PARTITION_NAME: "layers"})
     x_BxLxD, _ = stack(cfg, self.deterministic, name="layers")(x_BxLxD, None)
@@ -268,6 +289,41 @@ def _dummy_tokens(cfg: ModelConfig) -> Array:
 def init_params(cfg: ModelConfig, rng: Array) -> dict:
   """Fresh parameters (plain arrays, no axis boxes) for `cfg` (jitted: eager scan init is slow)."""
   return nn.unbox(make_model(cfg).init(rng, _dummy_tokens(cfg))["params"])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def init_leaves(cfg: ModelConfig, rng: Array, paths: tuple, layers: tuple | None = None
+                ) -> list:
+  """The leaves at `paths` of `init_params(cfg, rng)`, bit for bit, each drawn on its own.
+
+  The model's init is traced with every initialiser replaced by one that keeps its key (flax
+  derives the keys, so they are init_params' own); then each requested initialiser runs on its
+  key, vmapped over the layers' keys for a per-layer leaf, where init_params' scan draws layer
+  after layer. `layers[i]`, when given and not None, lists the layers to draw for `paths[i]`
+  (repeats allowed): its leaf is then those layers, in that order. Keys of jax's Threefry draw
+  through growlm.model.prng (same bits, faster on a CPU). Jitted like init_params: run op by
+  op, a product of constants could round differently. Speed knobs are pinned: they never
+  change the init's values."""
+  inits: dict = {}
+  token = _CAPTURE.set(inits)
+  try:
+    variables = make_model(cfg.replace(attention="naive", scan_unroll=1)).init(
+        rng, _dummy_tokens(cfg))
+  finally:
+    _CAPTURE.reset(token)
+  out = []
+  for path, which in zip(paths, layers or (None,) * len(paths)):
+    init, shape, dtype = inits[tuple(path)]
+    draw = lambda data, init=init, shape=shape, dtype=dtype: init(prng.like_key(data, rng),
+                                                                   shape, dtype)
+    data = trees.get(variables[INIT_KEYS], path)
+    if path[0] != "layers":
+      out.append(draw(data))
+      continue
+    if which is not None:
+      data = jnp.take(data, jnp.asarray(which, jnp.int32), axis=0)
+    out.append(jax.vmap(draw)(data))
+  return out
 
 
 def abstract_params(cfg: ModelConfig) -> tuple[dict, dict]:
