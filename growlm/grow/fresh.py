@@ -80,7 +80,7 @@ def fresh_leaves(cfg: ModelConfig, rng, paths: tuple, layers: tuple | None = Non
   in_scan = [i for i, p in enumerate(paths) if p[0] == "layers" and layers[i] is None]
   rest = [i for i in range(len(paths)) if i not in in_scan]
   out = dict(zip(rest, model_lib.init_leaves(cfg, rng, tuple(paths[i] for i in rest),
-                                             tuple(layers[i] for i in rest))))
+                                             tuple(layers[i] for i in rest)))) if rest else {}
   if in_scan:
     full = model_lib.init_params(cfg.replace(attention="naive", scan_unroll=1), rng)
     out.update((i, trees.get(full, paths[i])) for i in in_scan)
