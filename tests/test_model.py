@@ -216,11 +216,12 @@ def test_init_leaves_draw_outside_the_layer_scan():
   assert ("random_bits", True) not in some and ("random_bits", False) in some, sorted(set(some))
 
 
-@pytest.mark.parametrize("shape", [(), (3,), (5, 7, 3), (2, 0, 4)])
+@pytest.mark.parametrize("shape", [(), (3,), (5, 7, 3), (2, 0, 4), (300, 257)])
 def test_straight_threefry_draws_jax_threefry_bits(shape):
   """growlm.model.prng's Threefry hash (straight-line arithmetic) gives jax's own bits: raw bits
-  of every width (64 with float64 on), uniform and truncated normal floats, per key under vmap;
-  a key that is not jax's partitionable Threefry draws through its own generator."""
+  of every width (64 with float64 on), uniform and truncated normal floats, per key under vmap
+  (counters past 2**16 in the last shape); a key that is not jax's partitionable Threefry draws
+  through its own generator."""
   key = jax.random.key(11)
   ours = prng.like_key(jax.random.key_data(key), key)
   assert str(ours.dtype) != str(key.dtype)   # it is growlm's generator that draws

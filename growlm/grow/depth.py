@@ -33,8 +33,6 @@ def grow_depth(v: Any, path: tuple[str, ...], sources: list[tuple[int, bool]], p
   """Places layers along axis 0: copies of source layers, or new ones. New identity layers take
   `identity_new`; with copy_zero_out, the writers of new copies take `zeroed_copy` (None: kept).
   layer_ranges and stack copy every target layer's source layer as it is."""
-  if [j for j, _ in sources] == list(range(v.shape[0])):   # every source layer in its place
-    return v
   return fill_new_layers(place_layers(v, sources), path, sources, plan, identity_new,
                          zeroed_copy)
 
