@@ -153,6 +153,57 @@ def test_speed_knobs_do_not_change_logits_or_grads(knob):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("xs, ws, spec, n_in", [
+    ((2, 5, 6), (6, 3, 4), "bld,dhe->blhe", 1), ((2, 5, 3, 4), (3, 4, 6), "blhe,hed->bld", 2),
+    ((3, 7), (7, 9), "td,df->tf", 1), ((0, 5, 6), (6, 2), "bld,df->blf", 1)])
+def test_project_is_the_einsum(xs, ws, spec, n_in):
+  """The flat projection computes the einsum it replaces, value and gradients, and keeps a
+  requested accumulation dtype."""
+  kx, kw = jax.random.split(jax.random.key(3))
+  x, w = jax.random.normal(kx, xs), jax.random.normal(kw, ws)
+  np.testing.assert_allclose(model.project(x, w, n_in), jnp.einsum(spec, x, w), rtol=1e-6,
+                             atol=1e-6)
+  c = jax.random.normal(kw, jnp.einsum(spec, x, w).shape)
+  g0 = jax.grad(lambda x, w: jnp.sum(jnp.einsum(spec, x, w) * c), (0, 1))(x, w)
+  g1 = jax.grad(lambda x, w: jnp.sum(model.project(x, w, n_in) * c), (0, 1))(x, w)
+  for a, b in zip(g0, g1):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+  half = model.project(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), n_in,
+                       preferred_element_type=jnp.float32)
+  assert half.dtype == jnp.float32 and half.shape == jnp.einsum(spec, x, w).shape
+
+
+@pytest.mark.parametrize("style,dtype", [("gpt2", "float32"), ("llama", "float32"),
+                                         ("gpt2", "bfloat16")])
+def test_train_step_products_contract_one_dim(style, dtype):
+  """Every product without batch dims in a train step, forward and backward, contracts exactly
+  one dim: the weight gradients contract the tokens as one dim, not batch and position as
+  two, which XLA's CPU backend lowered through a transposing copy of the larger operand
+  (benchmarks/README.md, "Flat projections"). Attention's products have batch dims."""
+  from growlm.train import loss as loss_lib
+  cfg = make_model_config("nano", style, dtype=dtype, loss_chunk=8)
+  p = model.init_params(cfg, jax.random.key(0))
+  tokens = _tokens(cfg)
+  step = jax.grad(lambda q: loss_lib.token_nll(cfg, q, tokens, tokens).mean())
+  jaxpr = jax.make_jaxpr(step)(p).jaxpr
+
+  def dots(jaxpr):
+    out = []
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
+        out.append((len(lc), len(rc), len(lb)))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        out += dots(sub)
+    return out
+
+  found = dots(jaxpr)
+  plain = [d for d in found if d[2] == 0]
+  # Forward, recomputed and backward products of q, k, v, out, the MLP and the head.
+  assert len(plain) >= 3 * (6 if style == "gpt2" else 7) + 3, found
+  assert all(d[:2] == (1, 1) for d in plain), found
+
+
 @pytest.mark.parametrize("knob", [dict(remat="full"), dict(remat="dots_no_batch"),
                                   dict(scan_unroll=3), dict(attention="xla"), dict(loss_chunk=4)])
 def test_speed_knobs_do_not_change_the_init_bits(knob):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -73,6 +74,20 @@ def _fan_in_init(scale: float, in_axis, out_axis):
                                           in_axis=in_axis, out_axis=out_axis)
 
 
+def project(x: Array, w: Array, n_in: int = 1, preferred_element_type=None) -> Array:
+  """x [..., *I] times w [*I, *O], contracting the I dims (the last n_in of x, the first n_in of
+  w): the einsum of a projection, written as one matrix product [tokens, |I|] x [|I|, |O|].
+
+  Same function as the einsum. Flat, the weight gradient is one product contracting one dim
+  (the tokens); from the einsum it contracts two (batch and position), and XLA's CPU backend
+  then feeds it through a transposing copy of the larger operand (7.5 ms of each MLP layer's
+  backward at benchmark preset `cpu`). benchmarks/README.md, "Flat projections"."""
+  lead, I, O = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+  y = jnp.matmul(jnp.reshape(x, (math.prod(lead), math.prod(I))),
+                 jnp.reshape(w, (math.prod(I), -1)), preferred_element_type=preferred_element_type)
+  return jnp.reshape(y, lead + O)
+
+
 class Norm(nn.Module):
   """LayerNorm (scale, bias iff use_bias) or RMSNorm (scale), computed in >= float32."""
   cfg: ModelConfig
@@ -120,9 +135,9 @@ def attention_inputs(cfg: ModelConfig, p: dict, x_BxLxD: Array, positions_L: Arr
   compute dtype, biased (use_bias or qkv_bias) and, under RoPE, rotated to `positions_L`."""
   dt = _dtype(cfg.dtype)
   x = x_BxLxD.astype(dt)
-  q_BxLxHxE = jnp.einsum("bld,dhe->blhe", x, p["query"].astype(dt))
-  k_BxSxKxE = jnp.einsum("bsd,dke->bske", x, p["key"].astype(dt))
-  v_BxSxKxE = jnp.einsum("bsd,dke->bske", x, p["value"].astype(dt))
+  q_BxLxHxE = project(x, p["query"].astype(dt))
+  k_BxSxKxE = project(x, p["key"].astype(dt))
+  v_BxSxKxE = project(x, p["value"].astype(dt))
   if cfg.use_bias or cfg.qkv_bias:
     q_BxLxHxE += p["query_bias"].astype(dt)
     k_BxSxKxE += p["key_bias"].astype(dt)
@@ -137,7 +152,7 @@ def attention_inputs(cfg: ModelConfig, p: dict, x_BxLxD: Array, positions_L: Arr
 def attention_output(cfg: ModelConfig, p: dict, ctx_BxLxHxE: Array) -> Array:
   """The attention context projected back to the residual stream (plus its bias)."""
   dt = _dtype(cfg.dtype)
-  out_BxLxD = jnp.einsum("blhe,hed->bld", ctx_BxLxHxE, p["out"].astype(dt))
+  out_BxLxD = project(ctx_BxLxHxE, p["out"].astype(dt), 2)
   if cfg.use_bias:
     out_BxLxD += p["out_bias"].astype(dt)
   return out_BxLxD
@@ -193,7 +208,7 @@ class Mlp(nn.Module):
 
     def dense_in(name):
       w_DxF = _param(self, name, in_init, (D, F), ("embed", "mlp"), cfg)
-      h_BxLxF = jnp.einsum("bld,df->blf", x, w_DxF.astype(dt))
+      h_BxLxF = project(x, w_DxF.astype(dt))
       if cfg.use_bias:
         h_BxLxF += _param(self, name + "_bias", zeros, (F,), ("mlp",), cfg).astype(dt)
       return h_BxLxF
@@ -203,7 +218,7 @@ class Mlp(nn.Module):
     else:
       h_BxLxF = jax.nn.silu(dense_in("wi_gate")) * dense_in("wi_up")
     w_o = _param(self, "wo", out_init, (F, D), ("mlp", "embed"), cfg)
-    out_BxLxD = jnp.einsum("blf,fd->bld", h_BxLxF, w_o.astype(dt))
+    out_BxLxD = project(h_BxLxF, w_o.astype(dt))
     if cfg.use_bias:
       out_BxLxD += _param(self, "wo_bias", zeros, (D,), ("embed",), cfg).astype(dt)
     return nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)(out_BxLxD)
@@ -263,7 +278,7 @@ class Decoder(nn.Module):
     if not head:
       return x_BxLxD.astype(dt), out_DxV
     acc = _acc_dtype(dt)
-    logits = jnp.einsum("bld,dv->blv", x_BxLxD, out_DxV, preferred_element_type=acc)
+    logits = project(x_BxLxD, out_DxV, preferred_element_type=acc)
     return logits.astype(acc)
 
 

@@ -48,7 +48,7 @@ def chunk_length(requested: int, batch: int, seq_len: int, vocab: int,
 def _nll_and_grad(x_BxCxD, w_DxV, t_BxC):
   """One chunk's NLL [B, C] (float32 logits, log-sum-exp, target) and its gradient with respect
   to the logits, softmax - one_hot, rounded to x's (half) dtype."""
-  logits_BxCxV = jnp.einsum("bcd,dv->bcv", x_BxCxD, w_DxV, preferred_element_type=jnp.float32)
+  logits_BxCxV = model_lib.project(x_BxCxD, w_DxV, preferred_element_type=jnp.float32)
   lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
   target_BxC = jnp.take_along_axis(logits_BxCxV, t_BxC[..., None], axis=-1)[..., 0]
   onehot = jnp.arange(w_DxV.shape[1]) == t_BxC[..., None]
@@ -78,9 +78,12 @@ def _half_chunk_nll_fwd(x_BxCxD, w_DxV, t_BxC):
 def _half_chunk_nll_bwd(res, s_BxC):
   g_BxCxV, x_BxCxD, w_DxV, t_BxC = res
   s = s_BxC.astype(jnp.float32)[..., None]
-  dx = jnp.einsum("bcv,dv->bcd", g_BxCxV, w_DxV, preferred_element_type=jnp.float32) * s
+  dx = model_lib.project(g_BxCxV, w_DxV.T, preferred_element_type=jnp.float32) * s
   xs_BxCxD = (x_BxCxD.astype(jnp.float32) * s).astype(x_BxCxD.dtype)
-  dw = jnp.einsum("bcd,bcv->dv", xs_BxCxD, g_BxCxV, preferred_element_type=jnp.float32)
+  # The tokens are the one contracted dim (model_lib.project says why that matters).
+  D, V = w_DxV.shape
+  dw = jax.lax.dot_general(xs_BxCxD.reshape(-1, D), g_BxCxV.reshape(-1, V),
+                           (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
   return (dx.astype(x_BxCxD.dtype), dw.astype(w_DxV.dtype),
           np.zeros(t_BxC.shape, dtype=jax.dtypes.float0))
 
@@ -104,7 +107,7 @@ def chunked_cross_entropy(x_BxLxD: jax.Array, w_DxV: jax.Array, targets_BxL: jax
 
   @jax.checkpoint
   def one_wide(x_BxCxD, t_BxC):
-    logits_BxCxV = jnp.einsum("bcd,dv->bcv", x_BxCxD, w_DxV, preferred_element_type=acc)
+    logits_BxCxV = model_lib.project(x_BxCxD, w_DxV, preferred_element_type=acc)
     target_BxC = jnp.take_along_axis(logits_BxCxV, t_BxC[..., None], axis=-1)[..., 0]
     return jax.nn.logsumexp(logits_BxCxV, axis=-1) - target_BxC
 
