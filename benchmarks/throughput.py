@@ -15,7 +15,9 @@ What one run measures (see benchmarks/README.md):
   4. MFU against the device's spec peak (bf16 dense, PEAK_TFLOPS) where the device is known;
   5. for gpt2 rows, the PyTorch reference trainer (benchmarks/torch_reference.py: the same
      model, weights, batch and optimizer), one of its steps timed right after each growlm step,
-     and the ratio growlm / reference;
+     and the ratio growlm / reference; then torch's own matmul of the same size, so that the
+     ratio splits into kernels (torch's matmul rate / jax's) and what each step makes of its
+     library's matmul (each trainer's MFU against its own);
   6. peak device memory (allocator statistics on GPU/TPU, XLA's buffer estimate on CPU).
 
 Everything runs on one device (the first one), whatever device count the process was given.
@@ -267,6 +269,14 @@ def _torch_part(tokens: int, info: dict, times: list[float], losses: list[float]
               final_loss=losses[-1] if losses else None)
 
 
+def _torch_matmul(seconds: list[float], flops: float, flops_per_token: float,
+                  tokens_per_sec: float) -> dict[str, Any]:
+  """torch's matmul rate (median of its timings) and the reference step's MFU against it."""
+  rate = flops / statistics.median(seconds)
+  return {"matmul_seconds": seconds, "matmul_flops_per_sec": rate,
+          "mfu": tokens_per_sec * flops_per_token / rate}
+
+
 def trainer_optimizer(size: str, style: str):
   """(optimizer, schedule): the trainer's own AdamW (clipping, decay mask) with the default
   hyperparameters of `size`/`style`, so the step benchmarked is the step the trainer runs."""
@@ -323,10 +333,14 @@ def bench_style(style: str, args: argparse.Namespace, mesh, reference: MatmulRef
     if t_step is None:
       print(f"{style}: PyTorch reference {t_info}")
     t_losses: list[float] = []
+    t_matmul_s: list[float] = []
+    t_matmul = (torch_reference.matmul_timer(args.matmul_size, args.dtype, t_info["device"])
+                if t_step else None)
 
     def other():
       loss, secs = t_step()
       t_losses.append(float(loss))
+      t_matmul_s.append(t_matmul())   # torch's own matmul after each of its steps (warmup too)
       return loss, secs
 
     train_compiled, train_compile_s = compile_train_step(
@@ -380,7 +394,13 @@ def bench_style(style: str, args: argparse.Namespace, mesh, reference: MatmulRef
     row["torch"] = {"skipped": t_info}
   else:
     row["torch"] = _torch_part(tokens, t_info, torch_times, t_losses)
+    row["torch"].update(_torch_matmul(t_matmul_s[-len(torch_times):], reference.flops, fpt_train,
+                                      row["torch"]["tokens_per_sec"]))
     row["growlm_over_torch"] = row["train"]["tokens_per_sec"] / row["torch"]["tokens_per_sec"]
+    # growlm / reference = (growlm's MFU / the reference's, each against its own library's
+    # matmul) x (jax's matmul rate / torch's): step efficiency times kernels.
+    row["torch_matmul_over_jax"] = (row["torch"]["matmul_flops_per_sec"]
+                                    / row["train"]["matmul_flops_per_sec"])
     row["growlm_over_torch_best"] = (row["train"]["tokens_per_sec_best"]
                                      / row["torch"]["tokens_per_sec_best"])
   return row
@@ -472,6 +492,9 @@ def _fmt_table(result: dict[str, Any]) -> str:
     lines.append(f"{r['style']}: PyTorch reference ({t['device']}, {how}) {t['tokens_per_sec']:.0f} "
                  f"tokens/s; growlm / reference {r['growlm_over_torch']:.2f}x (median steps), "
                  f"{r['growlm_over_torch_best']:.2f}x (fastest steps)")
+    lines.append(f"  matmul {mm['n']}^3: torch {t['matmul_flops_per_sec'] / 1e9:.1f} "
+                 f"GFLOP/s, {r['torch_matmul_over_jax']:.2f}x jax's; MFU against its own "
+                 f"library's matmul: growlm {r['train']['mfu']:.1%}, reference {t['mfu']:.1%}")
     if t["peak_memory_bytes"]:
       lines.append(f"  reference peak memory {t['peak_memory_bytes'] / 2**30:.2f} GiB")
   dev = result["device_memory"]

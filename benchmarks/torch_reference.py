@@ -353,6 +353,27 @@ def prepare(cfg, tokens: np.ndarray, *, dtype: str = "float32", device: str = "c
   return (lambda: timed(step)), info
 
 
+def matmul_timer(n: int, dtype: str = "float32", device: str = "cpu"):
+  """A function that times one torch [n, n] @ [n, n] in `dtype` on `device`, waited for, in
+  seconds: the reference's own dense rate. Beside jax's rate for the same product it splits
+  growlm / reference into the two libraries' kernels and what each step makes of them."""
+  _require_torch()
+  tdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+  gen = torch.Generator().manual_seed(0)
+  a, b = (torch.randn(n, n, generator=gen).to(device=device, dtype=tdt) for _ in range(2))
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+  def time_one() -> float:
+    t0 = time.perf_counter()
+    torch.mm(a, b)
+    sync()
+    return time.perf_counter() - t0
+
+  for _ in range(2):   # first touch of the buffers and the thread pool
+    time_one()
+  return time_one
+
+
 def train_throughput(cfg, tokens: np.ndarray, *, steps: int, warmup: int,
                      dtype: str = "float32", device: str = "cpu", compile: bool = True,
                      lr: float = DEFAULTS["lr"], b1: float = DEFAULTS["b1"],

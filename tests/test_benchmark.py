@@ -86,7 +86,7 @@ def _check_result(result: dict, styles: list[str]) -> None:
         assert r["mfu_spec"] is None
       else:
         assert r["mfu_spec"] == pytest.approx(achieved / r["spec_peak_flops_per_sec"])
-    _check_torch(row, steps)
+    _check_torch(row, steps, flops_per_matmul)
 
   # The run's reference rate: positive, finite, the median of every timed matmul.
   assert mm["reps"] == len(all_matmul_s) == 2 * steps * len(styles)
@@ -98,7 +98,7 @@ def _check_result(result: dict, styles: list[str]) -> None:
                                                   rel=1e-12)
 
 
-def _check_torch(row: dict, steps: int) -> None:
+def _check_torch(row: dict, steps: int, flops_per_matmul: float) -> None:
   """The PyTorch reference: run for gpt2 rows (same steps, ratio from its own timings),
   skipped with a reason for the others."""
   t = row["torch"]
@@ -113,6 +113,19 @@ def _check_torch(row: dict, steps: int) -> None:
       row["train"]["tokens_per_sec"] / t["tokens_per_sec"], rel=1e-12)
   assert row["growlm_over_torch_best"] == pytest.approx(
       min(t["step_seconds"]) / min(row["train"]["step_seconds"]), rel=1e-12)
+  # torch's own matmul, timed after each timed reference step: its rate, the reference's MFU
+  # against it, and the split growlm / reference = MFU ratio x jax's rate / torch's.
+  assert len(t["matmul_seconds"]) == steps
+  assert all(positive_finite(x) for x in t["matmul_seconds"])
+  rate = t["matmul_flops_per_sec"]
+  assert rate == pytest.approx(flops_per_matmul / statistics.median(t["matmul_seconds"]),
+                               rel=1e-12)
+  assert t["mfu"] == pytest.approx(t["tokens_per_sec"] * row["train"]["flops_per_token"] / rate,
+                                   rel=1e-12)
+  assert row["torch_matmul_over_jax"] == pytest.approx(
+      rate / row["train"]["matmul_flops_per_sec"], rel=1e-12)
+  assert row["growlm_over_torch"] == pytest.approx(
+      row["train"]["mfu"] / t["mfu"] / row["torch_matmul_over_jax"], rel=1e-9)
   # Same weights and batch: the two start from the same loss (float32, eager reference).
   assert math.isfinite(t["final_loss"])
   assert t["first_loss"] == pytest.approx(row["first_train_loss"], rel=1e-5)
