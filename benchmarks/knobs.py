@@ -2,7 +2,9 @@
 
 Each variant is the benchmark's model (throughput.py's preset and flags) with some of the
 model's speed fields changed (`attention`, `remat`, `scan_unroll`, `loss_chunk`; docs/design.md
-section 9). For each one, on one device: the trainer's jitted train step is compiled (timed),
+section 9), the batch, the parameters' dtype, or `projections=einsum`: the products with weight
+matrices traced as the einsums growlm used before `model.decoder.project` (the A/B of its flat
+form, design.md 9 "Flat projections"). For each one, on one device: the trainer's jitted train step is compiled (timed),
 run `--warmup` times, then timed `--steps` times with one reference matmul timed before each
 step (as throughput.py does). Reported per variant: train tokens/s (median step), its ratio to
 the first variant's, MFU against the matmul and against the device's spec peak, compile
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import datetime
 import glob
@@ -49,9 +52,19 @@ from growlm.train import state as state_lib  # pylint: disable=wrong-import-posi
 DEFAULT_OUT = os.path.join("runs", "bench", "knobs.json")
 # param_dtype=bfloat16 stores parameters (and so AdamW's moments) in bf16 with no float32 master
 # copy: not a training setting to use, but the most that bf16 storage could gain in speed.
+def _projections(value: str) -> str:
+  if value not in PROJECTIONS:
+    raise ValueError(f"projections={value!r}; accepted: {', '.join(PROJECTIONS)}")
+  return value
+
+
+# projections=einsum puts back the products growlm wrote before model.decoder.project (the
+# weight matrix contracted over its leading dims as one dot_general, whose weight gradient
+# contracts batch and position as two dims): the A/B of docs/design.md 9, "Flat projections".
+PROJECTIONS = ("flat", "einsum")
 KNOBS = {"attention": str, "remat": str, "scan_unroll": int, "loss_chunk": int, "batch": int,
-         "param_dtype": str}
-DEFAULT_VARIANTS = ("default; loss_chunk=128; loss_chunk=256; loss_chunk=512; "
+         "param_dtype": str, "projections": _projections}
+DEFAULT_VARIANTS = ("default; projections=einsum; loss_chunk=128; loss_chunk=256; loss_chunk=512; "
                     "remat=dots_no_batch; remat=full; scan_unroll=2; attention=xla")
 QUICK = dict(size="nano", batch=2, seq_len=32, steps=2, warmup=1, matmul_size=256)
 QUICK_VARIANTS = "default; loss_chunk=8"   # --quick without --variants
@@ -114,9 +127,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return args
 
 
+def _einsum_project(x, w, n_in=1, preferred_element_type=None):
+  """The product as the einsums before model.decoder.project computed it."""
+  dims = ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ()))
+  return jax.lax.dot_general(x, w, dims, preferred_element_type=preferred_element_type)
+
+
+@contextlib.contextmanager
+def _using_projections(kind: str):
+  """model.decoder.project swapped for the einsum form while a variant is traced. The model's
+  jitted functions cache their traces by config, which the swap does not change, so every
+  cache is cleared on the way in and out."""
+  flat = model_lib.project
+  if kind == "einsum":
+    jax.clear_caches()
+    model_lib.project = _einsum_project
+  try:
+    yield
+  finally:
+    if model_lib.project is not flat:
+      model_lib.project = flat
+      jax.clear_caches()
+
+
 def bench_variant(args: argparse.Namespace, fields: dict[str, Any], mesh,
                   reference: throughput.MatmulReference) -> dict[str, Any]:
   """One variant's train step: compile seconds, step timings, rates and buffer sizes."""
+  with _using_projections(fields.get("projections", "flat")):
+    return _bench_variant(args, fields, mesh, reference)
+
+
+def _bench_variant(args: argparse.Namespace, fields: dict[str, Any], mesh,
+                   reference: throughput.MatmulReference) -> dict[str, Any]:
   vargs = copy.copy(args)
   for k, v in fields.items():
     setattr(vargs, k, v)
@@ -156,7 +198,8 @@ def bench_variant(args: argparse.Namespace, fields: dict[str, Any], mesh,
                 "remat": model_lib.remat_policy(cfg.remat),
                 "scan_unroll": cfg.scan_unroll,
                 "loss_chunk": loss_lib.chunk_length(cfg.loss_chunk, B, L, cfg.vocab_size),
-                "dtype": cfg.dtype, "param_dtype": cfg.param_dtype},
+                "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
+                "projections": fields.get("projections", "flat")},
       "batch": B, "seq_len": L,
       "compile_seconds": compile_s,
       "step_seconds": step_s,

@@ -28,7 +28,8 @@ def test_knobs_quick_reports_the_resolved_knobs_and_its_arithmetic(tmp_path):
   # On a CPU at seq_len 32, auto resolves to xla attention (blocked needs >= 64 positions),
   # dots_no_batch, and loss chunks of half the sequence.
   assert first["model"] == {"attention": "xla", "remat": "dots_no_batch", "scan_unroll": 1,
-                            "loss_chunk": 16, "dtype": "float32", "param_dtype": "float32"}
+                            "loss_chunk": 16, "dtype": "float32", "param_dtype": "float32",
+                            "projections": "flat"}
   assert second["model"]["remat"] == "full" and second["model"]["loss_chunk"] == 8
   cfg = make_model_config("nano", "gpt2", max_len=32)
   for row in (first, second):
@@ -92,3 +93,46 @@ def test_knobs_param_dtype_variant_and_a_refused_value(tmp_path, capsys):
   assert e.value.code == 2 and len(err) == 1, err
   assert err[0].startswith("growlm: error: model config: param_dtype='int8'; accepted:"), err
   assert not (tmp_path / "x.json").exists() and not (tmp_path / "x.json.tmp").exists()
+
+
+def test_knobs_projections_einsum_swaps_the_products_back_for_one_variant(tmp_path):
+  """projections=einsum traces the step with the former einsum products (a weight gradient
+  contracting batch and position as two dims), computes the same step, and leaves
+  model.decoder.project as it was; a value outside flat/einsum is refused by name."""
+  import jax
+  import jax.numpy as jnp
+  from growlm.model import decoder
+  knobs = load_benchmark("knobs")
+  flat = decoder.project
+  cfg = make_model_config("nano", "gpt2", max_len=16)
+  p = decoder.init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+  grad = jax.grad(lambda q: jnp.square(decoder.apply(cfg, q, tokens)).mean())
+
+  def most_contracted(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        (contracted, _), (batch, _) = eqn.params["dimension_numbers"]
+        if not batch:   # attention's products have batch dims
+          n = max(n, len(contracted))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        n = max(n, most_contracted(sub))
+    return n
+
+  assert most_contracted(jax.make_jaxpr(grad)(p).jaxpr) == 1   # traced, so cached, flat
+  with knobs._using_projections("einsum"):   # pylint: disable=protected-access
+    assert most_contracted(jax.make_jaxpr(grad)(p).jaxpr) == 2
+    g_einsum = grad(p)
+  assert decoder.project is flat and most_contracted(jax.make_jaxpr(grad)(p).jaxpr) == 1
+  for a, b in zip(jax.tree.leaves(grad(p)), jax.tree.leaves(g_einsum)):
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-6 * (1 + float(jnp.max(jnp.abs(a))))
+
+  r = knobs.main(["--quick", "--variants", "default; projections=einsum", "--out",
+                  str(tmp_path / "k.json")])
+  first, second = r["rows"]
+  assert (first["model"]["projections"], second["model"]["projections"]) == ("flat", "einsum")
+  assert second["final_train_loss"] == pytest.approx(first["final_train_loss"], rel=1e-5)
+  assert decoder.project is flat
+  with pytest.raises(ValueError, match="projections='fused'; accepted: flat, einsum"):
+    knobs.parse_variants("projections=fused")
