@@ -118,3 +118,28 @@ def test_exact_growth_holds_with_the_default_attention():
     a = model.apply(src.replace(attention=impl), params, tokens)
     b = model.apply(grown.config.replace(attention=impl), grown.params, tokens)
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("remat,kept", [("dots_no_batch", True), ("dots", True),
+                                        ("full", False)])
+def test_blocked_backward_reads_the_kept_output_under_remat(remat, kept):
+  """`blocked` writes its gradient out (flash attention's backward, from the saved log-sum-exp);
+  under the dots policies its output and log-sum-exp are kept for it (attention.SAVED_NAMES), so
+  the backward pass runs no exp over the forward's scores a second time; `full` keeps nothing
+  and recomputes them. Its gradient is checked against naive's in the tests above."""
+  cfg = make_model_config("nano", "gpt2", max_len=64, attention="blocked", remat=remat)
+  params = model.init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, cfg.vocab_size)
+  loss = lambda p: jnp.square(model.apply(cfg, p, tokens)).mean()
+  def exps(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      n += eqn.primitive.name == "exp" and eqn.outvars[0].aval.ndim == 5
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        n += exps(sub)
+    return n
+
+  # Forward: one exp per query block; backward: one more (p from the log-sum-exp); a rerun
+  # of the forward would add another.
+  per_block = exps(jax.make_jaxpr(jax.grad(loss))(params).jaxpr) // attention.BLOCKS
+  assert per_block == (2 if kept else 3), per_block

@@ -12,7 +12,8 @@ by RoPE where the model uses it. Shapes: q [B, L, H, E], k and v [B, S, K, E] (S
   splash  the Pallas splash-attention kernel (TPU), growlm.model.splash
   blocked plain XLA by blocks of queries, each reading only the keys at or before its block:
           the masked upper triangle is mostly never computed (about (n+1)/2n of the score work
-          for n blocks), which is what pays on a CPU (benchmarks/README.md)
+          for n blocks), which is what pays on a CPU (benchmarks/README.md); its gradient is
+          flash attention's, from the kept log-sum-exp
   auto    cudnn on a GPU for bfloat16/float16 compute and head_dim a multiple of 8 up to 128;
           splash on a TPU when seq_len is a multiple of 128; blocked on a CPU when seq_len
           splits into blocks (BLOCKS); xla everywhere else
@@ -24,8 +25,11 @@ platform, dtype or shape is refused with one line naming what it needs.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from growlm.errors import GrowlmError
 
@@ -33,6 +37,7 @@ IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "naive", "blocked")
 _HALF = ("bfloat16", "float16")
 SPLASH_BLOCK = 128   # splash needs seq_len a multiple of this (its smallest block)
 BLOCKS = 4           # query blocks of `blocked` (measured best on a 2-core CPU at seq_len 256)
+SAVED_NAMES = ("attn_ctx", "attn_lse")   # what `blocked`'s backward reads, kept under remat
 
 Array = jax.Array
 
@@ -108,29 +113,81 @@ def _masked(q_BxLxHxE: Array, k_BxSxKxE: Array, v_BxSxKxE: Array, mask_LxS: Arra
 
 def blocked(q_BxLxHxE: Array, k_BxSxKxE: Array, v_BxSxKxE: Array, n: int = BLOCKS) -> Array:
   """Causal attention by n blocks of queries: block i scores only keys [0, (i+1)L/n), and only
-  its diagonal square needs the mask. Same function as `naive`; scores in >= float32."""
+  its diagonal square needs the mask. Same function as `naive`; scores in >= float32. Its
+  gradient is written out (`_blocked_heads`), as flash attention's is."""
   B, L, H, E = q_BxLxHxE.shape
   K = k_BxSxKxE.shape[2]
-  G, c = H // K, L // n
-  dt = q_BxLxHxE.dtype
-  acc = jnp.promote_types(dt, jnp.float32)
+  G = H // K
   # Heads-major once, so every block is a plain batched matmul over (B, K).
   q_BxKxGxLxE = jnp.transpose(q_BxLxHxE.reshape(B, L, K, G, E), (0, 2, 3, 1, 4))
   k_BxKxSxE = jnp.transpose(k_BxSxKxE, (0, 2, 1, 3))
   v_BxKxSxE = jnp.transpose(v_BxSxKxE, (0, 2, 1, 3))
-  scale = 1.0 / jnp.sqrt(jnp.asarray(E, acc))
-  ctx = []
-  for i in range(n):
-    S = (i + 1) * c
-    q_blk = q_BxKxGxLxE[:, :, :, i * c:S]
-    s_BxKxGxCxS = jnp.einsum("bkgle,bkse->bkgls", q_blk, k_BxKxSxE[:, :, :S],
-                             preferred_element_type=acc) * scale
-    causal_CxS = jnp.arange(S)[None, :] <= (i * c + jnp.arange(c))[:, None]
-    s_BxKxGxCxS = jnp.where(causal_CxS, s_BxKxGxCxS, jnp.finfo(acc).min)
-    probs = jax.nn.softmax(s_BxKxGxCxS, axis=-1).astype(dt)
-    ctx.append(jnp.einsum("bkgls,bkse->bkgle", probs, v_BxKxSxE[:, :, :S]))
-  ctx_BxKxGxLxE = jnp.concatenate(ctx, axis=3)
+  ctx_BxKxGxLxE = _blocked_heads(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, n)
   return jnp.transpose(ctx_BxKxGxLxE, (0, 3, 1, 2, 4)).reshape(B, L, H, E)
+
+
+def _block_scores(q_blk, k_BxKxSxE, i: int, c: int):
+  """Block i's scaled, masked scores [B, K, G, c, S] over keys [0, S), S = (i + 1) c, in >= f32."""
+  S, E = (i + 1) * c, q_blk.shape[-1]
+  acc = jnp.promote_types(q_blk.dtype, jnp.float32)
+  s = jnp.einsum("bkgle,bkse->bkgls", q_blk, k_BxKxSxE[:, :, :S],
+                 preferred_element_type=acc) * (1.0 / jnp.sqrt(jnp.asarray(E, acc)))
+  causal_CxS = jnp.arange(S)[None, :] <= (i * c + jnp.arange(c))[:, None]
+  return jnp.where(causal_CxS, s, jnp.finfo(acc).min)
+
+
+def _blocked_fwd(q, k, v, n):
+  """(ctx [B, K, G, L, E], per-query log-sum-exp [B, K, G, L] in >= float32)."""
+  c = q.shape[3] // n
+  ctx, lse = [], []
+  for i in range(n):
+    s = _block_scores(q[:, :, :, i * c:(i + 1) * c], k, i, c)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - m)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    probs = (e / total).astype(q.dtype)
+    ctx.append(jnp.einsum("bkgls,bkse->bkgle", probs, v[:, :, :(i + 1) * c]))
+    lse.append((m + jnp.log(total))[..., 0])
+  return jnp.concatenate(ctx, axis=3), jnp.concatenate(lse, axis=3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blocked_heads(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, n):
+  return _blocked_fwd(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, n)[0]
+
+
+def _blocked_heads_fwd(q, k, v, n):
+  ctx, lse = _blocked_fwd(q, k, v, n)
+  # Named so that the remat policies keep them (model.decoder.REMAT_POLICIES): the backward
+  # pass then needs no rerun of the forward's scores, softmax and products.
+  ctx, lse = checkpoint_name(ctx, SAVED_NAMES[0]), checkpoint_name(lse, SAVED_NAMES[1])
+  return ctx, (q, k, v, ctx, lse)
+
+
+def _blocked_heads_bwd(n, res, dctx):
+  """Flash attention's backward by blocks: p from the saved log-sum-exp, and the softmax's
+  gradient through rowsum(dctx * ctx) ([.., c] per block) instead of a reduction over keys."""
+  q, k, v, ctx, lse = res
+  c, E = q.shape[3] // n, q.shape[-1]
+  acc = jnp.promote_types(q.dtype, jnp.float32)
+  scale = 1.0 / jnp.sqrt(jnp.asarray(E, acc))
+  rows = jnp.sum(dctx.astype(acc) * ctx.astype(acc), axis=-1)           # [B, K, G, L]
+  dq, dk, dv = [], jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc)
+  for i in range(n):
+    S, blk = (i + 1) * c, slice(i * c, (i + 1) * c)
+    q_blk, do_blk = q[:, :, :, blk], dctx[:, :, :, blk]
+    p = jnp.exp(_block_scores(q_blk, k, i, c) - lse[:, :, :, blk, None])
+    dv = dv.at[:, :, :S].add(jnp.einsum("bkgls,bkgle->bkse", p.astype(q.dtype), do_blk,
+                                        preferred_element_type=acc))
+    dp = jnp.einsum("bkgle,bkse->bkgls", do_blk, v[:, :, :S], preferred_element_type=acc)
+    ds = (p * (dp - rows[:, :, :, blk, None]) * scale).astype(q.dtype)
+    dq.append(jnp.einsum("bkgls,bkse->bkgle", ds, k[:, :, :S], preferred_element_type=acc))
+    dk = dk.at[:, :, :S].add(jnp.einsum("bkgls,bkgle->bkse", ds, q_blk,
+                                        preferred_element_type=acc))
+  return (jnp.concatenate(dq, axis=3).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
+
+
+_blocked_heads.defvjp(_blocked_heads_fwd, _blocked_heads_bwd)
 
 
 def attend(q_BxLxHxE: Array, k_BxSxKxE: Array, v_BxSxKxE: Array, impl: str) -> Array:

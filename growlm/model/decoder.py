@@ -32,8 +32,15 @@ AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "pos
 Array = jax.Array
 
 # model.remat -> the jax.checkpoint policy of each block (None: save nothing but the input).
-REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
-                  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+# dots and dots_no_batch also keep `blocked` attention's output and log-sum-exp, so its
+# backward pass (a custom VJP) does not rerun its forward.
+_CP = jax.checkpoint_policies
+REMAT_POLICIES = {"full": None,
+                  "dots": _CP.save_from_both_policies(
+                      _CP.checkpoint_dots, _CP.save_only_these_names(*attention.SAVED_NAMES)),
+                  "dots_no_batch": _CP.save_from_both_policies(
+                      _CP.dots_with_no_batch_dims_saveable,
+                      _CP.save_only_these_names(*attention.SAVED_NAMES))}
 
 
 def _dtype(name: str):
