@@ -4,9 +4,9 @@ Each variant is the benchmark's model (throughput.py's preset and flags) with so
 model's speed fields changed (`attention`, `remat`, `scan_unroll`, `loss_chunk`; docs/design.md
 section 9), the batch, the parameters' dtype, or `projections=einsum`: the products with weight
 matrices traced as the einsums growlm used before `model.decoder.project` (the A/B of its flat
-form, design.md 9 "Flat projections"). For each one, on one device: the trainer's jitted train step is compiled (timed),
-run `--warmup` times, then timed `--steps` times with one reference matmul timed before each
-step (as throughput.py does). Reported per variant: train tokens/s (median step), its ratio to
+form, design.md 9 "Flat projections"). For each one, on one device: the trainer's jitted
+train step is compiled (timed), run `--warmup` times, then timed `--steps` times with one
+reference matmul timed before each step (as throughput.py does). Reported per variant: train tokens/s (median step), its ratio to
 the first variant's, MFU against the matmul and against the device's spec peak, compile
 seconds, and XLA's buffer estimate of the compiled step (arguments + outputs - donated +
 temporaries: the step's own memory, which the process-wide allocator peak cannot give per
