@@ -6,11 +6,11 @@ section 9), the batch, the parameters' dtype, or `projections=einsum`: the produ
 matrices traced as the einsums growlm used before `model.decoder.project` (the A/B of its flat
 form, design.md 9 "Flat projections"). For each one, on one device: the trainer's jitted
 train step is compiled (timed), run `--warmup` times, then timed `--steps` times with one
-reference matmul timed before each step (as throughput.py does). Reported per variant: train tokens/s (median step), its ratio to
-the first variant's, MFU against the matmul and against the device's spec peak, compile
-seconds, and XLA's buffer estimate of the compiled step (arguments + outputs - donated +
-temporaries: the step's own memory, which the process-wide allocator peak cannot give per
-variant).
+reference matmul timed before each step (as throughput.py does). Reported per variant: train
+tokens/s (median step), its ratio to the first variant's, MFU against the matmul and against
+the device's spec peak, compile seconds, and XLA's buffer estimate of the compiled step
+(arguments + outputs - donated + temporaries: the step's own memory, which the process-wide
+allocator peak cannot give per variant).
 
 This is how the defaults per platform were chosen (benchmarks/README.md, "Speed knobs"). It
 does not run the PyTorch reference: throughput.py gives growlm / reference for the defaults,
@@ -50,22 +50,24 @@ from growlm.train import loss as loss_lib  # pylint: disable=wrong-import-positi
 from growlm.train import state as state_lib  # pylint: disable=wrong-import-position
 
 DEFAULT_OUT = os.path.join("runs", "bench", "knobs.json")
-# param_dtype=bfloat16 stores parameters (and so AdamW's moments) in bf16 with no float32 master
-# copy: not a training setting to use, but the most that bf16 storage could gain in speed.
+# projections=einsum puts back the products growlm wrote before model.decoder.project (the
+# weight matrix contracted over its leading dims as one dot_general, whose weight gradient
+# contracts batch and position as two dims): the A/B of docs/design.md 9, "Flat projections".
+PROJECTIONS = ("flat", "einsum")
+
+
 def _projections(value: str) -> str:
   if value not in PROJECTIONS:
     raise ValueError(f"projections={value!r}; accepted: {', '.join(PROJECTIONS)}")
   return value
 
 
-# projections=einsum puts back the products growlm wrote before model.decoder.project (the
-# weight matrix contracted over its leading dims as one dot_general, whose weight gradient
-# contracts batch and position as two dims): the A/B of docs/design.md 9, "Flat projections".
-PROJECTIONS = ("flat", "einsum")
+# param_dtype=bfloat16 stores parameters (and so AdamW's moments) in bf16 with no float32 master
+# copy: not a training setting to use, but the most that bf16 storage could gain in speed.
 KNOBS = {"attention": str, "remat": str, "scan_unroll": int, "loss_chunk": int, "batch": int,
          "param_dtype": str, "projections": _projections}
-DEFAULT_VARIANTS = ("default; projections=einsum; loss_chunk=128; loss_chunk=256; loss_chunk=512; "
-                    "remat=dots_no_batch; remat=full; scan_unroll=2; attention=xla")
+DEFAULT_VARIANTS = ("default; projections=einsum; loss_chunk=128; loss_chunk=256; "
+                    "loss_chunk=512; remat=dots_no_batch; remat=full; scan_unroll=2; attention=xla")
 QUICK = dict(size="nano", batch=2, seq_len=32, steps=2, warmup=1, matmul_size=256)
 QUICK_VARIANTS = "default; loss_chunk=8"   # --quick without --variants
 

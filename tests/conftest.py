@@ -14,6 +14,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
+import jax.extend  # noqa: E402  pylint: disable=wrong-import-position
 import pytest  # noqa: E402  pylint: disable=wrong-import-position
 
 from pathlib import Path  # noqa: E402  pylint: disable=wrong-import-position
@@ -58,6 +59,15 @@ def load_benchmark(name: str):
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
+
+
+def all_eqns(jaxpr):
+  """Every equation of `jaxpr` and, depth first, of the jaxprs inside its equations (scan and
+  remat bodies, custom rules, pjit calls)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from all_eqns(sub)
 
 
 def positive_finite(x) -> bool:

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import all_eqns
 from growlm.errors import GrowlmError
 from growlm.grow import GrowthPlan, grow, is_exact
 from growlm.model import attention
@@ -131,15 +132,9 @@ def test_blocked_backward_reads_the_kept_output_under_remat(remat, kept):
   params = model.init_params(cfg, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, cfg.vocab_size)
   loss = lambda p: jnp.square(model.apply(cfg, p, tokens)).mean()
-  def exps(jaxpr):
-    n = 0
-    for eqn in jaxpr.eqns:
-      n += eqn.primitive.name == "exp" and eqn.outvars[0].aval.ndim == 5
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        n += exps(sub)
-    return n
-
   # Forward: one exp per query block; backward: one more (p from the log-sum-exp); a rerun
   # of the forward would add another.
-  per_block = exps(jax.make_jaxpr(jax.grad(loss))(params).jaxpr) // attention.BLOCKS
+  exps = sum(eqn.primitive.name == "exp" and eqn.outvars[0].aval.ndim == 5
+             for eqn in all_eqns(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
+  per_block = exps // attention.BLOCKS
   assert per_block == (2 if kept else 3), per_block

@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from conftest import load_benchmark, positive_finite
+from conftest import all_eqns, load_benchmark, positive_finite
 
 from growlm.model import flops
 from growlm.model.config import make_model_config
@@ -109,16 +109,9 @@ def test_knobs_projections_einsum_swaps_the_products_back_for_one_variant(tmp_pa
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
   grad = jax.grad(lambda q: jnp.square(decoder.apply(cfg, q, tokens)).mean())
 
-  def most_contracted(jaxpr):
-    n = 0
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general":
-        (contracted, _), (batch, _) = eqn.params["dimension_numbers"]
-        if not batch:   # attention's products have batch dims
-          n = max(n, len(contracted))
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        n = max(n, most_contracted(sub))
-    return n
+  def most_contracted(jaxpr):   # over products without batch dims (attention's have them)
+    return max(len(c) for eqn in all_eqns(jaxpr) if eqn.primitive.name == "dot_general"
+               for (c, _), (batch, _) in [eqn.params["dimension_numbers"]] if not batch)
 
   assert most_contracted(jax.make_jaxpr(grad)(p).jaxpr) == 1   # traced, so cached, flat
   with knobs._using_projections("einsum"):   # pylint: disable=protected-access

@@ -2,12 +2,12 @@
 [B, L, V] logits anywhere in the train or eval step."""
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from conftest import all_eqns
 from growlm import optim
 from growlm.config import defaults as config_defaults
 from growlm.config.typed import resolve
@@ -102,18 +102,9 @@ def test_half_precision_train_step_keeps_vocab_products_in_half():
       state, {"inputs": inputs, "targets": targets}).jaxpr
   V = cfg.vocab_size
 
-  def vocab_dots(jaxpr):
-    out = []
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general":
-        avals = [v.aval for v in eqn.invars]
-        if any(V in a.shape for a in avals):
-          out.append(tuple(str(a.dtype) for a in avals))
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        out += vocab_dots(sub)
-    return out
-
-  dots = vocab_dots(jaxpr)
+  dots = [tuple(str(a.dtype) for a in avals) for eqn in all_eqns(jaxpr)
+          if eqn.primitive.name == "dot_general"
+          for avals in [[v.aval for v in eqn.invars]] if any(V in a.shape for a in avals)]
   assert len(dots) >= 3, dots          # forward, and the two backward products
   assert all(d == ("bfloat16", "bfloat16") for d in dots), dots
   wide = [s for s in _logits_like(_shapes(jaxpr), V) if s[1] == "float32"]
@@ -122,13 +113,8 @@ def test_half_precision_train_step_keeps_vocab_products_in_half():
 
 def _shapes(jaxpr):
   """Every (shape, dtype) an equation of `jaxpr` or its sub-jaxprs produces."""
-  out = []
-  for eqn in jaxpr.eqns:
-    out += [(tuple(v.aval.shape), str(v.aval.dtype)) for v in eqn.outvars
-            if hasattr(v.aval, "shape")]
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      out += _shapes(sub)
-  return out
+  return [(tuple(v.aval.shape), str(v.aval.dtype)) for eqn in all_eqns(jaxpr)
+          for v in eqn.outvars if hasattr(v.aval, "shape")]
 
 
 def _logits_like(shapes, vocab):

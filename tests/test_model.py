@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import all_eqns
 from growlm import trees
 from growlm.model import flops, prng
 from growlm.model import decoder as model
@@ -187,17 +188,9 @@ def test_train_step_products_contract_one_dim(style, dtype):
   step = jax.grad(lambda q: loss_lib.token_nll(cfg, q, tokens, tokens).mean())
   jaxpr = jax.make_jaxpr(step)(p).jaxpr
 
-  def dots(jaxpr):
-    out = []
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general":
-        (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
-        out.append((len(lc), len(rc), len(lb)))
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        out += dots(sub)
-    return out
-
-  found = dots(jaxpr)
+  found = [(len(lc), len(rc), len(lb)) for eqn in all_eqns(jaxpr)
+           if eqn.primitive.name == "dot_general"
+           for (lc, rc), (lb, _) in [eqn.params["dimension_numbers"]]]
   plain = [d for d in found if d[2] == 0]
   # Forward, recomputed and backward products of q, k, v, out, the MLP and the head.
   assert len(plain) >= 3 * (6 if style == "gpt2" else 7) + 3, found

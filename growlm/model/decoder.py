@@ -35,12 +35,11 @@ Array = jax.Array
 # dots and dots_no_batch also keep `blocked` attention's output and log-sum-exp, so its
 # backward pass (a custom VJP) does not rerun its forward.
 _CP = jax.checkpoint_policies
+_KEEP_ATTENTION = _CP.save_only_these_names(*attention.SAVED_NAMES)
 REMAT_POLICIES = {"full": None,
-                  "dots": _CP.save_from_both_policies(
-                      _CP.checkpoint_dots, _CP.save_only_these_names(*attention.SAVED_NAMES)),
+                  "dots": _CP.save_from_both_policies(_CP.checkpoint_dots, _KEEP_ATTENTION),
                   "dots_no_batch": _CP.save_from_both_policies(
-                      _CP.dots_with_no_batch_dims_saveable,
-                      _CP.save_only_these_names(*attention.SAVED_NAMES))}
+                      _CP.dots_with_no_batch_dims_saveable, _KEEP_ATTENTION)}
 
 
 def _dtype(name: str):
