@@ -32,7 +32,8 @@ demo: install
 	$(PY) -m growlm.demo --workdir=$(WORKDIR)
 
 bench: install
-	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/throughput.py --profile runs/bench/profile
+	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/growth.py
 	$(PY) benchmarks/data.py
 

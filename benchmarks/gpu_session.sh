@@ -5,7 +5,9 @@
 #
 # Phases: env, apitests (started in the background, on CPU cores 8-15 with JAX_PLATFORMS=cpu:
 # tests/test_jax_api.py and the not-slow model, attention, loss and train tests on this
-# machine's jax), throughput (the gpt2-124m preset against the PyTorch reference), checks
+# machine's jax), throughput (the gpt2-124m preset against the PyTorch reference, and both
+# steps' time by part of the model: benchmarks/parts.py), attention (benchmarks/attention.py:
+# each attention kernel of one layer beside PyTorch's SDPA), checks
 # (benchmarks/device_checks.py; bgchecks starts it in the background instead: numerics only, so
 # it may share the GPU), growth (benchmarks/growth.py --preset gpt2-124m), knobs
 # (benchmarks/knobs.py with a profile of each variant; KNOBS overrides its --variants), xlaflags
@@ -35,7 +37,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 else
   export PYTHONPATH=$PWD
 fi
-PHASES=${*:-env apitests throughput checks growth knobs}
+PHASES=${*:-env apitests throughput attention checks growth knobs}
 BENCH_CPUS=${BENCH_CPUS:-0-7}   # the benchmarks' cores; the background tests take TEST_CPUS
 TEST_CPUS=${TEST_CPUS:-8-15}
 
@@ -92,7 +94,11 @@ for p in $PHASES; do
       APITESTS=$! ;;
     throughput)
       phase throughput 240 taskset -c "$BENCH_CPUS" python3 benchmarks/throughput.py --preset gpt2-124m \
-        --out "$OUT/throughput.json" ${THROUGHPUT_FLAGS:-} ${EXTRA:-} ;;
+        --profile /tmp/throughput_prof --out "$OUT/throughput.json" ${THROUGHPUT_FLAGS:-} \
+        ${EXTRA:-} ;;
+    attention)
+      phase attention 90 taskset -c "$BENCH_CPUS" python3 benchmarks/attention.py \
+        --preset gpt2-124m --out "$OUT/attention.json" ${EXTRA:-} ;;
     bgchecks)
       say "== checks: background, log in $OUT/checks.log"
       (timeout 240 "${CHECKS_CMD[@]}" > "$OUT/checks.log" 2>&1;

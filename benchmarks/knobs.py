@@ -40,6 +40,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=wrong-import-position  # benchmarks/common.py
+import parts  # pylint: disable=wrong-import-position  # benchmarks/parts.py
 import throughput  # pylint: disable=wrong-import-position  # benchmarks/throughput.py
 
 from growlm import sharding  # pylint: disable=wrong-import-position
@@ -186,7 +187,8 @@ def _bench_variant(args: argparse.Namespace, fields: dict[str, Any], mesh,
     step_s, matmul_s, _ = throughput._interleaved(  # pylint: disable=protected-access
         step, reference, args.steps, args.warmup)
     loss = float(step()["train_loss"])
-    ops, busy = profile(step, args.profile, len(args.seen)) if args.profile else (None, None)
+    ops, busy, by_part = (profile(step, args.profile, len(args.seen), compiled.as_text())
+                          if args.profile else (None, None, None))
     args.seen.append(fields)
     del carry["state"]
   fpt = flops_lib.flops_per_token(cfg, L)
@@ -215,15 +217,16 @@ def _bench_variant(args: argparse.Namespace, fields: dict[str, Any], mesh,
       "xla_memory": common.xla_memory(compiled),
       "profile_top": ops,
       "profile_busy": busy,
+      "profile_parts_ms_per_step": by_part,
   }
 
 
-CPU_WORKERS = "XLAEigen"         # the CPU runtime's worker threads are named tf_XLAEigen/...
+CPU_WORKERS = parts.CPU_WORKERS
 ANY_LINE = "any of the lines above"
 
 
-def profile(step, directory: str, index: int, steps: int = 3, top: int = 40
-            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def profile(step, directory: str, index: int, hlo_text: str, steps: int = 3, top: int = 40
+            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, float]]:
   """Traces `steps` steps with jax.profiler into DIRECTORY/INDEX and sums each event name's time
   over the device planes' lines (the host's when there is no device plane; whole-module and
   step lines left out): the `top` names by time, in ms per step, with their line (on a GPU:
@@ -231,7 +234,8 @@ def profile(step, directory: str, index: int, steps: int = 3, top: int = 40
   per step, of each line that runs the program (on a CPU, XLA's worker threads), and last of
   all of them together: the step less that is the most time nothing ran. A line's own figure
   undercounts on a CPU: a product that YNNPACK splits over both threads is traced on one.
-  The .xplane.pb stays for tools like xprof."""
+  Last, the step's wall time by part of the model (benchmarks/parts.py). The .xplane.pb stays
+  for tools like xprof."""
   out = os.path.join(directory, str(index))
   os.makedirs(out, exist_ok=True)
   jax.block_until_ready(step())
@@ -241,6 +245,7 @@ def profile(step, directory: str, index: int, steps: int = 3, top: int = 40
   jax.profiler.stop_trace()
   path = sorted(glob.glob(os.path.join(out, "**", "*.xplane.pb"), recursive=True))[-1]
   planes = list(jax.profiler.ProfileData.from_file(path).planes)
+  by_part = parts.per_step(parts.wall_by_part(parts.jax_spans(planes, hlo_text)), steps, 1e6)
   device = [pl for pl in planes if pl.name.startswith("/device:")]
   host = not device
   totals: collections.Counter = collections.Counter()
@@ -259,7 +264,7 @@ def profile(step, directory: str, index: int, steps: int = 3, top: int = 40
     busy.append({"line": ANY_LINE, "busy_ms_per_step": _union_ns(sorted(every)) / 1e6 / steps})
   ops = [{"line": line, "name": name, "ms_per_step": ns / 1e6 / steps}
          for (line, name), ns in totals.most_common(top)]
-  return ops, busy
+  return ops, busy, by_part
 
 
 def _union_ns(spans: list[tuple[int, int]]) -> int:
@@ -281,7 +286,8 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
   started = time.perf_counter()
   rows = []
   for fields in args.variant_list:
-    row = bench_variant(args, fields, mesh, reference)
+    with parts.fresh_metadata() if args.profile else contextlib.nullcontext():
+      row = bench_variant(args, fields, mesh, reference)
     row["over_first"] = row["tokens_per_sec"] / (rows[0] if rows else row)["tokens_per_sec"]
     rows.append(row)
     print(_line(row), flush=True)
@@ -291,6 +297,8 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     for line in row["profile_busy"] or []:
       print(f"    busy {line['busy_ms_per_step']:9.1f} ms of a {step_ms:.1f} ms step  "
             f"{line['line'][:60]}")
+    if row["profile_parts_ms_per_step"]:
+      print("\n".join(parts.table(row["profile_parts_ms_per_step"], None, step_ms)))
   return {
       "benchmark": "growlm train-step knobs",
       "command": command,

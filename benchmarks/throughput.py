@@ -31,6 +31,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -62,6 +63,7 @@ from growlm.model.config import ATTENTIONS, DTYPES, REMATS, make_model_config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=wrong-import-position  # benchmarks/common.py
+import parts  # pylint: disable=wrong-import-position  # benchmarks/parts.py
 import torch_reference  # pylint: disable=wrong-import-position  # benchmarks/, imports sans torch
 
 DEFAULT_OUT = os.path.join("runs", "bench", "throughput.json")
@@ -119,6 +121,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--torch_compile", choices=("auto", "on", "off"), default="auto",
                  help="torch.compile the reference (auto: on CUDA only; on this CPU it took "
                  "58 s and gained nothing, benchmarks/README.md)")
+  p.add_argument("--profile", default="", help="a directory: after the timed steps, trace 3 "
+                 "train steps of growlm there (and 3 of the reference) and report each one's "
+                 "time by part of the model (benchmarks/parts.py)")
   common.add_output_flags(p, DEFAULT_OUT, QUICK)
   args = p.parse_args(argv)
   if args.preset is None:
@@ -357,9 +362,15 @@ def bench_style(style: str, args: argparse.Namespace, mesh, reference: MatmulRef
 
     train_times, train_mm, torch_times = _interleaved(
         train_step, reference, args.steps, args.warmup, other if t_step else None)
-    state = carry["state"]
     final_loss = float(carry["metrics"]["train_loss"])
     train_memory = common.device_memory(device)
+    if args.profile:   # after the timings and the memory figure: tracing is not timed
+      by_part = {"growlm": parts.trace_jax(lambda: jax.block_until_ready(train_step()),
+                                           train_compiled.as_text(),
+                                           os.path.join(args.profile, style)),
+                 "reference": (parts.trace_torch(t_step, t_info["device"] == "cuda")
+                               if t_step else None)}
+    state = carry["state"]
 
     # Eval step: forward and summed loss, the trainer's Evaluator step.
     eval_jit = jax.jit(eval_lib.make_eval_step(cfg), in_shardings=(shard.params, batch_shard))
@@ -390,6 +401,8 @@ def bench_style(style: str, args: argparse.Namespace, mesh, reference: MatmulRef
       # Allocator statistics after the train steps (before eval): cumulative in the process.
       "device_memory_after_train": train_memory,
   }
+  if args.profile:
+    row["parts_ms_per_step"] = by_part
   if t_step is None:
     row["torch"] = {"skipped": t_info}
   else:
@@ -416,7 +429,8 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
   started = time.perf_counter()
 
   reference = MatmulReference(args.matmul_size, device, args.dtype)
-  rows = [bench_style(style, args, mesh, reference) for style in args.styles]
+  with parts.fresh_metadata() if args.profile else contextlib.nullcontext():
+    rows = [bench_style(style, args, mesh, reference) for style in args.styles]
   # The run's matmul rate: median over every timed matmul (each row's MFU uses its own).
   all_times = [t for r in rows for p in ("train", "eval") for t in r[p]["matmul_seconds"]]
   ref_flops_per_sec = reference.flops / statistics.median(all_times)
@@ -429,7 +443,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
       "settings": {k: getattr(args, k) for k in (
           "preset", "size", "styles", "batch", "seq_len", "dtype", "attention", "remat",
           "scan_unroll", "loss_chunk", "vocab_size", "steps", "warmup", "matmul_size", "torch",
-          "torch_compile")},
+          "torch_compile", "profile")},
       "machine": {
           "platform": device.platform,
           "device_kind": device.device_kind,
@@ -497,6 +511,14 @@ def _fmt_table(result: dict[str, Any]) -> str:
                  f"library's matmul: growlm {r['train']['mfu']:.1%}, reference {t['mfu']:.1%}")
     if t["peak_memory_bytes"]:
       lines.append(f"  reference peak memory {t['peak_memory_bytes'] / 2**30:.2f} GiB")
+  for r in result["rows"]:
+    if "parts_ms_per_step" in r:
+      by = r["parts_ms_per_step"]
+      lines.append(f"{r['style']}: where a train step's time goes (wall ms per step, profiled)")
+      ref_ms = (1e3 * r["torch"]["median_step_seconds"] if "median_step_seconds" in r["torch"]
+                else None)
+      lines += parts.table(by["growlm"], by["reference"],
+                           1e3 * r["train"]["median_step_seconds"], ref_ms)
   dev = result["device_memory"]
   lines.append("peak memory: device " + (dev if isinstance(dev, str) else json.dumps(dev)))
   for r in result["rows"]:

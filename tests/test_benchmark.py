@@ -17,6 +17,7 @@ import pytest
 
 from conftest import load_benchmark, positive_finite
 
+from growlm.errors import EXIT_USER_ERROR
 from growlm.model import flops
 from growlm.model.config import ModelConfig
 
@@ -165,3 +166,27 @@ def test_quick_command_line(tmp_path):
   result = json.loads(out.read_text())
   assert result["machine"]["devices_visible"] == 1
   _check_result(result, ["gpt2", "llama"])
+
+
+def test_attention_kernels_quick(tmp_path, capsys):
+  """benchmarks/attention.py --quick: every implementation that runs on a CPU, timed with the
+  ratio to SDPA from its own figures; the accelerator kernels named as not run; a bad name
+  refused with one error line."""
+  bench = load_benchmark("attention")
+  result = bench.main(["--quick", "--out", str(tmp_path / "a.json")])
+  assert result["auto"] == "blocked"
+  assert set(result["rows"]) == {"xla", "naive", "blocked"}
+  assert set(result["skipped"]) == {"cudnn", "splash"}
+  assert result["shape"]["seq_len"] == 64 and result["shape"]["batch"] == 2
+  ref = result["sdpa"]
+  for row in result["rows"].values():
+    assert positive_finite(row["forward_ms"]) and positive_finite(row["forward_backward_ms"])
+    if "skipped" not in ref:
+      assert row["over_sdpa"] == pytest.approx(row["forward_backward_ms"]
+                                               / ref["forward_backward_ms"], rel=1e-12)
+  assert json.loads((tmp_path / "a.json").read_text()) == json.loads(json.dumps(result))
+  with pytest.raises(SystemExit) as e:
+    bench.main(["--quick", "--impls", "blocked,fused", "--out", str(tmp_path / "b.json")])
+  assert e.value.code == EXIT_USER_ERROR
+  assert "growlm: error: --impls names ['fused']" in capsys.readouterr().err
+  assert not (tmp_path / "b.json").exists()

@@ -47,6 +47,11 @@ def test_knobs_quick_reports_the_resolved_knobs_and_its_arithmetic(tmp_path):
     assert all(knobs.CPU_WORKERS in b["line"] for b in lines), lines
     assert anyl["line"] == knobs.ANY_LINE
     assert max(busy) <= anyl["busy_ms_per_step"] <= sum(busy), row
+    # The step's wall time by part: every part, the products found, and no more than the time
+    # anything ran (the parts share the instants that ops on both threads share).
+    by = row["profile_parts_ms_per_step"]
+    assert list(by) == list(load_benchmark("parts").PARTS) and by["matmul"] > 0
+    assert 0 < sum(by.values()) <= anyl["busy_ms_per_step"] * (1 + 1e-9), by
   assert first["over_first"] == 1.0
   assert second["over_first"] == pytest.approx(second["tokens_per_sec"] / first["tokens_per_sec"])
 

@@ -80,6 +80,9 @@ def _fan_in_init(scale: float, in_axis, out_axis):
                                           in_axis=in_axis, out_axis=out_axis)
 
 
+PROJECT_SCOPE = "project"   # the name scope of every product with a weight matrix
+
+
 def project(x: Array, w: Array, n_in: int = 1, preferred_element_type=None) -> Array:
   """x [..., *I] times w [*I, *O], contracting the I dims (the last n_in of x, the first n_in of
   w): the einsum of a projection, written as one matrix product [tokens, |I|] x [|I|, |O|].
@@ -89,9 +92,11 @@ def project(x: Array, w: Array, n_in: int = 1, preferred_element_type=None) -> A
   then feeds it through a transposing copy of the larger operand (7.5 ms of each MLP layer's
   backward at benchmark preset `cpu`). benchmarks/README.md, "Flat projections"."""
   lead, I, O = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
-  y = jnp.matmul(jnp.reshape(x, (math.prod(lead), math.prod(I))),
-                 jnp.reshape(w, (math.prod(I), -1)), preferred_element_type=preferred_element_type)
-  return jnp.reshape(y, lead + O)
+  with jax.named_scope(PROJECT_SCOPE):   # profiles sort products by it (benchmarks/parts.py)
+    y = jnp.matmul(jnp.reshape(x, (math.prod(lead), math.prod(I))),
+                   jnp.reshape(w, (math.prod(I), -1)),
+                   preferred_element_type=preferred_element_type)
+    return jnp.reshape(y, lead + O)
 
 
 class Norm(nn.Module):

@@ -22,6 +22,7 @@ from growlm.model.config import ModelConfig
 # knobs": on an H100, 16 x 1024 tokens with vocab 50304, chunks of 256 positions (824 MB) ran
 # 25% faster than chunks of 16 (the CPU's 64 MiB), and the whole [B, L, V] only 2% faster).
 AUTO_CHUNK_BYTES = {"cpu": 64 * 2**20, "accelerator": 1 << 30}
+SCOPE = "loss"   # the name scope of the head's softmax cross-entropy
 
 
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
@@ -82,8 +83,9 @@ def _half_chunk_nll_bwd(res, s_BxC):
   xs_BxCxD = (x_BxCxD.astype(jnp.float32) * s).astype(x_BxCxD.dtype)
   # The tokens are the one contracted dim (model_lib.project says why that matters).
   D, V = w_DxV.shape
-  dw = jax.lax.dot_general(xs_BxCxD.reshape(-1, D), g_BxCxV.reshape(-1, V),
-                           (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  with jax.named_scope(model_lib.PROJECT_SCOPE):
+    dw = jax.lax.dot_general(xs_BxCxD.reshape(-1, D), g_BxCxV.reshape(-1, V),
+                             (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
   return (dx.astype(x_BxCxD.dtype), dw.astype(w_DxV.dtype),
           np.zeros(t_BxC.shape, dtype=jax.dtypes.float0))
 
@@ -130,4 +132,5 @@ def token_nll(cfg: ModelConfig, params, inputs_BxL: jax.Array, targets_BxL: jax.
   x_BxLxD, w_DxV = model_lib.hidden(cfg, params, inputs_BxL, dropout_rng=dropout_rng)
   B, L = targets_BxL.shape
   chunk = chunk_length(cfg.loss_chunk, B, L, cfg.vocab_size)
-  return chunked_cross_entropy(x_BxLxD, w_DxV, targets_BxL, chunk)
+  with jax.named_scope(SCOPE):   # profiles sort the loss's ops by it (benchmarks/parts.py)
+    return chunked_cross_entropy(x_BxLxD, w_DxV, targets_BxL, chunk)

@@ -71,6 +71,9 @@ StageGrower = Callable[[RunConfig, "stages_lib.Kit", "stages_lib.Kit", TrainStat
                        tuple[TrainState, dict]]
 
 
+OPTIMIZER_SCOPE = "optimizer"   # the name scope of the update (clipping, AdamW)
+
+
 def make_train_step(cfg, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     grad_accum: int = 1) -> Callable:
   """(state, batch) -> (state, metrics); the batch is split into `grad_accum` microbatches."""
@@ -98,10 +101,11 @@ def make_train_step(cfg, optimizer: optax.GradientTransformation, schedule: opta
       zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
       (loss, grads), _ = jax.lax.scan(body, zero, (micro, jax.random.split(sub, grad_accum)))
       loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads),
-               "lr": schedule(state.step)}
+    with jax.named_scope(OPTIMIZER_SCOPE):   # for profiles (benchmarks/parts.py)
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads),
+                 "lr": schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
   return step
