@@ -73,6 +73,8 @@ KERNEL_RULES = (
 
 CPU_WORKERS = "XLAEigen"   # the XLA CPU runtime's worker threads: tf_XLAEigen/...
 GPU_OPS_LINE = "XLA Ops"   # a device plane's line of HLO ops (the kernels' lines repeat them)
+HLO_OP_STAT = "hlo_op"     # a device kernel's stat naming the HLO instruction it runs
+_NOT_KERNELS = (GPU_OPS_LINE, "XLA Modules", "Steps", "XLA TraceMe", "Async XLA Ops")
 
 
 @contextlib.contextmanager
@@ -170,21 +172,41 @@ def wall_by_part(lines: Iterable[Sequence[tuple[int, int, str]]]) -> dict[str, f
 
 def jax_spans(planes, hlo_text: str) -> list[list[tuple[int, int, str]]]:
   """Per line, the (start ns, end ns, part) of every event that names an instruction of the
-  step: XLA's worker threads on a CPU, the ops line of each device plane elsewhere."""
+  step. On a CPU: XLA's worker threads. On a device: the plane's "XLA Ops" line where its events
+  name instructions; otherwise (ops grouped into command buffers, say) each stream's kernels,
+  by the `hlo_op` stat the profiler attaches to a kernel."""
   table = instructions(hlo_text)
+
+  def spans(events, name_of) -> list[tuple[int, int, str]]:
+    out = []
+    for e in events:
+      name = (name_of(e) or "").split(" ")[0].lstrip("%")   # "%fusion.3 = ..." -> fusion.3
+      if name in table:
+        out.append((e.start_ns, e.start_ns + e.duration_ns, jax_part(name, table[name][1])))
+    return out
+
   device = [pl for pl in planes if pl.name.startswith("/device:")]
+  if not device:
+    return [spans(line.events, lambda e: e.name)
+            for pl in planes if pl.name.startswith("/host:CPU")
+            for line in pl.lines if CPU_WORKERS in line.name]
   out = []
-  for plane in device or [pl for pl in planes if pl.name.startswith("/host:CPU")]:
-    for line in plane.lines:
-      if (device and line.name != GPU_OPS_LINE) or (not device and CPU_WORKERS not in line.name):
-        continue
-      spans = []
-      for e in line.events:
-        name = e.name.split(" ")[0].lstrip("%")   # an op line may print "%fusion.3 = ..."
-        if name in table:
-          spans.append((e.start_ns, e.start_ns + e.duration_ns, jax_part(name, table[name][1])))
-      out.append(spans)
+  for plane in device:
+    ops = [spans(line.events, lambda e: e.name)
+           for line in plane.lines if line.name == GPU_OPS_LINE]
+    if any(ops):
+      out += ops
+      continue
+    out += [spans(line.events, lambda e: _stats(e).get(HLO_OP_STAT))
+            for line in plane.lines if line.name not in _NOT_KERNELS]
   return out
+
+
+def _stats(event) -> dict[str, Any]:
+  try:
+    return dict(event.stats)
+  except (TypeError, ValueError):
+    return {}
 
 
 def per_step(totals: dict[str, float], steps: int, unit: float) -> dict[str, float]:

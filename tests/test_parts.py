@@ -1,6 +1,8 @@
 """benchmarks/parts.py: a profiled train step cut into parts of the model, growlm's and the
 PyTorch reference's, and `throughput.py --profile` reporting them side by side."""
 
+from types import SimpleNamespace
+
 import jax
 import pytest
 
@@ -71,6 +73,39 @@ def test_scopes_are_growlms_and_every_one_reaches_the_compiled_step():
   table = parts.instructions(compiled.as_text())
   found = {parts.jax_part(name, op_name) for name, (_, op_name) in table.items()}
   assert {"matmul", "attention", "loss", "optimizer", "norms", "pointwise"} <= found
+
+
+def _plane(name, lines):
+  """A stand-in for a jax.profiler plane: lines of (name, [(event name, start, end, stats)])."""
+  ev = lambda n, s, e, st: SimpleNamespace(name=n, start_ns=s, duration_ns=e - s, stats=st)
+  return SimpleNamespace(name=name, lines=[
+      SimpleNamespace(name=ln, events=[ev(*e) for e in events]) for ln, events in lines])
+
+
+HLO = """
+  %fusion.1 = f32[8,8]{1,0} fusion(%p), kind=kLoop, metadata={op_name="jit(step)/optimizer/mul"}
+  %custom-call.2 = f32[8,8]{1,0} custom-call(%a), metadata={op_name="jit(step)/jvp(x)/project/dot"}
+"""
+
+
+def test_jax_spans_reads_the_worker_threads_or_the_ops_line_or_the_kernels_hlo_op():
+  cpu = _plane("/host:CPU", [
+      ("python", [("fusion.1", 0, 50, [])]),                       # a waiting thread: left out
+      ("tf_XLAEigen/1", [("fusion.1", 0, 10, []), ("ThunkExecutor::Execute", 0, 30, [])]),
+      ("tf_XLAEigen/2", [("custom-call.2", 5, 25, [])])])
+  assert parts.jax_spans([cpu], HLO) == [[(0, 10, "optimizer")], [(5, 25, "matmul")]]
+  gpu_ops = _plane("/device:GPU:0", [
+      ("XLA Modules", [("jit_step", 0, 40, [])]),
+      ("XLA Ops", [("%fusion.1 = f32[8,8] fusion(%p)", 0, 10, []), ("custom-call.2", 10, 30, [])]),
+      ("Stream #13", [("loop_multiply_fusion", 0, 9, [("hlo_op", "fusion.1")])])])
+  assert parts.jax_spans([cpu, gpu_ops], HLO) == [[(0, 10, "optimizer"), (10, 30, "matmul")]]
+  # No op line naming instructions: the streams' kernels, by their hlo_op stat.
+  gpu_kernels = _plane("/device:GPU:0", [
+      ("XLA Ops", [("command_buffer.7", 0, 40, [])]),
+      ("Stream #13", [("loop_multiply_fusion", 0, 9, [("hlo_op", "fusion.1")]),
+                      ("nvjet_tst_128x256", 9, 30, [("hlo_op", "custom-call.2")]),
+                      ("memcpy", 30, 31, [])])])
+  assert parts.jax_spans([gpu_kernels], HLO) == [[(0, 9, "optimizer"), (9, 30, "matmul")]]
 
 
 @pytest.mark.parametrize("chain,part", [
