@@ -148,16 +148,18 @@ def wall_by_part(lines: Iterable[Sequence[tuple[int, int, str]]]) -> dict[str, f
   """{part: wall time} of timed spans (start, end, part) on several lines (threads or
   streams). On one line, nested spans give each instant to the innermost one; across lines,
   an instant shared by k running spans gives 1/k to each. The figures add up to the union."""
-  edges: list[tuple[int, int, int, str]] = []   # (time, +1 start / -1 end, line, part)
+  # (time, -1 end / +1 start, -end: of spans starting together the longer (outer) first,
+  # line, part); ends sort before starts at the same instant.
+  edges: list[tuple[int, int, int, int, str]] = []
   for li, spans in enumerate(lines):
     for s, e, part in spans:
       if e > s:
-        edges += [(s, 1, li, part), (e, -1, li, part)]
-  edges.sort(key=lambda x: (x[0], x[1]))          # ends before starts at the same instant
+        edges += [(s, 1, -e, li, part), (e, -1, 0, li, part)]
+  edges.sort(key=lambda x: x[:3])
   stacks: dict[int, list[str]] = collections.defaultdict(list)
   out: dict[str, float] = collections.defaultdict(float)
   last = None
-  for t, kind, li, part in edges:
+  for t, kind, _, li, part in edges:
     if last is not None and t > last:
       running = [st[-1] for st in stacks.values() if st]
       for p in running:
@@ -165,8 +167,8 @@ def wall_by_part(lines: Iterable[Sequence[tuple[int, int, str]]]) -> dict[str, f
     last = t
     if kind == 1:
       stacks[li].append(part)
-    else:
-      stacks[li].remove(part) if stacks[li][-1] != part else stacks[li].pop()
+    else:   # the innermost span of this part ends (spans of one part are interchangeable)
+      del stacks[li][len(stacks[li]) - 1 - stacks[li][::-1].index(part)]
   return dict(out)
 
 

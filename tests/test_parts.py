@@ -26,6 +26,8 @@ def test_wall_by_part_splits_shared_instants_and_gives_nested_ones_to_the_inner_
   assert sum(got.values()) == 15   # the union of the spans
   # Spans listed in any order, and one ending where the next starts on the same line.
   assert parts.wall_by_part([[(4, 6, "y"), (0, 4, "x")]]) == {"x": 4.0, "y": 2.0}
+  # Nested spans starting together, the inner listed first: the inner one still wins.
+  assert parts.wall_by_part([[(0, 3, "in"), (0, 10, "out")]]) == {"in": 3.0, "out": 7.0}
 
 
 @pytest.mark.parametrize("name,op_name,part", [
