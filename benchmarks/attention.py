@@ -53,8 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--warmup", type=int, default=3, help="untimed calls after compiling")
   common.add_output_flags(p, DEFAULT_OUT, QUICK)
   args = p.parse_args(argv)
-  if args.preset is None:
-    args.preset = "cpu" if jax.default_backend() == "cpu" else "gpt2-124m"
+  args.preset = args.preset or throughput.default_preset()
   for k in ("size", "batch", "seq_len", "dtype"):
     setattr(args, k, throughput.PRESETS[args.preset][k])
   common.apply_quick(args, QUICK)

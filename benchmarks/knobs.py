@@ -29,7 +29,6 @@ import collections
 import contextlib
 import copy
 import datetime
-import glob
 import os
 import statistics
 import sys
@@ -110,8 +109,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  "profiled line's busy time and that of all of them together")
   common.add_output_flags(p, DEFAULT_OUT, QUICK)
   args = p.parse_args(argv)
-  if args.preset is None:
-    args.preset = "cpu" if jax.default_backend() == "cpu" else "gpt2-124m"
+  args.preset = args.preset or throughput.default_preset()
   for k, v in throughput.PRESETS[args.preset].items():
     setattr(args, k, v)
   for k in ("attention", "remat"):
@@ -237,15 +235,9 @@ def profile(step, directory: str, index: int, hlo_text: str, steps: int = 3, top
   Last, the step's wall time by part of the model (benchmarks/parts.py). The .xplane.pb stays
   for tools like xprof."""
   out = os.path.join(directory, str(index))
-  os.makedirs(out, exist_ok=True)
   jax.block_until_ready(step())
-  jax.profiler.start_trace(out)
-  for _ in range(steps):
-    jax.block_until_ready(step())
-  jax.profiler.stop_trace()
-  path = sorted(glob.glob(os.path.join(out, "**", "*.xplane.pb"), recursive=True))[-1]
-  planes = list(jax.profiler.ProfileData.from_file(path).planes)
-  by_part = parts.per_step(parts.wall_by_part(parts.jax_spans(planes, hlo_text)), steps, 1e6)
+  planes = parts.trace_planes(lambda: jax.block_until_ready(step()), out, steps)
+  by_part = parts.jax_parts(planes, hlo_text, steps)
   device = [pl for pl in planes if pl.name.startswith("/device:")]
   host = not device
   totals: collections.Counter = collections.Counter()

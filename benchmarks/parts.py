@@ -216,10 +216,9 @@ def per_step(totals: dict[str, float], steps: int, unit: float) -> dict[str, flo
   return {p: totals.get(p, 0.0) / unit / steps for p in PARTS}
 
 
-def trace_jax(step: Callable[[], Any], hlo_text: str, directory: str, steps: int = 3
-              ) -> dict[str, float]:
+def trace_planes(step: Callable[[], Any], directory: str, steps: int = 3) -> list:
   """Runs `step` (which waits for its result) `steps` times under jax.profiler into
-  `directory`; {part: wall ms per step}."""
+  `directory` (the .xplane.pb stays there for xprof); the trace's planes."""
   import jax   # pylint: disable=import-outside-toplevel
   os.makedirs(directory, exist_ok=True)
   jax.profiler.start_trace(directory)
@@ -227,8 +226,18 @@ def trace_jax(step: Callable[[], Any], hlo_text: str, directory: str, steps: int
     step()
   jax.profiler.stop_trace()
   path = sorted(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True))[-1]
-  planes = list(jax.profiler.ProfileData.from_file(path).planes)
+  return list(jax.profiler.ProfileData.from_file(path).planes)
+
+
+def jax_parts(planes, hlo_text: str, steps: int) -> dict[str, float]:
+  """{part: wall ms per step} of a trace of `steps` steps of the compiled step `hlo_text`."""
   return per_step(wall_by_part(jax_spans(planes, hlo_text)), steps, 1e6)
+
+
+def trace_jax(step: Callable[[], Any], hlo_text: str, directory: str, steps: int = 3
+              ) -> dict[str, float]:
+  """{part: wall ms per step} of `steps` runs of `step` traced into `directory`."""
+  return jax_parts(trace_planes(step, directory, steps), hlo_text, steps)
 
 
 def torch_spans(events, cuda: bool) -> list[list[tuple[int, int, str]]]:

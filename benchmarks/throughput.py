@@ -96,6 +96,11 @@ def spec_peak_flops(device_kind: str) -> float | None:
   return None
 
 
+def default_preset() -> str:
+  """The preset where --preset is not given: `cpu` on a CPU, `gpt2-124m` on an accelerator."""
+  return "cpu" if jax.default_backend() == "cpu" else "gpt2-124m"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -126,8 +131,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  "time by part of the model (benchmarks/parts.py)")
   common.add_output_flags(p, DEFAULT_OUT, QUICK)
   args = p.parse_args(argv)
-  if args.preset is None:
-    args.preset = "cpu" if jax.default_backend() == "cpu" else "gpt2-124m"
+  args.preset = args.preset or default_preset()
   for k, v in PRESETS[args.preset].items():
     if getattr(args, k, None) is None:
       setattr(args, k, v)
