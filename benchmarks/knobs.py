@@ -219,7 +219,6 @@ def _bench_variant(args: argparse.Namespace, fields: dict[str, Any], mesh,
   }
 
 
-CPU_WORKERS = parts.CPU_WORKERS
 ANY_LINE = "any of the lines above"
 
 
@@ -229,8 +228,9 @@ def profile(step, directory: str, index: int, hlo_text: str, steps: int = 3, top
   over the device planes' lines (the host's when there is no device plane; whole-module and
   step lines left out): the `top` names by time, in ms per step, with their line (on a GPU:
   the HLO ops' line and each stream's kernels). Then the busy time, the union of events in ms
-  per step, of each line that runs the program (on a CPU, XLA's worker threads), and last of
-  all of them together: the step less that is the most time nothing ran. A line's own figure
+  per step, of each line that runs the program (on a CPU, the XLA runtime's threads, less the
+  client's waits for its workers), and last of all of them together: the step less that is
+  the most time nothing ran. A line's own figure
   undercounts on a CPU: a product that YNNPACK splits over both threads is traced on one.
   Last, the step's wall time by part of the model (benchmarks/parts.py). The .xplane.pb stays
   for tools like xprof."""
@@ -246,10 +246,13 @@ def profile(step, directory: str, index: int, hlo_text: str, steps: int = 3, top
     for line in plane.lines:
       if "Modules" in line.name or "Steps" in line.name:
         continue
-      spans = sorted((e.start_ns, e.start_ns + e.duration_ns) for e in line.events)
       for event in line.events:
         totals[(line.name, event.name)] += event.duration_ns
-      if spans and not (host and CPU_WORKERS not in line.name):   # python, client threads: waits
+      if host and not parts.runs_ops(line.name):   # python's thread: waits
+        continue
+      spans = sorted((e.start_ns, e.start_ns + e.duration_ns) for e in line.events
+                     if not (host and parts.CPU_WAIT in e.name))
+      if spans:
         busy.append({"line": line.name, "busy_ms_per_step": _union_ns(spans) / 1e6 / steps})
         every += spans
   if every:

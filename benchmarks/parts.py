@@ -71,7 +71,11 @@ KERNEL_RULES = (
     ("add", "pointwise"),
 )
 
-CPU_WORKERS = "XLAEigen"   # the XLA CPU runtime's worker threads: tf_XLAEigen/...
+# The XLA CPU runtime's threads that run a step's ops: its workers (tf_XLAEigen/...) and its
+# client thread (tf_XLAPjRtCpuClient/...), which runs a step's thunks itself when the runtime
+# chooses to (seen on 2-core machines: the whole step on that thread, the workers idle).
+CPU_RUNTIME = ("XLAEigen", "XLAPjRtCpuClient")
+CPU_WAIT = "wait for completion"   # the client thread's event while the workers run the step
 GPU_OPS_LINE = "XLA Ops"   # a device plane's line of HLO ops (the kernels' lines repeat them)
 HLO_OP_STAT = "hlo_op"     # a device kernel's stat naming the HLO instruction it runs
 _NOT_KERNELS = (GPU_OPS_LINE, "XLA Modules", "Steps", "XLA TraceMe", "Async XLA Ops")
@@ -174,7 +178,7 @@ def wall_by_part(lines: Iterable[Sequence[tuple[int, int, str]]]) -> dict[str, f
 
 def jax_spans(planes, hlo_text: str) -> list[list[tuple[int, int, str]]]:
   """Per line, the (start ns, end ns, part) of every event that names an instruction of the
-  step. On a CPU: XLA's worker threads. On a device: the plane's "XLA Ops" line where its events
+  step. On a CPU: the XLA runtime's threads (CPU_RUNTIME). On a device: the plane's "XLA Ops" line where its events
   name instructions; otherwise (ops grouped into command buffers, say) each stream's kernels,
   by the `hlo_op` stat the profiler attaches to a kernel."""
   table = instructions(hlo_text)
@@ -191,7 +195,7 @@ def jax_spans(planes, hlo_text: str) -> list[list[tuple[int, int, str]]]:
   if not device:
     return [spans(line.events, lambda e: e.name)
             for pl in planes if pl.name.startswith("/host:CPU")
-            for line in pl.lines if CPU_WORKERS in line.name]
+            for line in pl.lines if runs_ops(line.name)]
   out = []
   for plane in device:
     ops = [spans(line.events, lambda e: e.name)
@@ -202,6 +206,12 @@ def jax_spans(planes, hlo_text: str) -> list[list[tuple[int, int, str]]]:
     out += [spans(line.events, lambda e: _stats(e).get(HLO_OP_STAT))
             for line in plane.lines if line.name not in _NOT_KERNELS]
   return out
+
+
+def runs_ops(line_name: str) -> bool:
+  """Whether a host plane's line is one of the XLA CPU runtime's threads (python's and other
+  threads only wait for a step)."""
+  return any(t in line_name for t in CPU_RUNTIME)
 
 
 def _stats(event) -> dict[str, Any]:

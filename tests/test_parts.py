@@ -96,6 +96,13 @@ def test_jax_spans_reads_the_worker_threads_or_the_ops_line_or_the_kernels_hlo_o
       ("tf_XLAEigen/1", [("fusion.1", 0, 10, []), ("ThunkExecutor::Execute", 0, 30, [])]),
       ("tf_XLAEigen/2", [("custom-call.2", 5, 25, [])])])
   assert parts.jax_spans([cpu], HLO) == [[(0, 10, "optimizer")], [(5, 25, "matmul")]]
+  # The runtime's client thread runs a step's ops itself at times (the workers then idle).
+  inline = _plane("/host:CPU", [
+      ("python", [("PjitFunction(jit(step))", 0, 60, [])]),
+      ("tf_XLAPjRtCpuClient/7", [("ThunkExecutor::Execute", 0, 50, []), ("fusion.1", 2, 12, []),
+                                 ("custom-call.2", 12, 40, [])]),
+      ("tf_XLAEigen/1", [("ThunkExecutor::Execute", 60, 61, [])])])
+  assert parts.jax_spans([inline], HLO) == [[(2, 12, "optimizer"), (12, 40, "matmul")], []]
   gpu_ops = _plane("/device:GPU:0", [
       ("XLA Modules", [("jit_step", 0, 40, [])]),
       ("XLA Ops", [("%fusion.1 = f32[8,8] fusion(%p)", 0, 10, []), ("custom-call.2", 10, 30, [])]),
