@@ -228,8 +228,8 @@ def profile(step, directory: str, index: int, hlo_text: str, steps: int = 3, top
   over the device planes' lines (the host's when there is no device plane; whole-module and
   step lines left out): the `top` names by time, in ms per step, with their line (on a GPU:
   the HLO ops' line and each stream's kernels). Then the busy time, the union of events in ms
-  per step, of each line that runs the program (on a CPU, the XLA runtime's threads, less the
-  client's waits for its workers), and last of all of them together: the step less that is
+  per step, of each line that runs the program (on a CPU, each thread's instructions of the
+  step and executor work, parts.cpu_work), and last of all of them together: the step less that is
   the most time nothing ran. A line's own figure
   undercounts on a CPU: a product that YNNPACK splits over both threads is traced on one.
   Last, the step's wall time by part of the model (benchmarks/parts.py). The .xplane.pb stays
@@ -240,6 +240,7 @@ def profile(step, directory: str, index: int, hlo_text: str, steps: int = 3, top
   by_part = parts.jax_parts(planes, hlo_text, steps)
   device = [pl for pl in planes if pl.name.startswith("/device:")]
   host = not device
+  table = parts.instructions(hlo_text)
   totals: collections.Counter = collections.Counter()
   busy, every = [], []
   for plane in device or [pl for pl in planes if pl.name.startswith("/host:CPU")]:
@@ -248,11 +249,9 @@ def profile(step, directory: str, index: int, hlo_text: str, steps: int = 3, top
         continue
       for event in line.events:
         totals[(line.name, event.name)] += event.duration_ns
-      if host and not parts.runs_ops(line.name):   # python's thread: waits
-        continue
-      spans = sorted((e.start_ns, e.start_ns + e.duration_ns) for e in line.events
-                     if not (host and parts.CPU_WAIT in e.name))
-      if spans:
+      spans = (parts.cpu_work(line.events, table) if host else
+               sorted((e.start_ns, e.start_ns + e.duration_ns) for e in line.events))
+      if spans:   # on a CPU, the threads that ran the step (python's waits for it)
         busy.append({"line": line.name, "busy_ms_per_step": _union_ns(spans) / 1e6 / steps})
         every += spans
   if every:

@@ -71,11 +71,12 @@ KERNEL_RULES = (
     ("add", "pointwise"),
 )
 
-# The XLA CPU runtime's threads that run a step's ops: its workers (tf_XLAEigen/...) and its
-# client thread (tf_XLAPjRtCpuClient/...), which runs a step's thunks itself when the runtime
-# chooses to (seen on 2-core machines: the whole step on that thread, the workers idle).
-CPU_RUNTIME = ("XLAEigen", "XLAPjRtCpuClient")
-CPU_WAIT = "wait for completion"   # the client thread's event while the workers run the step
+# On a CPU, any thread may run a step's ops: XLA's workers (tf_XLAEigen/...), its client thread
+# (tf_XLAPjRtCpuClient/...), which at times runs a whole step itself while the workers idle
+# (seen on 2-core machines), or the caller's. A host event is read by its name: an instruction
+# of the step, or the executor's own work around them, less its waits for other threads.
+CPU_EXECUTOR = "ThunkExecutor::Execute"
+CPU_WAIT = "wait for completion"
 GPU_OPS_LINE = "XLA Ops"   # a device plane's line of HLO ops (the kernels' lines repeat them)
 HLO_OP_STAT = "hlo_op"     # a device kernel's stat naming the HLO instruction it runs
 _NOT_KERNELS = (GPU_OPS_LINE, "XLA Modules", "Steps", "XLA TraceMe", "Async XLA Ops")
@@ -178,9 +179,9 @@ def wall_by_part(lines: Iterable[Sequence[tuple[int, int, str]]]) -> dict[str, f
 
 def jax_spans(planes, hlo_text: str) -> list[list[tuple[int, int, str]]]:
   """Per line, the (start ns, end ns, part) of every event that names an instruction of the
-  step. On a CPU: the XLA runtime's threads (CPU_RUNTIME). On a device: the plane's "XLA Ops" line where its events
-  name instructions; otherwise (ops grouped into command buffers, say) each stream's kernels,
-  by the `hlo_op` stat the profiler attaches to a kernel."""
+  step. On a CPU: every host thread that ran one (see CPU_EXECUTOR). On a device: the plane's
+  "XLA Ops" line where its events name instructions; otherwise (ops grouped into command
+  buffers, say) each stream's kernels, by the `hlo_op` stat the profiler attaches to one."""
   table = instructions(hlo_text)
 
   def spans(events, name_of) -> list[tuple[int, int, str]]:
@@ -193,9 +194,9 @@ def jax_spans(planes, hlo_text: str) -> list[list[tuple[int, int, str]]]:
 
   device = [pl for pl in planes if pl.name.startswith("/device:")]
   if not device:
-    return [spans(line.events, lambda e: e.name)
-            for pl in planes if pl.name.startswith("/host:CPU")
-            for line in pl.lines if runs_ops(line.name)]
+    found = [spans(line.events, lambda e: e.name)
+             for pl in planes if pl.name.startswith("/host:CPU") for line in pl.lines]
+    return [line for line in found if line]
   out = []
   for plane in device:
     ops = [spans(line.events, lambda e: e.name)
@@ -208,10 +209,12 @@ def jax_spans(planes, hlo_text: str) -> list[list[tuple[int, int, str]]]:
   return out
 
 
-def runs_ops(line_name: str) -> bool:
-  """Whether a host plane's line is one of the XLA CPU runtime's threads (python's and other
-  threads only wait for a step)."""
-  return any(t in line_name for t in CPU_RUNTIME)
+def cpu_work(events, table: dict) -> list[tuple[int, int]]:
+  """The sorted (start ns, end ns) of a host line's events that run a step: its instructions
+  (`table`, from `instructions`) and the executor's work around them, not its waits."""
+  return sorted((e.start_ns, e.start_ns + e.duration_ns) for e in events
+                if e.name.split(" ")[0].lstrip("%") in table
+                or (e.name.startswith(CPU_EXECUTOR) and CPU_WAIT not in e.name))
 
 
 def _stats(event) -> dict[str, Any]:

@@ -39,12 +39,12 @@ def test_knobs_quick_reports_the_resolved_knobs_and_its_arithmetic(tmp_path):
     assert row["flops_per_token"] == pytest.approx(flops.flops_per_token(cfg, L))
     assert row["mfu_spec"] is None     # a CPU has no spec peak
     assert row["profile_top"] and all(op["ms_per_step"] >= 0 for op in row["profile_top"])
-    # Each XLA runtime thread's busy time, then all of them together: at least the busiest one,
-    # at most their sum (python's thread, which waits, left out).
+    # The busy time of each thread that ran the step, then all of them together: at least the
+    # busiest one, at most their sum (python's thread, which only waits for the step, left out).
     *lines, anyl = row["profile_busy"]
     busy = [b["busy_ms_per_step"] for b in lines]
-    assert busy and min(busy) >= 0 and positive_finite(max(busy))
-    assert all(load_benchmark("parts").runs_ops(b["line"]) for b in lines), lines
+    assert busy and min(busy) > 0 and positive_finite(max(busy))
+    assert not any(b["line"].startswith("python") for b in lines), lines
     assert anyl["line"] == knobs.ANY_LINE
     assert max(busy) <= anyl["busy_ms_per_step"] <= sum(busy), row
     # The step's wall time by part: every part, the products found, and no more than the time

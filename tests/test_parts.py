@@ -92,17 +92,22 @@ HLO = """
 
 def test_jax_spans_reads_the_worker_threads_or_the_ops_line_or_the_kernels_hlo_op():
   cpu = _plane("/host:CPU", [
-      ("python", [("fusion.1", 0, 50, [])]),                       # a waiting thread: left out
+      ("python", [("PjitFunction(jit(step))", 0, 50, [])]),       # it waits: no instruction
       ("tf_XLAEigen/1", [("fusion.1", 0, 10, []), ("ThunkExecutor::Execute", 0, 30, [])]),
       ("tf_XLAEigen/2", [("custom-call.2", 5, 25, [])])])
   assert parts.jax_spans([cpu], HLO) == [[(0, 10, "optimizer")], [(5, 25, "matmul")]]
-  # The runtime's client thread runs a step's ops itself at times (the workers then idle).
+  # Another thread runs a step's ops at times (XLA's client thread, the workers then idle).
   inline = _plane("/host:CPU", [
       ("python", [("PjitFunction(jit(step))", 0, 60, [])]),
       ("tf_XLAPjRtCpuClient/7", [("ThunkExecutor::Execute", 0, 50, []), ("fusion.1", 2, 12, []),
                                  ("custom-call.2", 12, 40, [])]),
       ("tf_XLAEigen/1", [("ThunkExecutor::Execute", 60, 61, [])])])
-  assert parts.jax_spans([inline], HLO) == [[(2, 12, "optimizer"), (12, 40, "matmul")], []]
+  assert parts.jax_spans([inline], HLO) == [[(2, 12, "optimizer"), (12, 40, "matmul")]]
+  # A thread's work: its instructions and the executor's own events, never its waits.
+  events = inline.lines[1].events + [SimpleNamespace(
+      name="ThunkExecutor::Execute (wait for completion)", start_ns=70, duration_ns=30)]
+  assert parts.cpu_work(events, parts.instructions(HLO)) == [(0, 50), (2, 12), (12, 40)]
+  assert parts.cpu_work(inline.lines[0].events, parts.instructions(HLO)) == []
   gpu_ops = _plane("/device:GPU:0", [
       ("XLA Modules", [("jit_step", 0, 40, [])]),
       ("XLA Ops", [("%fusion.1 = f32[8,8] fusion(%p)", 0, 10, []), ("custom-call.2", 10, 30, [])]),
