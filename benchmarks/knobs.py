@@ -229,9 +229,9 @@ def profile(step, directory: str, index: int, hlo_text: str, steps: int = 3, top
   step lines left out): the `top` names by time, in ms per step, with their line (on a GPU:
   the HLO ops' line and each stream's kernels). Then the busy time, the union of events in ms
   per step, of each line that runs the program (on a CPU, each thread's instructions of the
-  step and executor work, parts.cpu_work), and last of all of them together: the step less that is
-  the most time nothing ran. A line's own figure
-  undercounts on a CPU: a product that YNNPACK splits over both threads is traced on one.
+  step and executor work, parts.cpu_work), and last of all of them together: the step less that
+  is the most time nothing ran. A line's own figure undercounts on a CPU: a product that
+  YNNPACK splits over both threads is traced on one.
   Last, the step's wall time by part of the model (benchmarks/parts.py). The .xplane.pb stays
   for tools like xprof."""
   out = os.path.join(directory, str(index))
@@ -251,7 +251,7 @@ def profile(step, directory: str, index: int, hlo_text: str, steps: int = 3, top
         totals[(line.name, event.name)] += event.duration_ns
       spans = (parts.cpu_work(line.events, table) if host else
                sorted((e.start_ns, e.start_ns + e.duration_ns) for e in line.events))
-      if spans:   # on a CPU, the threads that ran the step (python's waits for it)
+      if spans:   # on a CPU, only the threads that ran the step (python's only waits for it)
         busy.append({"line": line.name, "busy_ms_per_step": _union_ns(spans) / 1e6 / steps})
         every += spans
   if every:

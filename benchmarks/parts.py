@@ -187,7 +187,7 @@ def jax_spans(planes, hlo_text: str) -> list[list[tuple[int, int, str]]]:
   def spans(events, name_of) -> list[tuple[int, int, str]]:
     out = []
     for e in events:
-      name = (name_of(e) or "").split(" ")[0].lstrip("%")   # "%fusion.3 = ..." -> fusion.3
+      name = _instruction(name_of(e) or "")
       if name in table:
         out.append((e.start_ns, e.start_ns + e.duration_ns, jax_part(name, table[name][1])))
     return out
@@ -209,11 +209,16 @@ def jax_spans(planes, hlo_text: str) -> list[list[tuple[int, int, str]]]:
   return out
 
 
+def _instruction(event_name: str) -> str:
+  """The instruction an event's name may give: "%fusion.3 = f32[..] fusion(..)" -> fusion.3."""
+  return event_name.split(" ")[0].lstrip("%")
+
+
 def cpu_work(events, table: dict) -> list[tuple[int, int]]:
   """The sorted (start ns, end ns) of a host line's events that run a step: its instructions
   (`table`, from `instructions`) and the executor's work around them, not its waits."""
   return sorted((e.start_ns, e.start_ns + e.duration_ns) for e in events
-                if e.name.split(" ")[0].lstrip("%") in table
+                if _instruction(e.name) in table
                 or (e.name.startswith(CPU_EXECUTOR) and CPU_WAIT not in e.name))
 
 

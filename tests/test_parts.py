@@ -90,7 +90,7 @@ HLO = """
 """
 
 
-def test_jax_spans_reads_the_worker_threads_or_the_ops_line_or_the_kernels_hlo_op():
+def test_jax_spans_reads_the_threads_that_ran_the_step_or_the_ops_line_or_the_kernels():
   cpu = _plane("/host:CPU", [
       ("python", [("PjitFunction(jit(step))", 0, 50, [])]),       # it waits: no instruction
       ("tf_XLAEigen/1", [("fusion.1", 0, 10, []), ("ThunkExecutor::Execute", 0, 30, [])]),
