@@ -122,8 +122,8 @@ for p in $PHASES; do
     knobs)
       phase knobs 600 taskset -c "$BENCH_CPUS" python3 benchmarks/knobs.py --preset gpt2-124m \
         --profile /tmp/knobs_prof --out "$OUT/knobs.json" ${EXTRA:-} \
-        --variants "${KNOBS:-default; projections=einsum; scan_unroll=12; remat=full; \
-param_dtype=bfloat16; batch=32}"
+        --variants "${KNOBS:-default; kernel_forward=rerun; projections=einsum; scan_unroll=12; \
+remat=full; param_dtype=bfloat16; batch=32}"
       tar czf "$OUT/knobs_traces.tgz" -C /tmp knobs_prof 2>/dev/null ;;
     xlaflags)
       # One process per XLA flag set (XLA reads XLA_FLAGS once, at start): the default variant of

@@ -2,9 +2,11 @@
 
 Each variant is the benchmark's model (throughput.py's preset and flags) with some of the
 model's speed fields changed (`attention`, `remat`, `scan_unroll`, `loss_chunk`; docs/design.md
-section 9), the batch, the parameters' dtype, or `projections=einsum`: the products with weight
+section 9), the batch, the parameters' dtype, `projections=einsum`: the products with weight
 matrices traced as the einsums growlm used before `model.decoder.project` (the A/B of its flat
-form, design.md 9 "Flat projections"). For each one, on one device: the trainer's jitted
+form, design.md 9 "Flat projections"), or `kernel_forward=rerun`: cuDNN's or splash's forward
+run again in the backward pass under the dots remat policies, as before they kept it (design.md
+9, "Rematerialisation"). For each one, on one device: the trainer's jitted
 train step is compiled (timed), run `--warmup` times, then timed `--steps` times with one
 reference matmul timed before each step (as throughput.py does). Reported per variant: train
 tokens/s (median step), its ratio to the first variant's, MFU against the matmul and against
@@ -54,18 +56,25 @@ DEFAULT_OUT = os.path.join("runs", "bench", "knobs.json")
 # weight matrix contracted over its leading dims as one dot_general, whose weight gradient
 # contracts batch and position as two dims): the A/B of docs/design.md 9, "Flat projections".
 PROJECTIONS = ("flat", "einsum")
+# kernel_forward=rerun keeps no fused attention kernel's forward under the dots remat policies
+# (model.attention.KERNEL_FORWARDS emptied), as before 2026-11-28: cuDNN's and splash's forward
+# then runs again in the backward pass. The A/B of design.md 9, "Rematerialisation".
+KERNEL_FORWARD = ("kept", "rerun")
 
 
-def _projections(value: str) -> str:
-  if value not in PROJECTIONS:
-    raise ValueError(f"projections={value!r}; accepted: {', '.join(PROJECTIONS)}")
-  return value
+def _choice(knob: str, accepted: tuple[str, ...]):
+  def parse(value: str) -> str:
+    if value not in accepted:
+      raise ValueError(f"{knob}={value!r}; accepted: {', '.join(accepted)}")
+    return value
+  return parse
 
 
 # param_dtype=bfloat16 stores parameters (and so AdamW's moments) in bf16 with no float32 master
 # copy: not a training setting to use, but the most that bf16 storage could gain in speed.
 KNOBS = {"attention": str, "remat": str, "scan_unroll": int, "loss_chunk": int, "batch": int,
-         "param_dtype": str, "projections": _projections}
+         "param_dtype": str, "projections": _choice("projections", PROJECTIONS),
+         "kernel_forward": _choice("kernel_forward", KERNEL_FORWARD)}
 DEFAULT_VARIANTS = ("default; projections=einsum; loss_chunk=128; loss_chunk=256; "
                     "loss_chunk=512; remat=dots_no_batch; remat=full; scan_unroll=2; attention=xla")
 QUICK = dict(size="nano", batch=2, seq_len=32, steps=2, warmup=1, matmul_size=256)
@@ -151,10 +160,27 @@ def _using_projections(kind: str):
       jax.clear_caches()
 
 
+@contextlib.contextmanager
+def _using_kernel_forward(kind: str):
+  """With `rerun`, no fused kernel's forward kept under remat while a variant is traced (the
+  caches cleared on the way in and out, as for projections)."""
+  kept = attention_lib.KERNEL_FORWARDS
+  if kind == "rerun":
+    jax.clear_caches()
+    attention_lib.KERNEL_FORWARDS = frozenset()
+  try:
+    yield
+  finally:
+    if attention_lib.KERNEL_FORWARDS is not kept:
+      attention_lib.KERNEL_FORWARDS = kept
+      jax.clear_caches()
+
+
 def bench_variant(args: argparse.Namespace, fields: dict[str, Any], mesh,
                   reference: throughput.MatmulReference) -> dict[str, Any]:
   """One variant's train step: compile seconds, step timings, rates and buffer sizes."""
-  with _using_projections(fields.get("projections", "flat")):
+  with _using_projections(fields.get("projections", "flat")), \
+       _using_kernel_forward(fields.get("kernel_forward", "kept")):
     return _bench_variant(args, fields, mesh, reference)
 
 
@@ -201,7 +227,8 @@ def _bench_variant(args: argparse.Namespace, fields: dict[str, Any], mesh,
                 "scan_unroll": cfg.scan_unroll,
                 "loss_chunk": loss_lib.chunk_length(cfg.loss_chunk, B, L, cfg.vocab_size),
                 "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
-                "projections": fields.get("projections", "flat")},
+                "projections": fields.get("projections", "flat"),
+                "kernel_forward": fields.get("kernel_forward", "kept")},
       "batch": B, "seq_len": L,
       "compile_seconds": compile_s,
       "step_seconds": step_s,
@@ -237,10 +264,10 @@ def profile(step, directory: str, index: int, hlo_text: str, steps: int = 3, top
   out = os.path.join(directory, str(index))
   jax.block_until_ready(step())
   planes = parts.trace_planes(lambda: jax.block_until_ready(step()), out, steps)
-  by_part = parts.jax_parts(planes, hlo_text, steps)
+  table = parts.instructions(hlo_text)
+  by_part = parts.jax_parts(planes, table, steps)
   device = [pl for pl in planes if pl.name.startswith("/device:")]
   host = not device
-  table = parts.instructions(hlo_text)
   totals: collections.Counter = collections.Counter()
   busy, every = [], []
   for plane in device or [pl for pl in planes if pl.name.startswith("/host:CPU")]:

@@ -177,12 +177,12 @@ def wall_by_part(lines: Iterable[Sequence[tuple[int, int, str]]]) -> dict[str, f
   return dict(out)
 
 
-def jax_spans(planes, hlo_text: str) -> list[list[tuple[int, int, str]]]:
+def jax_spans(planes, table: dict) -> list[list[tuple[int, int, str]]]:
   """Per line, the (start ns, end ns, part) of every event that names an instruction of the
-  step. On a CPU: every host thread that ran one (see CPU_EXECUTOR). On a device: the plane's
-  "XLA Ops" line where its events name instructions; otherwise (ops grouped into command
-  buffers, say) each stream's kernels, by the `hlo_op` stat the profiler attaches to one."""
-  table = instructions(hlo_text)
+  step (`table`, from `instructions`). On a CPU: every host thread that ran one (see
+  CPU_EXECUTOR). On a device: the plane's "XLA Ops" line where its events name instructions;
+  otherwise (ops grouped into command buffers, say) each stream's kernels, by the `hlo_op` stat
+  the profiler attaches to one."""
 
   def spans(events, name_of) -> list[tuple[int, int, str]]:
     out = []
@@ -247,15 +247,16 @@ def trace_planes(step: Callable[[], Any], directory: str, steps: int = 3) -> lis
   return list(jax.profiler.ProfileData.from_file(path).planes)
 
 
-def jax_parts(planes, hlo_text: str, steps: int) -> dict[str, float]:
-  """{part: wall ms per step} of a trace of `steps` steps of the compiled step `hlo_text`."""
-  return per_step(wall_by_part(jax_spans(planes, hlo_text)), steps, 1e6)
+def jax_parts(planes, table: dict, steps: int) -> dict[str, float]:
+  """{part: wall ms per step} of a trace of `steps` steps of the compiled step whose
+  instructions are `table` (from `instructions`)."""
+  return per_step(wall_by_part(jax_spans(planes, table)), steps, 1e6)
 
 
 def trace_jax(step: Callable[[], Any], hlo_text: str, directory: str, steps: int = 3
               ) -> dict[str, float]:
   """{part: wall ms per step} of `steps` runs of `step` traced into `directory`."""
-  return jax_parts(trace_planes(step, directory, steps), hlo_text, steps)
+  return jax_parts(trace_planes(step, directory, steps), instructions(hlo_text), steps)
 
 
 def torch_spans(events, cuda: bool) -> list[list[tuple[int, int, str]]]:

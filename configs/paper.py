@@ -119,7 +119,4 @@ def sweep(add, arg=None):
                     "plan": {"width": "tile", "depth": "identity", "copy_zero_out": True}},)})
   for b in _budgets(arg):
     if b != 1:
-      add(name=f"both_scratch_{b}x", **targets["both"], **{
-          "train.num_steps": b * t.num_steps, "train.warmup_steps": b * t.warmup_steps,
-          "eval.every_steps": b * base.eval.every_steps,
-          "checkpoint.every_steps": b * base.checkpoint.every_steps})
+      add(name=f"both_scratch_{b}x", **targets["both"], **config_lib.budget_overrides(base, b))

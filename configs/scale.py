@@ -85,8 +85,5 @@ def sweep(add, arg=None):
     add(name=f"grown_{width}", **TARGET, **{"init.source": "@source", "init.plan.width": width,
                                             "init.plan.depth": "identity"})
   add(name="scratch", **TARGET)
-  t = base.train
-  for b in (2, 4):
-    add(name=f"scratch_{b}x", **TARGET, **{
-        "train.num_steps": b * t.num_steps, "train.warmup_steps": b * t.warmup_steps,
-        "checkpoint.every_steps": b * base.checkpoint.every_steps})
+  for b in (2, 4):   # evaluated every 50 steps like the others (the frontier's resolution)
+    add(name=f"scratch_{b}x", **TARGET, **config_lib.budget_overrides(base, b, evals=False))

@@ -138,3 +138,32 @@ def test_blocked_backward_reads_the_kept_output_under_remat(remat, kept):
              for eqn in all_eqns(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
   per_block = exps // attention.BLOCKS
   assert per_block == (2 if kept else 3), per_block
+
+
+@pytest.mark.parametrize("impl,platform,forward", [
+    ("splash", "tpu", "pallas_call"), ("cudnn", "gpu", "dot_product_attention_fwd_wrapper")])
+def test_fused_kernels_forward_is_kept_under_remat(impl, platform, forward, monkeypatch):
+  """cuDNN's and splash's backward read what their forward computed (the context and the
+  softmax statistics); under the dots policies those outputs are kept (attention.KERNEL_FORWARDS),
+  so a grad of the model traces the kernel's forward as often as with no remat at all, where
+  `full` traces it once more (the forward rerun in the backward pass). Traced, not run: the
+  platform is set by hand, and jax's cuDNN checks of the GPU are stood in for."""
+  monkeypatch.setattr(attention, "_platform", lambda: platform)
+  if impl == "cudnn":
+    # pylint: disable-next=g-import-not-at-top
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+    monkeypatch.setattr(fa, "check_cudnn_version", lambda: 91000, raising=False)
+    monkeypatch.setattr(fa, "check_compute_capability", lambda c: True, raising=False)
+    monkeypatch.setattr(fa, "is_cuda_compute_capability_equal", lambda c: False, raising=False)
+  base = make_model_config("nano", "gpt2", max_len=128, dtype="bfloat16", attention="xla")
+  params = model.init_params(base, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 128), 0, base.vocab_size)
+  calls = {}
+  for remat in ("none", "full", "dots", "dots_no_batch"):
+    cfg = base.replace(attention=impl, remat=remat)
+    loss = lambda p, cfg=cfg: jnp.square(model.apply(cfg, p, tokens).astype(jnp.float32)).mean()
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+    calls[remat] = sum(eqn.primitive.name == forward for eqn in all_eqns(jaxpr))
+  assert calls["none"] >= 1, calls
+  assert calls["dots"] == calls["dots_no_batch"] == calls["none"], calls
+  assert calls["full"] == calls["none"] + 1, calls

@@ -29,7 +29,7 @@ def test_knobs_quick_reports_the_resolved_knobs_and_its_arithmetic(tmp_path):
   # dots_no_batch, and loss chunks of half the sequence.
   assert first["model"] == {"attention": "xla", "remat": "dots_no_batch", "scan_unroll": 1,
                             "loss_chunk": 16, "dtype": "float32", "param_dtype": "float32",
-                            "projections": "flat"}
+                            "projections": "flat", "kernel_forward": "kept"}
   assert second["model"]["remat"] == "full" and second["model"]["loss_chunk"] == 8
   cfg = make_model_config("nano", "gpt2", max_len=32)
   for row in (first, second):
@@ -134,3 +134,29 @@ def test_knobs_projections_einsum_swaps_the_products_back_for_one_variant(tmp_pa
   assert decoder.project is flat
   with pytest.raises(ValueError, match="projections='fused'; accepted: flat, einsum"):
     knobs.parse_variants("projections=fused")
+
+
+def test_knobs_kernel_forward_rerun_keeps_no_kernel_forward_for_one_variant(monkeypatch):
+  """kernel_forward=rerun: under the default remat (dots_no_batch) a grad of a splash model
+  traces the kernel's forward once more (it runs again in the backward pass), and the kept
+  forwards are back once the variant is done; a value outside kept/rerun is refused by name.
+  (Traced, not run: the platform is set to a TPU by hand.)"""
+  import jax
+  import jax.numpy as jnp
+  from growlm.model import attention
+  from growlm.model import decoder
+  knobs = load_benchmark("knobs")
+  monkeypatch.setattr(attention, "_platform", lambda: "tpu")
+  cfg = make_model_config("nano", "gpt2", max_len=128)
+  p = decoder.init_params(cfg.replace(attention="xla"), jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 128), 0, cfg.vocab_size)
+  splash = cfg.replace(attention="splash")
+  grad = jax.grad(lambda q: jnp.square(decoder.apply(splash, q, tokens)).mean())
+  kernels = lambda: sum(eqn.primitive.name == "pallas_call"
+                        for eqn in all_eqns(jax.make_jaxpr(grad)(p).jaxpr))
+  kept, forwards = kernels(), attention.KERNEL_FORWARDS
+  with knobs._using_kernel_forward("rerun"):   # pylint: disable=protected-access
+    assert kernels() == kept + 1
+  assert attention.KERNEL_FORWARDS is forwards and kernels() == kept
+  with pytest.raises(ValueError, match="kernel_forward='keep'; accepted: kept, rerun"):
+    knobs.parse_variants("kernel_forward=keep")

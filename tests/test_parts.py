@@ -88,6 +88,7 @@ HLO = """
   %fusion.1 = f32[8,8]{1,0} fusion(%p), kind=kLoop, metadata={op_name="jit(step)/optimizer/mul"}
   %custom-call.2 = f32[8,8]{1,0} custom-call(%a), metadata={op_name="jit(step)/jvp(x)/project/dot"}
 """
+TABLE = parts.instructions(HLO)
 
 
 def test_jax_spans_reads_the_threads_that_ran_the_step_or_the_ops_line_or_the_kernels():
@@ -95,31 +96,31 @@ def test_jax_spans_reads_the_threads_that_ran_the_step_or_the_ops_line_or_the_ke
       ("python", [("PjitFunction(jit(step))", 0, 50, [])]),       # it waits: no instruction
       ("tf_XLAEigen/1", [("fusion.1", 0, 10, []), ("ThunkExecutor::Execute", 0, 30, [])]),
       ("tf_XLAEigen/2", [("custom-call.2", 5, 25, [])])])
-  assert parts.jax_spans([cpu], HLO) == [[(0, 10, "optimizer")], [(5, 25, "matmul")]]
+  assert parts.jax_spans([cpu], TABLE) == [[(0, 10, "optimizer")], [(5, 25, "matmul")]]
   # Another thread runs a step's ops at times (XLA's client thread, the workers then idle).
   inline = _plane("/host:CPU", [
       ("python", [("PjitFunction(jit(step))", 0, 60, [])]),
       ("tf_XLAPjRtCpuClient/7", [("ThunkExecutor::Execute", 0, 50, []), ("fusion.1", 2, 12, []),
                                  ("custom-call.2", 12, 40, [])]),
       ("tf_XLAEigen/1", [("ThunkExecutor::Execute", 60, 61, [])])])
-  assert parts.jax_spans([inline], HLO) == [[(2, 12, "optimizer"), (12, 40, "matmul")]]
+  assert parts.jax_spans([inline], TABLE) == [[(2, 12, "optimizer"), (12, 40, "matmul")]]
   # A thread's work: its instructions and the executor's own events, never its waits.
   events = inline.lines[1].events + [SimpleNamespace(
       name="ThunkExecutor::Execute (wait for completion)", start_ns=70, duration_ns=30)]
-  assert parts.cpu_work(events, parts.instructions(HLO)) == [(0, 50), (2, 12), (12, 40)]
-  assert parts.cpu_work(inline.lines[0].events, parts.instructions(HLO)) == []
+  assert parts.cpu_work(events, TABLE) == [(0, 50), (2, 12), (12, 40)]
+  assert parts.cpu_work(inline.lines[0].events, TABLE) == []
   gpu_ops = _plane("/device:GPU:0", [
       ("XLA Modules", [("jit_step", 0, 40, [])]),
       ("XLA Ops", [("%fusion.1 = f32[8,8] fusion(%p)", 0, 10, []), ("custom-call.2", 10, 30, [])]),
       ("Stream #13", [("loop_multiply_fusion", 0, 9, [("hlo_op", "fusion.1")])])])
-  assert parts.jax_spans([cpu, gpu_ops], HLO) == [[(0, 10, "optimizer"), (10, 30, "matmul")]]
+  assert parts.jax_spans([cpu, gpu_ops], TABLE) == [[(0, 10, "optimizer"), (10, 30, "matmul")]]
   # No op line naming instructions: the streams' kernels, by their hlo_op stat.
   gpu_kernels = _plane("/device:GPU:0", [
       ("XLA Ops", [("command_buffer.7", 0, 40, [])]),
       ("Stream #13", [("loop_multiply_fusion", 0, 9, [("hlo_op", "fusion.1")]),
                       ("nvjet_tst_128x256", 9, 30, [("hlo_op", "custom-call.2")]),
                       ("memcpy", 30, 31, [])])])
-  assert parts.jax_spans([gpu_kernels], HLO) == [[(0, 9, "optimizer"), (9, 30, "matmul")]]
+  assert parts.jax_spans([gpu_kernels], TABLE) == [[(0, 9, "optimizer"), (9, 30, "matmul")]]
 
 
 @pytest.mark.parametrize("chain,part", [

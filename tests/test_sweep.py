@@ -102,6 +102,7 @@ def test_paper_sweep_budgets_add_scratch_runs_with_their_own_schedules(tmp_path)
     assert (c.train.num_steps, c.train.warmup_steps) == (b * one.train.num_steps,
                                                          b * one.train.warmup_steps)
     assert c.train.num_steps % c.checkpoint.every_steps == 0   # a checkpoint at the last step
+    assert c.eval.every_steps == b * one.eval.every_steps       # as many evaluations as 1x
   assert "both_scratch_1x" not in by and "both_scratch_2x" not in {
       r.name for r in sweep.expand(PAPER + ":runlocal", str(tmp_path / "q"))}
   with pytest.raises(GrowlmError, match="budgets"):
@@ -132,6 +133,13 @@ def test_scale_sweep_is_the_compute_its_docstring_says(tmp_path):
   assert {r.name for r in sweep.expand(path + ":runlocal", str(tmp_path / "q"))} == {
       "source", "grown_tile", "grown_mean_fill", "grown_zeros", "scratch", "scratch_2x",
       "scratch_4x"}
+  by = {r.name: r.config for r in runs}
+  one = by["scratch-s0"]
+  for b in (2, 4):   # each its own full schedule, evaluated as often as the others (the docstring)
+    c = by[f"scratch_{b}x-s0"]
+    assert (c.train.num_steps, c.train.warmup_steps, c.checkpoint.every_steps) == (
+        b * one.train.num_steps, b * one.train.warmup_steps, b * one.checkpoint.every_steps)
+    assert c.eval.every_steps == one.eval.every_steps
 
 
 def test_dry_run_prints_runnable_commands(tmp_path):

@@ -117,3 +117,16 @@ def parse_arg(arg: str | None, **defaults: Any) -> types.SimpleNamespace:
     else:
       out[key] = value.strip()
   return types.SimpleNamespace(**out)
+
+
+def budget_overrides(base: ml_collections.ConfigDict, factor: int, *, evals: bool = True
+                     ) -> dict[str, int]:
+  """Sweep overrides for a run of `factor` times `base`'s token budget with its own full
+  schedule: steps, warmup and checkpoint interval scaled (and the eval interval when `evals`,
+  so the run is evaluated as many times as `base`; left as is, it is evaluated as often)."""
+  out = {"train.num_steps": factor * base.train.num_steps,
+         "train.warmup_steps": factor * base.train.warmup_steps,
+         "checkpoint.every_steps": factor * base.checkpoint.every_steps}
+  if evals:
+    out["eval.every_steps"] = factor * base.eval.every_steps
+  return out

@@ -38,6 +38,11 @@ _HALF = ("bfloat16", "float16")
 SPLASH_BLOCK = 128   # splash needs seq_len a multiple of this (its smallest block)
 BLOCKS = 4           # query blocks of `blocked` (measured best on a 2-core CPU at seq_len 256)
 SAVED_NAMES = ("attn_ctx", "attn_lse")   # what `blocked`'s backward reads, kept under remat
+# The primitives a fused kernel's forward binds, whose outputs (the context and the softmax
+# statistics its backward reads) the remat policies keep as well: jax's cuDNN flash attention
+# forward, and Pallas calls (growlm calls Pallas for splash attention only).
+KERNEL_FORWARDS = frozenset({"dot_product_attention_fwd", "dot_product_attention_fwd_wrapper",
+                             "pallas_call"})
 SCOPE = "attend"   # the name scope of the attention kernel's ops
 
 Array = jax.Array
@@ -45,6 +50,12 @@ Array = jax.Array
 
 def _platform() -> str:
   return jax.default_backend()
+
+
+def kernel_forward_saveable(prim, *_, **__) -> bool:
+  """A jax.checkpoint policy: keep what a fused attention kernel's forward computes (cuDNN's,
+  splash's), so that a backward pass under remat does not run the kernel's forward again."""
+  return prim.name in KERNEL_FORWARDS
 
 
 def choose(impl: str, dtype: str, head_dim: int, seq_len: int, platform: str | None = None

@@ -32,10 +32,12 @@ AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "pos
 Array = jax.Array
 
 # model.remat -> the jax.checkpoint policy of each block (None: save nothing but the input).
-# dots and dots_no_batch also keep `blocked` attention's output and log-sum-exp, so its
-# backward pass (a custom VJP) does not rerun its forward.
+# dots and dots_no_batch also keep attention's output and softmax statistics (`blocked`'s by
+# name, cuDNN's and splash's as their kernels' forward outputs), so that its backward pass (a
+# custom VJP) does not rerun its forward.
 _CP = jax.checkpoint_policies
-_KEEP_ATTENTION = _CP.save_only_these_names(*attention.SAVED_NAMES)
+_KEEP_ATTENTION = _CP.save_from_both_policies(_CP.save_only_these_names(*attention.SAVED_NAMES),
+                                              attention.kernel_forward_saveable)
 REMAT_POLICIES = {"full": None,
                   "dots": _CP.save_from_both_policies(_CP.checkpoint_dots, _KEEP_ATTENTION),
                   "dots_no_batch": _CP.save_from_both_policies(
