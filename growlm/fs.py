@@ -2,15 +2,15 @@
 
 A path is a local path or a `gs://bucket/key` URL. Local paths keep POSIX semantics (fsync, atomic
 rename); URLs go through `etils.epath` (gcsfs underneath, the same layer orbax uses for its own
-metadata), with these rules:
+metadata; configured in growlm.gcs), with these rules:
 - no `os.path.abspath` on a URL, no `open()` on one: use `join`, `absolute`, `read_bytes`, ...;
 - a single object write is atomic on an object store (readers see the old or the new object), so
   `write_bytes_atomic` writes URLs directly; a directory rename is not, so `rename` and
   `copy_tree` onto a URL copy a marker file (`last`) after everything else;
 - directory listings are never cached (gcsfs caches them by default, which would hide files
   written by another host);
-- errors from the object store (no credentials, no bucket, no permission) become one
-  GrowlmError line naming the path and what is accepted.
+- errors from the object store (no credentials, no bucket, no permission, no network) become
+  one GrowlmError line naming the path and what is accepted.
 
 Only gs:// is accepted as a URL scheme: it is the one with the compare-and-swap writes the run
 lock needs (see `growlm.lease_gcs`).
@@ -25,6 +25,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from growlm import gcs
 from growlm.errors import GrowlmError
 
 SCHEMES = ("gs",)
@@ -57,7 +58,7 @@ def check_bucket(path: str, what: str = "path") -> None:
   if not is_url(path):
     return
   with _errors(path, "check its bucket"):
-    found = _gcsfs().exists(bucket(path).partition("://")[2])
+    found = gcs.gcsfs().exists(bucket(path).partition("://")[2])
   if not found:
     raise GrowlmError(f"{what} {path}: bucket {bucket(path)} does not exist or cannot be seen "
                       f"with these credentials; accepted: {ACCEPTED} in an existing bucket")
@@ -93,42 +94,14 @@ def dirname(path: str) -> str:
       os.path.dirname(os.path.normpath(path))
 
 
-def _epath(path: str):
-  _configure_gcs()
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  return epath.Path(path)
-
-
-_configured = False
-
-
-def _gcsfs():
-  """The gcsfs filesystem (for recursive listing and globs, which epath refuses on gs://)."""
-  _configure_gcs()
-  import fsspec  # pylint: disable=g-import-not-at-top
-  return fsspec.filesystem("gs")
-
-
-def _configure_gcs() -> None:
-  """gcsfs: no listing cache (another host may have written since), quiet fallbacks."""
-  global _configured
-  if _configured:
-    return
-  import logging  # pylint: disable=g-import-not-at-top
-
-  import fsspec  # pylint: disable=g-import-not-at-top
-  fsspec.config.conf.setdefault("gs", {}).update(use_listings_cache=False, skip_instance_cache=True)
-  logging.getLogger("gcsfs").setLevel(logging.CRITICAL)  # retries and fallbacks: we say it once
-  logging.getLogger("google.auth._default").setLevel(logging.ERROR)  # each credential tried
-  _configured = True
-
-
 def store_error(path: str, action: str, e: BaseException) -> GrowlmError:
   """One line for a failure to `action` the object-store or local `path`."""
   first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
   if is_url(path):
     low = first.lower()
-    if "credentials" in low or "401" in first or "403" in first or "permission" in low:
+    if isinstance(e, gcs.StoreUnreachable) or "dns" in type(e).__name__.lower():
+      hint = f"{ACCEPTED} on a machine that reaches Cloud Storage (network and DNS)"
+    elif "credentials" in low or "401" in first or "403" in first or "permission" in low:
       hint = ("credentials that can read and write it (gcloud auth application-default login, or "
               "GOOGLE_APPLICATION_CREDENTIALS)")
     else:
@@ -160,21 +133,21 @@ def exists(path: str) -> bool:
   if not is_url(path):
     return os.path.exists(path)
   with _errors(path, "check"):
-    return _epath(path).exists()
+    return gcs.epath(path).exists()
 
 
 def isdir(path: str) -> bool:
   if not is_url(path):
     return os.path.isdir(path)
   with _errors(path, "check"):
-    return _epath(path).is_dir()
+    return gcs.epath(path).is_dir()
 
 
 def isfile(path: str) -> bool:
   if not is_url(path):
     return os.path.isfile(path)
   with _errors(path, "check"):
-    p = _epath(path)
+    p = gcs.epath(path)
     return p.exists() and not p.is_dir()
 
 
@@ -183,7 +156,7 @@ def listdir(path: str) -> list[str]:
   if not is_url(path):
     return sorted(os.listdir(path))
   with _errors(path, "list"):
-    p = _epath(path)
+    p = gcs.epath(path)
     if not p.is_dir():
       raise FileNotFoundError(path)
     return sorted(c.name for c in p.iterdir())
@@ -200,7 +173,7 @@ def read_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
       return f.read()
   with _errors(path, "read"):
-    return _epath(path).read_bytes()
+    return gcs.epath(path).read_bytes()
 
 
 def read_text(path: str) -> str:
@@ -212,7 +185,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
   temporary file, fsync and rename; on an object store as one object upload."""
   if is_url(path):
     with _errors(path, "write", writing=True):
-      _epath(path).write_bytes(data)
+      gcs.epath(path).write_bytes(data)
     return
   write_local_atomic(path, data)
 
@@ -258,7 +231,7 @@ def remove(path: str) -> None:
     os.unlink(path)
     return
   with _errors(path, "remove"):
-    _epath(path).unlink()
+    gcs.epath(path).unlink()
 
 
 def rmtree(path: str) -> None:
@@ -267,7 +240,7 @@ def rmtree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
     return
   with _errors(path, "remove"):
-    p = _epath(path)
+    p = gcs.epath(path)
     if p.exists():
       p.rmtree()
 
@@ -281,7 +254,7 @@ def rename(src: str, dst: str, *, last: str | None = None) -> None:
     return
   if not isdir(src):
     with _errors(dst, f"move {src} to", writing=True):
-      _epath(src).rename(_epath(dst))
+      gcs.epath(src).rename(gcs.epath(dst))
     return
   try:
     copy_tree(src, dst, last=last)
@@ -296,7 +269,7 @@ def _objects(path: str) -> dict[str, dict]:
   """{relative path (with '/'): gcsfs info} of every object under the URL `path`."""
   with _errors(path, "list"):
     base = path.rstrip("/").partition("://")[2] + "/"
-    return {k[len(base):]: v for k, v in sorted(_gcsfs().find(path, detail=True).items())
+    return {k[len(base):]: v for k, v in sorted(gcs.gcsfs().find(path, detail=True).items())
             if k.startswith(base) and v.get("type") != "directory"}
 
 
@@ -316,7 +289,7 @@ def size(path: str) -> int:
   if not is_url(path):
     return os.path.getsize(path)
   with _errors(path, "read"):
-    return int(_gcsfs().size(path))
+    return int(gcs.gcsfs().size(path))
 
 
 def file_sizes(path: str) -> dict[str, int]:
@@ -330,7 +303,7 @@ def versions(path: str) -> dict[str, str]:
   """{relative path ('' for a single object): "SIZE:GENERATION"} of the object or of every object
   under the URL `path`; FileNotFoundError if there is none. What `transfer.mirror` compares."""
   with _errors(path, "list"):
-    found = _objects(path) if _epath(path).is_dir() else {"": _gcsfs().info(path)}
+    found = _objects(path) if gcs.epath(path).is_dir() else {"": gcs.gcsfs().info(path)}
   if not found:
     raise FileNotFoundError(path)
   return {rel: f"{v.get('size')}:{v.get('generation') or v.get('md5Hash') or ''}"
@@ -342,7 +315,7 @@ def open_read(path: str):
   if not is_url(path):
     return open(path, "rb")
   with _errors(path, "read"):
-    return _epath(path).open("rb")
+    return gcs.epath(path).open("rb")
 
 
 def copy_tree(src: str, dst: str, *, last: str | None = None, skip: Iterable[str] = ()) -> None:
@@ -365,9 +338,9 @@ def copy_file(src: str, dst: str) -> None:
     return
   with _errors(dst if is_url(dst) else src, f"copy {src} to {dst}", writing=is_url(dst)):
     if is_url(src) and is_url(dst):
-      _epath(src).copy(_epath(dst), overwrite=True)
+      gcs.epath(src).copy(gcs.epath(dst), overwrite=True)
     elif is_url(dst):
-      _epath(dst).write_bytes(read_bytes(src))
+      gcs.epath(dst).write_bytes(read_bytes(src))
     else:
       with open(dst, "wb") as f:
         f.write(read_bytes(src))
@@ -380,5 +353,5 @@ def glob(pattern: str) -> list[str]:
     return sorted(glob_lib.glob(pattern, recursive=True))
   with _errors(pattern, "list"):
     scheme = pattern.partition("://")[0]
-    found = _gcsfs().glob(pattern, detail=True)
+    found = gcs.gcsfs().glob(pattern, detail=True)
     return sorted(f"{scheme}://{p}" for p, v in found.items() if v.get("type") != "directory")

@@ -19,7 +19,7 @@ PKG = REPO / "growlm"
 # a top-level module of growlm (growlm/fs.py -> "fs") or a subpackage (growlm/train/ -> "train").
 LAYERS = [
     ("errors",),
-    ("trees", "fs", "sharding", "optim", "lock", "lease_posix", "lease_gcs", "transfer"),
+    ("trees", "gcs", "fs", "sharding", "optim", "lock", "lease_posix", "lease_gcs", "transfer"),
     ("rundir",),
     ("curves",),
     ("model",),

@@ -168,3 +168,43 @@ def test_a_store_that_refuses_these_credentials_is_one_line(refusing_store, tmp_
   assert len(lines) == 1 and lines[0].startswith("growlm: error: gs://someone-elses-bucket/run1")
   assert "credentials that can read and write it" in lines[0]
   assert list(tmp_path.iterdir()) == []
+
+
+def test_a_store_whose_host_does_not_resolve_fails_at_once_in_one_line(monkeypatch, tmp_path):
+  """No network or DNS: Cloud Storage's host name does not resolve. growlm says so after three
+  tries (not gcsfs's minute of retries), in one line that names the fix, for the library's
+  checks and reads and for the trainer's command line, which exits 2 and writes nothing."""
+  from growlm import gcs  # pylint: disable=g-import-not-at-top
+  no_host = "http://growlm-no-such-host.invalid:9"   # .invalid never resolves (RFC 2606)
+  for name in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL"):
+    monkeypatch.setenv(name, no_host)
+  for name in gcs._PROXIES:   # pylint: disable=protected-access
+    monkeypatch.delenv(name, raising=False)
+  naps = []
+  monkeypatch.setattr(gcs.time, "sleep", naps.append)
+  for call in (lambda: fs.check_bucket("gs://a-bucket/run1", "workdir"),
+               lambda: fs.read_bytes("gs://a-bucket/x.json")):
+    with pytest.raises(GrowlmError) as e:
+      call()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("gs://a-bucket/")
+    assert "growlm-no-such-host.invalid does not resolve" in msg
+    assert msg.endswith("on a machine that reaches Cloud Storage (network and DNS)")
+  assert naps == [1, 1] * 2                     # three tries a second apart, each time
+  cmd = [sys.executable, "-m", "growlm.main", "--workdir=gs://a-bucket/run1",
+         f"--config={REPO}/configs/default.py:size=nano,runlocal"]
+  r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                     env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert r.returncode == 2, r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("growlm: error: gs://a-bucket/run1: cannot ")
+  assert "does not resolve" in lines[0] and list(tmp_path.iterdir()) == []
+
+
+def test_the_store_host_is_the_emulators_where_one_is_set(monkeypatch):
+  from growlm import gcs  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+  assert gcs.host() == "storage.googleapis.com"
+  for url, name in (("http://127.0.0.1:4443", "127.0.0.1"), ("localhost:9000", "localhost")):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+    assert gcs.host() == name
