@@ -144,36 +144,30 @@ def _einsum_project(x, w, n_in=1, preferred_element_type=None):
 
 
 @contextlib.contextmanager
+def _swapped(module, name: str, value):
+  """`module.name` set to `value` while a variant is traced. The model's jitted functions cache
+  their traces by config, which the swap does not change, so every cache is cleared on the way
+  in and out."""
+  kept = getattr(module, name)
+  jax.clear_caches()
+  setattr(module, name, value)
+  try:
+    yield
+  finally:
+    setattr(module, name, kept)
+    jax.clear_caches()
+
+
 def _using_projections(kind: str):
-  """model.decoder.project swapped for the einsum form while a variant is traced. The model's
-  jitted functions cache their traces by config, which the swap does not change, so every
-  cache is cleared on the way in and out."""
-  flat = model_lib.project
-  if kind == "einsum":
-    jax.clear_caches()
-    model_lib.project = _einsum_project
-  try:
-    yield
-  finally:
-    if model_lib.project is not flat:
-      model_lib.project = flat
-      jax.clear_caches()
+  """With `einsum`, model.decoder.project swapped for the einsum form."""
+  return (_swapped(model_lib, "project", _einsum_project) if kind == "einsum"
+          else contextlib.nullcontext())
 
 
-@contextlib.contextmanager
 def _using_kernel_forward(kind: str):
-  """With `rerun`, no fused kernel's forward kept under remat while a variant is traced (the
-  caches cleared on the way in and out, as for projections)."""
-  kept = attention_lib.KERNEL_FORWARDS
-  if kind == "rerun":
-    jax.clear_caches()
-    attention_lib.KERNEL_FORWARDS = frozenset()
-  try:
-    yield
-  finally:
-    if attention_lib.KERNEL_FORWARDS is not kept:
-      attention_lib.KERNEL_FORWARDS = kept
-      jax.clear_caches()
+  """With `rerun`, no fused kernel's forward kept under remat (KERNEL_FORWARDS emptied)."""
+  return (_swapped(attention_lib, "KERNEL_FORWARDS", frozenset()) if kind == "rerun"
+          else contextlib.nullcontext())
 
 
 def bench_variant(args: argparse.Namespace, fields: dict[str, Any], mesh,
