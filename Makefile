@@ -20,6 +20,9 @@ $(STAMP): setup.cfg pyproject.toml constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints/cpu.txt -e '.[$(EXTRAS)]'
+	# libtpu beside the environment, out of jax's sight: only --compile_for (a TPU slice's step
+	# compiled on this machine, growlm/train/aot.py) loads it.
+	$(PY) -m pip install -q --no-deps --upgrade -c constraints/cpu.txt --target $(VENV)/libtpu libtpu
 	touch $@
 
 test: install

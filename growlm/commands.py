@@ -1,6 +1,7 @@
 """The library form of every command: what the command line does, callable from a notebook.
 
   train(config, workdir)                 python -m growlm.main
+  compile_for(config, topology)          python -m growlm.main --compile_for=TOPOLOGY
   grow_into(config, source, out)         python -m growlm.grow_main
   grow_to_hf / grow_to_run / train_from_hf / export_run
                                          python -m growlm.hf_main grow | train | export
@@ -30,6 +31,7 @@ from growlm.init import seam
 from growlm.init import source as source_lib
 from growlm.interop import hf as hf_lib
 from growlm.model import generate as generate_lib
+from growlm.train import aot
 from growlm.train import loss as loss_lib
 from growlm.train import trainer
 
@@ -50,6 +52,13 @@ def train(config: Any, workdir: str, *, params_fn: Callable[[Any], Any] | None =
   config, source = seam.prepare(resolve(config), workdir)
   return trainer.train(config, workdir, seam.initializer(source, params_fn=params_fn),
                        stop_after_init=stop_after_init, grow_stage=seam.grow_stage)
+
+
+def compile_for(config: Any, topology: str) -> dict[str, Any]:
+  """Compiles the run's train step (each stage's) for the TPU slice `topology` without a TPU:
+  the attention kernel it uses and its memory per device against the chip's HBM
+  (growlm.train.aot). Nothing runs, nothing is written."""
+  return aot.compile_for(resolve(config), topology)
 
 
 def _check_out(out: str) -> None:

@@ -35,6 +35,14 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def platform() -> str:
+  """The platform the step being traced will run on: that of the devices of the mesh in
+  context (`jax.set_mesh`), else jax's default backend. So a step traced on a CPU host for a
+  TPU slice (growlm/train/aot.py) picks the TPU's kernels."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
 def make_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
   """A (data, fsdp, tensor) mesh over all (global) devices; one size may be -1 (the rest)."""
   if isinstance(shape, dict) or hasattr(shape, "items"):

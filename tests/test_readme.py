@@ -409,6 +409,17 @@ def check_launch(r: Result, ws: Path):
   assert "growlm: results in runs/demo/results.md" in r.stdout
 
 
+def check_compile_for(r: Result, ws: Path):
+  """The step compiled for 8 v5e chips with splash attention; it fits (that it writes nothing
+  is tests/test_aot.py's: this workspace is shared with the commands that write runs/)."""
+  head, stage = r.stdout.strip().splitlines()
+  assert head.startswith("growlm: compiled for v5e:2x4: 8 x TPU v5 lite (2 host(s), 16 GiB"), head
+  assert "mesh data=1 fsdp=4 tensor=2" in head, head
+  assert re.search(r"stage 0: .* \(bfloat16\), attention splash \(3 Pallas kernels\).* fits;",
+                   stage), stage
+  del ws
+
+
 def check_dry_run(r: Result, ws: Path):
   """The dry run prints one growlm.main command per run, sources first."""
   runs = {}
@@ -558,6 +569,11 @@ CASES: dict[str, Case] = {
         "launch", check_launch, after=("make-demo",),
         reason="after `make demo` wrote runs/demo: every run is finished, skipped, re-analysed"),
     _LAUNCH + "runs/demo --dry_run": Case("launch-dry-run", check_dry_run),
+    (_CMD + "main --config=configs/default.py:size=base --compile_for=v5e:2x4 "
+     "--config.model.dtype=bfloat16 --config.data.batch_size=64 --config.mesh.fsdp=4 "
+     "--config.mesh.tensor=2"): Case(
+         "compile-for", check_compile_for, flags=(("--config.data.seq_len", "128"),),
+         reason="runlocal's seq_len 32 set back to 128, splash attention's smallest length"),
     (".venv/bin/python experiments/launch.py --config=configs/paper.py:budgets=1+2+4 --seeds=3 "
      "--sweep_dir=runs/paper3"): Case(
         "launch-paper-seeds", check_paper_seeds, flags=(("--dry_run", None),),

@@ -1,5 +1,9 @@
 """Command line: `python -m growlm.main --config=configs/default.py[:ARG] --workdir=DIR`.
 
+With `--compile_for=TOPOLOGY` (e.g. v5e:2x4) instead of --workdir, the config's train step is
+compiled for that TPU slice without one, and its kernel and memory per device are printed
+(growlm.train.aot); nothing is written.
+
 Thin by design: flags in, one library call (growlm.commands.train) out. Bad input exits with one
 line naming the field and the accepted values.
 """
@@ -20,6 +24,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a mul
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (0-based).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() with no arguments (TPU VMs).")
+_COMPILE_FOR = flags.DEFINE_string(
+    "compile_for", None, "Compile the train step for this TPU slice (e.g. v5e:2x4, v5p:4x4x4) "
+    "with no TPU, print its attention kernel and memory per device, and exit (needs libtpu; "
+    "--workdir not used).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None,
                                     "Number of CPU devices per process (testing sharding on CPU).")
 
@@ -59,6 +67,20 @@ def init_distributed() -> None:
 def main(argv):
   del argv
   cli_flags.setup_logging()
+
+  if _COMPILE_FOR.value is not None:
+    from growlm import commands  # pylint: disable=g-import-not-at-top
+    from growlm.train import aot  # pylint: disable=g-import-not-at-top
+
+    def plan():
+      if cli_flags.config() is None:
+        raise GrowlmError("--compile_for needs --config=configs/FILE.py[:ARG]")
+      if _WORKDIR.value:
+        raise GrowlmError("--compile_for compiles and trains nothing, so --workdir has no use "
+                          "with it; accepted: --compile_for=TOPOLOGY or --workdir=DIR, not both")
+      return commands.compile_for(cli_flags.config(), _COMPILE_FOR.value)
+    print("\n".join(aot.format_report(cli_flags.guarded(plan))))
+    return
 
   def go():
     if cli_flags.config() is None or not _WORKDIR.value:

@@ -18,9 +18,11 @@ by RoPE where the model uses it. Shapes: q [B, L, H, E], k and v [B, S, K, E] (S
           splash on a TPU when seq_len is a multiple of 128; blocked on a CPU when seq_len
           splits into blocks (BLOCKS); xla everywhere else
 
-The choice is made when the step is traced, from `jax.default_backend()`: a config written on
-a laptop picks the right kernel on the pod. An implementation that cannot run on this
-platform, dtype or shape is refused with one line naming what it needs.
+The choice is made when the step is traced, for the platform of the mesh in context (else jax's
+default backend; growlm.sharding.platform): a config written on a laptop picks the right kernel
+on the pod, and a step compiled on a CPU host for a TPU slice picks the TPU's. An
+implementation that cannot run on this platform, dtype or shape is refused with one line naming
+what it needs.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from growlm import sharding
 from growlm.errors import GrowlmError
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "naive", "blocked")
@@ -49,7 +52,7 @@ Array = jax.Array
 
 
 def _platform() -> str:
-  return jax.default_backend()
+  return sharding.platform()
 
 
 def kernel_forward_saveable(prim, *_, **__) -> bool:

@@ -313,10 +313,16 @@ def _dummy_tokens(cfg: ModelConfig) -> Array:
   return jnp.zeros((1, min(8, cfg.max_len)), jnp.int32)
 
 
+def _init_model(cfg: ModelConfig) -> nn.Module:
+  """The model whose init makes `cfg`'s parameters: attention kernels hold none, and `naive`
+  runs on init's few tokens on any platform (splash needs 128)."""
+  return make_model(cfg.replace(attention="naive"))
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg: ModelConfig, rng: Array) -> dict:
   """Fresh parameters (plain arrays, no axis boxes) for `cfg` (jitted: eager scan init is slow)."""
-  return nn.unbox(make_model(cfg).init(rng, _dummy_tokens(cfg))["params"])
+  return nn.unbox(_init_model(cfg).init(rng, _dummy_tokens(cfg))["params"])
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
@@ -335,7 +341,7 @@ def init_leaves(cfg: ModelConfig, rng: Array, paths: tuple, layers: tuple | None
   inits: dict = {}
   token = _CAPTURE.set(inits)
   try:
-    variables = make_model(cfg.replace(attention="naive", scan_unroll=1)).init(
+    variables = _init_model(cfg.replace(scan_unroll=1)).init(
         rng, _dummy_tokens(cfg))
   finally:
     _CAPTURE.reset(token)
@@ -356,8 +362,10 @@ def init_leaves(cfg: ModelConfig, rng: Array, paths: tuple, layers: tuple | None
 
 def abstract_params(cfg: ModelConfig) -> tuple[dict, dict]:
   """(ShapeDtypeStruct tree, logical-axes tree) of the parameters, without allocating them."""
-  boxed = jax.eval_shape(lambda r: make_model(cfg).init(r, _dummy_tokens(cfg))["params"],
-                         jax.random.key(0))
+  # The key is made inside the trace: nothing runs on a device (none may be attached, as in a
+  # compile for a TPU topology from a CPU host).
+  boxed = jax.eval_shape(
+      lambda: _init_model(cfg).init(jax.random.key(0), _dummy_tokens(cfg))["params"])
   is_box = lambda x: isinstance(x, nn.Partitioned)
   axes = jax.tree.map(lambda b: tuple(b.names), boxed, is_leaf=is_box)
   shapes = jax.tree.map(lambda b: b.value if is_box(b) else b, boxed, is_leaf=is_box)

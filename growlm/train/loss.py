@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from growlm import sharding
 from growlm.model import decoder as model_lib
 from growlm.model.config import ModelConfig
 
@@ -38,7 +39,7 @@ def chunk_length(requested: int, batch: int, seq_len: int, vocab: int,
   the largest whose float32 [batch, c, vocab] logits take <= AUTO_CHUNK_BYTES of this platform,
   and at most half of seq_len, so no chunk is the whole batch's logits)."""
   if requested <= 0:
-    kind = "cpu" if (platform or jax.default_backend()) == "cpu" else "accelerator"
+    kind = "cpu" if (platform or sharding.platform()) == "cpu" else "accelerator"
     requested = max(1, min(seq_len // 2, AUTO_CHUNK_BYTES[kind] // (4 * batch * vocab)))
   c = min(requested, seq_len)
   while seq_len % c:

@@ -1,0 +1,237 @@
+"""Compile a run's train step for a TPU slice this machine does not have (`--compile_for`).
+
+Before renting a slice, a researcher wants to know three things the CPU cannot tell by running:
+does the step compile there (splash attention's Pallas kernels, the mesh's shardings), which
+attention kernel it uses, and whether it fits each chip's memory. XLA's TPU compiler answers all
+three without a TPU: libtpu describes a slice by its topology name (`v5e:2x2`, `v5p:4x4x4`), and
+the step is lowered and compiled for those devices as the trainer would jit it (same config, mesh,
+sharding rules, optimizer, donated state). Nothing runs and nothing is written.
+
+Memory on a TPU is planned by the compiler, so its figure for a step is what the chip will hold:
+arguments (the state and the batch) + outputs not aliased to them + temporaries. It is compared
+with the chip's HBM (HBM_GIB, public specs; a device is a chip, or a core where the topology
+lists cores, as v2-v4's do without megacore).
+
+libtpu is found at TPU_LIBRARY_PATH, else as the `libtpu` package, else under the environment's
+prefix at libtpu/libtpu/libtpu.so (where `make install` puts it, out of jax's sight, so that CPU
+runs do not probe for a TPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+import warnings
+from collections import Counter
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from growlm import optim, sharding
+from growlm.config import stages as stages_lib
+from growlm.config.typed import RunConfig
+from growlm.errors import GrowlmError
+from growlm.model import attention
+from growlm.model import decoder as model_lib
+from growlm.model import flops as flops_lib
+from growlm.train import loss as loss_lib
+from growlm.train import stages as run_stages
+from growlm.train.state import state_shardings
+from growlm.train.trainer import make_train_step
+
+# HBM per chip in GiB, by jax's device_kind (Google Cloud's published TPU specs).
+HBM_GIB = {"TPU v2": 16, "TPU v3": 32, "TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95,
+           "TPU v6 lite": 32}
+TOPOLOGY_HELP = ("a TPU topology name such as v5e:2x2, v5p:2x2x1, v6e:2x4, v4:2x2x1 "
+                 "(generation:chips per dimension)")
+PALLAS_CALL = 'custom_call_target="tpu_custom_call"'   # a Pallas (Mosaic) kernel in TPU HLO
+GIB = 1 << 30
+SMALLER = ("a config that fits, e.g. a smaller data.batch_size, train.grad_accum > 1, "
+           "mesh.fsdp > 1 or model.remat=full")
+
+
+def libtpu_path() -> str | None:
+  """libtpu.so's path (module docstring), or None."""
+  env = os.environ.get("TPU_LIBRARY_PATH")
+  if env:
+    return env if os.path.isfile(env) else None
+  try:
+    import libtpu  # pylint: disable=g-import-not-at-top
+    return libtpu.get_library_path()
+  except ImportError:
+    pass
+  beside = os.path.join(sys.prefix, "libtpu", "libtpu", "libtpu.so")
+  return beside if os.path.isfile(beside) else None
+
+
+def topology_devices(name: str) -> list:
+  """The devices of the TPU slice `name`, described by libtpu (no TPU needed)."""
+  if ":" not in name:
+    raise GrowlmError(f"--compile_for={name!r}; accepted: {TOPOLOGY_HELP}")
+  path = libtpu_path()
+  if path is None:
+    raise GrowlmError(f"--compile_for={name} needs libtpu, which was not found; accepted: "
+                      "`make install` (puts it under .venv/libtpu), `pip install libtpu`, or "
+                      "TPU_LIBRARY_PATH=/path/to/libtpu.so")
+  quiet = logging.getLogger("jax._src.xla_bridge")   # its INFO line on the TPU it looked for
+  level = quiet.level
+  quiet.setLevel(logging.WARNING)
+  try:
+    jax.devices()   # this host's backend first, so that jax never takes libtpu for its own TPU
+  finally:
+    quiet.setLevel(level)
+  # Off a TPU VM, libtpu asks the VM's metadata for the worker names and accelerator type and
+  # logs warnings when it finds none; a description of a slice needs neither. The variables are
+  # set only while libtpu loads, so no process started later takes them for a TPU's.
+  env = {"TPU_LIBRARY_PATH": path,
+         "TPU_WORKER_HOSTNAMES": os.environ.get("TPU_WORKER_HOSTNAMES") or "localhost",
+         "TPU_ACCELERATOR_TYPE": os.environ.get("TPU_ACCELERATOR_TYPE") or "v5litepod-1",
+         # libtpu locks /tmp/libtpu_lockfile against a second process using the TPU; a slice's
+         # description uses none, so other compiles (and TPU runs) may load it too.
+         "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  error = None
+  with _environ(env):
+    # One device per chip, as jax has on a slice: "megacore" where the generation has it (v4,
+    # v5p: two cores act as one device), else the chip's default configuration.
+    for chip_config in ("megacore", "default"):
+      try:
+        return list(topologies.get_topology_desc(name, "tpu",
+                                                 chip_config_name=chip_config).devices)
+      except Exception as e:  # pylint: disable=broad-except  (libtpu's runtime errors)
+        error = e
+  first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  raise GrowlmError(f"--compile_for={name}: libtpu refused it ({first[:160]}); accepted: "
+                    f"{TOPOLOGY_HELP}") from None
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+  """Sets environment variables for the block, then restores them."""
+  saved = {k: os.environ.get(k) for k in values}
+  os.environ.update(values)
+  try:
+    yield
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+
+
+def hbm_bytes(devices: list) -> int | None:
+  """HBM per device of `devices` (a chip's, divided among its devices), None if unknown."""
+  gib = HBM_GIB.get(devices[0].device_kind)
+  if gib is None:
+    return None
+  per_chip = Counter(tuple(getattr(d, "coords", (d.id,))) for d in devices)
+  return gib * GIB // max(per_chip.values())
+
+
+def compile_for(config: RunConfig, topology: str) -> dict[str, Any]:
+  """Compiles each stage's train step for the slice `topology`; returns the report (module
+  docstring). GrowlmError for a bad topology, a mesh or batch the slice cannot take, or a
+  step that does not fit a device's HBM."""
+  devices = topology_devices(topology)
+  rules = config.sharding_rules
+  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+  d, t = config.data, config.train
+  shards = sharding.batch_shards(mesh, rules)
+  if d.batch_size % (shards * t.grad_accum):
+    raise GrowlmError(f"data.batch_size={d.batch_size} is not a multiple of the batch shards "
+                      f"({shards} = mesh data x fsdp) times train.grad_accum ({t.grad_accum})")
+  schedule = run_stages.make_schedule(config)
+  optimizer = optim.make_optimizer(t, schedule, lr_multipliers=config.init.lr_multipliers,
+                                   lr_rescale=config.init.lr_rescale != "none")
+  hbm = hbm_bytes(devices)
+  report = {"topology": topology, "device_kind": devices[0].device_kind,
+            "devices": len(devices), "hosts": len({x.process_index for x in devices}),
+            "mesh": dict(mesh.shape), "hbm_bytes_per_device": hbm,
+            "global_batch": d.batch_size, "seq_len": d.seq_len, "stages": []}
+  for i, cfg in enumerate(stages_lib.models(config.model, config.stages)):
+    report["stages"].append(_stage(i, cfg, config, optimizer, schedule, mesh, rules, hbm))
+  too_big = [s for s in report["stages"] if not s["fits"]]
+  if too_big:
+    s = too_big[0]
+    raise GrowlmError(
+        f"--compile_for={topology}: stage {s['stage']}'s train step needs "
+        f"{s['bytes_per_device'] / GIB:.2f} GiB per device (state and batch "
+        f"{s['argument_bytes'] / GIB:.2f}, "
+        f"temporaries {s['temp_bytes'] / GIB:.2f}) and a {report['device_kind']} device has "
+        f"{hbm / GIB:.0f} GiB; accepted: {SMALLER}")
+  return report
+
+
+def _stage(i: int, cfg, config: RunConfig, optimizer, schedule, mesh, rules,
+           hbm: int | None) -> dict[str, Any]:
+  """One stage's compiled train step and its figures."""
+  d = config.data
+  # Under the slice's abstract mesh (its platform, for the model's kernels) but not the mesh
+  # itself, on whose devices nothing can run: optax builds the state's tree from real arrays.
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    abstract, shard = state_shardings(cfg, optimizer, mesh, rules)
+  with jax.set_mesh(mesh):
+    batch_shard = sharding.batch_sharding(mesh, rules)
+    batch = {k: jax.ShapeDtypeStruct((d.batch_size, d.seq_len), jnp.int32, sharding=batch_shard)
+             for k in ("inputs", "targets")}
+    step = jax.jit(make_train_step(cfg, optimizer, schedule, config.train.grad_accum),
+                   in_shardings=(shard, batch_shard), out_shardings=(shard, None),
+                   donate_argnums=0)
+    t0 = time.perf_counter()
+    try:
+      with warnings.catch_warnings():
+        # Where a persistent compilation cache is set, jax stores the slice's executable but
+        # cannot load one without the slice's devices; it warns and compiles again.
+        warnings.filterwarnings("ignore", "Error reading persistent compilation cache entry")
+        compiled = step.lower(abstract, batch).compile()
+    except GrowlmError:   # the model's own refusals (an attention that cannot run there, ...)
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (XLA's compile errors)
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      kind = mesh.devices.flat[0].device_kind
+      if "RESOURCE_EXHAUSTED" in first:
+        raise GrowlmError(f"stage {i}'s train step does not fit a {kind} device ({first[:200]}); "
+                          f"accepted: {SMALLER}") from None
+      raise GrowlmError(f"stage {i}'s train step does not compile for {kind} "
+                        f"({type(e).__name__}: {first[:200]}); accepted: a model and mesh "
+                        "XLA's TPU compiler takes") from None
+    seconds = time.perf_counter() - t0
+    micro = d.batch_size // config.train.grad_accum
+    kernel = attention.choose(cfg.attention, cfg.dtype, cfg.head_dim, d.seq_len)
+    chunk = loss_lib.chunk_length(cfg.loss_chunk, micro // sharding.batch_shards(mesh, rules),
+                                  d.seq_len, cfg.vocab_size)
+  m = compiled.memory_analysis()
+  total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+           + m.temp_size_in_bytes)
+  return {"stage": i, "params": model_lib.count_params(abstract.params),
+          "d_model": cfg.d_model, "n_layers": cfg.n_layers, "dtype": cfg.dtype,
+          "attention": kernel, "pallas_kernels": compiled.as_text().count(PALLAS_CALL),
+          "remat": model_lib.remat_policy(cfg.remat), "loss_chunk": chunk,
+          "flops_per_token": flops_lib.flops_per_token(cfg, d.seq_len),
+          "compile_seconds": seconds, "argument_bytes": m.argument_size_in_bytes,
+          "temp_bytes": m.temp_size_in_bytes, "bytes_per_device": total,
+          "fits": hbm is None or total <= hbm}
+
+
+def format_report(report: dict[str, Any]) -> list[str]:
+  """The report as the lines `--compile_for` prints."""
+  hbm = report["hbm_bytes_per_device"]
+  head = (f"growlm: compiled for {report['topology']}: {report['devices']} x "
+          f"{report['device_kind']} ({report['hosts']} host(s), "
+          f"{'unknown' if hbm is None else f'{hbm / GIB:.0f} GiB'} HBM each), mesh "
+          + " ".join(f"{k}={v}" for k, v in report["mesh"].items())
+          + f", global batch {report['global_batch']} x {report['seq_len']}")
+  lines = [head]
+  for s in report["stages"]:
+    lines.append(
+        f"growlm: stage {s['stage']}: {s['params'] / 1e6:.1f}M params ({s['dtype']}), attention "
+        f"{s['attention']} ({s['pallas_kernels']} Pallas kernels), remat {s['remat']}, loss "
+        f"chunk {s['loss_chunk']}: {s['bytes_per_device'] / GIB:.2f} GiB per device (state and "
+        f"batch {s['argument_bytes'] / GIB:.2f}, temporaries {s['temp_bytes'] / GIB:.2f}), "
+        f"{'fits' if s['fits'] else 'DOES NOT FIT'}; compiled in {s['compile_seconds']:.1f} s")
+  return lines

@@ -1,0 +1,171 @@
+"""`--compile_for`: the train step compiled by XLA's TPU compiler for a slice this machine does
+not have (growlm/train/aot.py). libtpu comes from `make install` (.venv/libtpu), so these run
+in CI: they are the only place where the TPU path (splash attention's Pallas kernels, the remat
+policies around them, the mesh's shardings) meets the real TPU compiler before a TPU does."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+from packaging.requirements import Requirement
+
+from conftest import REPO, run_config
+from growlm import commands
+from growlm.errors import GrowlmError
+from growlm.train import aot
+
+TOPOLOGY = "v5e:2x2"   # four v5e chips, one host
+
+
+def _config(**overrides):
+  """The nano runlocal model at seq_len 128 (splash's smallest block), batch 8, GQA."""
+  fields = {"model.max_len": 128, "data.seq_len": 128, "data.batch_size": 8,
+            "model.n_heads": 4, "model.n_kv_heads": 2, "mesh.data": 4}
+  fields.update(overrides)
+  return run_config(**fields)
+
+
+def test_libtpu_pin_is_the_one_jax_asks_for():
+  """constraints/cpu.txt pins the libtpu that the installed jax's [tpu] extra names (a jax bump
+  without a libtpu bump would compile with a mismatched TPU compiler)."""
+  pins = dict(line.split("==") for line in (REPO / "constraints" / "cpu.txt").read_text()
+              .splitlines() if "==" in line and not line.startswith("#"))
+  wanted = [Requirement(r) for r in importlib.metadata.requires("jax")
+            if r.startswith("libtpu") and "tpu" in r.split(";")[-1]]
+  assert len(wanted) == 1, wanted
+  assert wanted[0].specifier.contains(pins["libtpu"]), (wanted[0], pins["libtpu"])
+  assert aot.libtpu_path() is not None   # make install put it where growlm looks
+
+
+def test_splash_compiles_for_a_tpu_slice_with_its_forward_kept():
+  """auto attention is splash on the TPU mesh: the step holds its three Pallas kernels
+  (forward, dq, dkv) under the default remat, and a fourth (the forward again) under remat=full,
+  as the remat policies say (model.attention.KERNEL_FORWARDS)."""
+  report = commands.compile_for(_config(), TOPOLOGY)
+  assert (report["device_kind"], report["devices"], report["hosts"]) == ("TPU v5 lite", 4, 1)
+  assert report["hbm_bytes_per_device"] == 16 << 30
+  (stage,) = report["stages"]
+  assert stage["attention"] == "splash" and stage["remat"] == "dots_no_batch"
+  assert stage["pallas_kernels"] == 3
+  assert stage["fits"] and 0 < stage["bytes_per_device"] < 1 << 30
+  full = commands.compile_for(_config(**{"model.remat": "full"}), TOPOLOGY)["stages"][0]
+  assert full["pallas_kernels"] == 4
+  naive = commands.compile_for(_config(**{"model.attention": "naive"}), TOPOLOGY)["stages"][0]
+  assert (naive["attention"], naive["pallas_kernels"]) == ("naive", 0)
+
+
+def test_splash_named_explicitly_compiles(monkeypatch):
+  """attention=splash, not auto: the model's init (8 tokens, which splash refuses) runs the
+  naive kernel, which holds the same (no) parameters, so init works on a TPU too."""
+  stage = commands.compile_for(_config(**{"model.attention": "splash"}), TOPOLOGY)["stages"][0]
+  assert (stage["attention"], stage["pallas_kernels"]) == ("splash", 3)
+  from growlm.model import attention, decoder, make_model_config
+  monkeypatch.setattr(attention, "_platform", lambda: "tpu")
+  cfg = make_model_config("nano", "llama", max_len=128)
+  key = jax.random.key(3)
+  got = decoder.init_params(cfg.replace(attention="splash"), key)
+  want = decoder.init_params(cfg.replace(attention="xla"), key)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), got, want))
+
+
+def test_fsdp_and_tensor_meshes_split_the_state_on_the_slice():
+  """The sharding rules hold on the TPU mesh: under fsdp=4 (and data 2 x tensor 2) each chip's
+  arguments are a fraction of the replicated state's; splash runs inside shard_map there."""
+  big = {"model.d_model": 256, "model.mlp_dim": 1024, "model.n_heads": 4, "model.n_kv_heads": 2}
+  data = commands.compile_for(_config(**big), TOPOLOGY)["stages"][0]
+  fsdp = commands.compile_for(_config(**big, **{"mesh.data": 1, "mesh.fsdp": 4}),
+                              TOPOLOGY)["stages"][0]
+  tensor = commands.compile_for(_config(**big, **{"mesh.data": 2, "mesh.tensor": 2}),
+                                TOPOLOGY)["stages"][0]
+  assert fsdp["argument_bytes"] < data["argument_bytes"] / 3, (fsdp, data)
+  assert tensor["argument_bytes"] < data["argument_bytes"] * 0.7, (tensor, data)
+  assert fsdp["pallas_kernels"] == tensor["pallas_kernels"] == 3
+
+
+def test_every_stage_is_compiled():
+  """A staged run compiles each stage's model: the grown ones hold more state per chip."""
+  config = _config(**{"train.num_steps": 20})
+  config.stages = ({"step": 5, "model": {"n_layers": 4}, "plan": {"depth": "identity"}},)
+  stages = commands.compile_for(config, TOPOLOGY)["stages"]
+  assert [s["stage"] for s in stages] == [0, 1]
+  assert stages[1]["params"] > 1.5 * stages[0]["params"]
+  assert stages[1]["argument_bytes"] > stages[0]["argument_bytes"]
+
+
+def test_a_step_too_big_for_the_chip_is_refused():
+  with pytest.raises(GrowlmError, match=r"does not fit a TPU v5 lite device .*accepted: .*"
+                                        r"data.batch_size"):
+    commands.compile_for(_config(**{"model.d_model": 1024, "model.mlp_dim": 8192,
+                                    "model.n_layers": 8, "data.batch_size": 4096}), TOPOLOGY)
+
+
+def _cli(*flags: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+  return subprocess.run(
+      [sys.executable, "-m", "growlm.main", "--config=configs/default.py:size=nano,runlocal",
+       "--config.model.max_len=128", "--config.data.seq_len=128", *flags],
+      cwd=cwd or REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def test_command_line_prints_the_report_and_writes_nothing(tmp_path):
+  (tmp_path / "configs").symlink_to(REPO / "configs")
+  before = sorted(p.name for p in tmp_path.iterdir())
+  out = _cli(f"--compile_for={TOPOLOGY}", cwd=tmp_path)
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.strip().splitlines()
+  assert lines[0].startswith(f"growlm: compiled for {TOPOLOGY}: 4 x TPU v5 lite"), lines
+  assert re.search(r"stage 0: .*attention splash \(3 Pallas kernels\).* fits;", lines[1]), lines
+  assert sorted(p.name for p in tmp_path.iterdir()) == before
+  assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("flag, env, message", [
+    ("--compile_for=v5e", None, r"--compile_for='v5e'; accepted: a TPU topology name"),
+    ("--compile_for=v9:2x2", None, r"--compile_for=v9:2x2: libtpu refused it \(.*\); accepted"),
+    (f"--compile_for={TOPOLOGY}", {"TPU_LIBRARY_PATH": "/nonexistent/libtpu.so"},
+     r"needs libtpu, which was not found; accepted: `make install`"),
+    (f"--compile_for={TOPOLOGY} --workdir=runs/x", None,
+     r"--compile_for=TOPOLOGY or --workdir=DIR, not both"),
+    (f"--compile_for={TOPOLOGY} --config.mesh.tensor=8", None,
+     r"mesh: 4 devices not divisible by fixed axes product 8"),
+])
+def test_bad_compile_for_input_is_one_line(flag, env, message):
+  out = _cli(*flag.split(), env=env)
+  assert out.returncode == 2, (out.stdout, out.stderr)
+  errors = [l for l in out.stderr.splitlines() if l.startswith("growlm: error:")]
+  assert len(errors) == 1 and re.search(message, errors[0]), out.stderr
+  assert "Traceback" not in out.stderr and not out.stdout
+
+
+def test_environment_is_restored_after_the_topology_loads(monkeypatch):
+  for key in ("TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "TPU_LIBRARY_PATH"):
+    monkeypatch.delenv(key, raising=False)
+  devices = aot.topology_devices("v5p:2x2x1")
+  assert len(devices) == 4 and devices[0].device_kind == "TPU v5"
+  assert aot.hbm_bytes(devices) == 95 << 30
+  for key in ("TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "TPU_LIBRARY_PATH"):
+    assert key not in os.environ
+
+
+def test_benchmark_table_rows(tmp_path, capsys):
+  """benchmarks/compile_for.py: one row per slice x style x remat, a refusal as its own row."""
+  from conftest import load_benchmark  # pylint: disable=g-import-not-at-top
+  bench = load_benchmark("compile_for")
+  rows = bench.main(["--topologies", TOPOLOGY, "--styles", "gpt2", "--remats", "full,none",
+                     "--n_layers", "1", "--per_chip", "1", "--out", str(tmp_path / "r.json")])
+  assert [(r["style"], r["stages"][0]["remat"]) for r in rows] == [("gpt2", "full"),
+                                                                   ("gpt2", "none")]
+  assert rows[0]["stages"][0]["params"] == rows[1]["stages"][0]["params"]
+  # full keeps less than none: the policy reaches the TPU compiler's plan.
+  assert rows[0]["stages"][0]["temp_bytes"] < rows[1]["stages"][0]["temp_bytes"]
+  table = capsys.readouterr().out.splitlines()
+  assert len(table) == 4 and table[2].startswith(f"| {TOPOLOGY} | gpt2 | full | splash |")
+  huge = bench.main(["--topologies", TOPOLOGY, "--styles", "gpt2", "--n_layers", "1",
+                     "--per_chip", "4096", "--out", str(tmp_path / "h.json")])
+  assert "does not fit a TPU v5 lite device" in huge[0]["error"]
