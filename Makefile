@@ -15,13 +15,13 @@ CORPUS ?= runs/data/site-packages
 
 install: $(STAMP)
 
+# libtpu goes beside the environment (.venv/libtpu), out of jax's sight: only --compile_for (a TPU
+# slice's train step compiled on this machine, growlm/train/aot.py) loads it.
 $(STAMP): setup.cfg pyproject.toml constraints/cpu.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 11), "growlm needs Python >= 3.11, got " + sys.version.split()[0]'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints/cpu.txt -e '.[$(EXTRAS)]'
-	# libtpu beside the environment, out of jax's sight: only --compile_for (a TPU slice's step
-	# compiled on this machine, growlm/train/aot.py) loads it.
 	$(PY) -m pip install -q --no-deps --upgrade -c constraints/cpu.txt --target $(VENV)/libtpu libtpu
 	touch $@
 

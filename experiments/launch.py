@@ -14,6 +14,8 @@ ends (then analyses it). `--config.FIELD=VALUE` applies to every run. Also:
   python experiments/launch.py --analyze_only --sweep_dir=DIR
   python experiments/launch.py ... --dry_run               print what would run, touch nothing
   python experiments/launch.py ... --seeds=3               every run over 3 seeds (NAME-sK)
+  python experiments/launch.py ... --compile_for=v4-32     every run's step compiled for that
+                                                           TPU slice here (no TPU): does it fit?
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ _REGION = flags.DEFINE_string("region", None, "skypilot: one region.")
 _WAIT = flags.DEFINE_bool("wait", False, "Remote: follow the sweep until it ends, then analyse.")
 _POLL_S = flags.DEFINE_float("poll_s", 30.0, "Seconds between reads of the sweep dir (--wait).")
 _ANALYZE = flags.DEFINE_bool("analyze", True, "Write results.md/json and loss_curves.png after.")
+_COMPILE_FOR = flags.DEFINE_string(
+    "compile_for", None, "Compile every run's train step for this TPU slice (a topology, "
+    "v5e:2x4, or an accelerator type, v4-32) with no TPU, print its memory per chip, refuse a "
+    "sweep whose steps do not fit; launches nothing.")
 _ANALYZE_ONLY = flags.DEFINE_bool("analyze_only", False,
                                   "Only write results.md/json and loss_curves.png of --sweep_dir.")
 
@@ -123,6 +129,10 @@ def main(argv):
       return
     if not _CONFIG.value:
       raise GrowlmError("--config=configs/FILE.py[:ARG] and --sweep_dir=DIR are both required")
+    if _COMPILE_FOR.value is not None:
+      sweep.compile_for(_CONFIG.value, sweep_dir, _COMPILE_FOR.value, overrides=_OVERRIDES,
+                        only=tuple(_ONLY.value), seeds=_SEEDS.value)
+      return
     launcher.launch(_CONFIG.value, sweep_dir, backend=_BACKEND.value, overrides=_OVERRIDES,
                     dry_run=_DRY_RUN.value, only=tuple(_ONLY.value), seeds=_SEEDS.value,
                     **_remote_flags())

@@ -18,6 +18,7 @@ from packaging.requirements import Requirement
 from conftest import REPO, run_config
 from growlm import commands
 from growlm.errors import GrowlmError
+from growlm.experiments import sweep
 from growlm.train import aot
 
 TOPOLOGY = "v5e:2x2"   # four v5e chips, one host
@@ -143,6 +144,43 @@ def test_bad_compile_for_input_is_one_line(flag, env, message):
   assert "Traceback" not in out.stderr and not out.stdout
 
 
+@pytest.mark.parametrize("name, topology", [
+    ("v5litepod-8", "v5e:2x4"), ("v5e-256", "v5e:16x16"), ("v6e-4", "v6e:2x2"),
+    ("v4-8", "v4:2x2x1"), ("v4-32", "v4:2x2x4"), ("v5p-128", "v5p:4x4x4"),
+    ("v5p:2x2x1", "v5p:2x2x1")])
+def test_accelerator_types_name_their_topology(name, topology):
+  """gcloud's accelerator types: v5e/v6e count chips, v4/v5p TensorCores (two per chip)."""
+  assert aot.topology_name(name) == topology
+
+
+@pytest.mark.parametrize("name", ["v4-6", "v5litepod-3", "v5p-1"])
+def test_accelerator_types_of_no_slice_are_refused(name):
+  with pytest.raises(GrowlmError, match=r"no v\w+ slice of that size; accepted: .*-"):
+    aot.topology_name(name)
+
+
+def test_an_accelerator_type_compiles_as_its_slice():
+  report = commands.compile_for(_config(**{"mesh.data": -1}), "v4-16")
+  assert (report["topology_name"], report["devices"], report["hosts"]) == ("v4:2x2x2", 8, 2)
+  assert report["hbm_bytes_per_device"] == 32 << 30
+  line = aot.format_report(report)[0]
+  assert line.startswith("growlm: compiled for v4-16 (v4:2x2x2): 8 x TPU v4 (2 host(s)"), line
+
+
+def test_a_cpu_step_profiled_after_libtpu_loads_still_has_its_events(tmp_path):
+  """libtpu loads without its profiler hook: with it, a later CPU trace in the same process had
+  no events, and benchmarks/parts.py read 0 ms for every part (a CI failure of this work)."""
+  from conftest import load_benchmark  # pylint: disable=g-import-not-at-top
+  parts = load_benchmark("parts")
+  aot.topology_devices(TOPOLOGY)
+  x = jax.numpy.ones((512, 512))
+  step = jax.jit(lambda a: jax.nn.relu(a @ a).sum())
+  compiled = step.lower(x).compile()
+  got = parts.trace_jax(lambda: jax.block_until_ready(compiled(x)), compiled.as_text(),
+                        str(tmp_path))
+  assert sum(got.values()) > 0, got   # (a bare product is "other": no project scope)
+
+
 def test_environment_is_restored_after_the_topology_loads(monkeypatch):
   for key in ("TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "TPU_LIBRARY_PATH"):
     monkeypatch.delenv(key, raising=False)
@@ -169,3 +207,35 @@ def test_benchmark_table_rows(tmp_path, capsys):
   huge = bench.main(["--topologies", TOPOLOGY, "--styles", "gpt2", "--n_layers", "1",
                      "--per_chip", "4096", "--out", str(tmp_path / "h.json")])
   assert "does not fit a TPU v5 lite device" in huge[0]["error"]
+
+
+def test_a_sweep_compiles_each_distinct_step_once(tmp_path):
+  """The launcher's --compile_for: every run of configs/quickstart.py over 2 seeds gets its
+  slice report; runs with the same step (seeds, grown vs scratch) share one compile."""
+  lines = []
+  reports = sweep.compile_for(str(REPO / "configs" / "quickstart.py"), str(tmp_path / "q"),
+                              "v5litepod-4", seeds=2, echo=lines.append)
+  names = [f"{n}-s{k}" for n in ("source", "grown_tile", "grown_zeros", "scratch")
+           for k in (0, 1)]
+  assert sorted(reports) == sorted(names)
+  assert len({id(r) for r in reports.values()}) == 2          # the source's step and the 2x one
+  assert reports["scratch-s1"] is reports["grown_tile-s0"]
+  assert reports["grown_tile-s0"]["stages"][0]["params"] > reports["source-s0"]["stages"][0][
+      "params"]
+  assert lines[0].startswith("growlm: compiled for v5litepod-4 (v5e:2x2)") and len(lines) == 9
+  assert "[scratch-s1] the same step as [grown_tile-s0]" in lines
+  assert not (tmp_path / "q").exists()
+
+
+def test_a_sweep_run_that_does_not_fit_is_named(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "experiments/launch.py", "--config=configs/quickstart.py",
+       f"--sweep_dir={tmp_path / 'q'}", "--compile_for=v5e:2x2", "--only=scratch",
+       "--config.data.batch_size=262144"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert out.returncode == 2, (out.stdout, out.stderr)
+  errors = [l for l in out.stderr.splitlines() if l.startswith("growlm: error:")]
+  assert len(errors) == 1 and errors[0].startswith(
+      "growlm: error: sweep run 'scratch': stage 0's train step does not fit"), out.stderr
+  assert not (tmp_path / "q").exists()

@@ -25,7 +25,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (0-
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() with no arguments (TPU VMs).")
 _COMPILE_FOR = flags.DEFINE_string(
-    "compile_for", None, "Compile the train step for this TPU slice (e.g. v5e:2x4, v5p:4x4x4) "
+    "compile_for", None, "Compile the train step for this TPU slice (a topology, v5e:2x4, or "
+    "an accelerator type, v4-32) "
     "with no TPU, print its attention kernel and memory per device, and exit (needs libtpu; "
     "--workdir not used).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None,

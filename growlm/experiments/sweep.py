@@ -230,3 +230,36 @@ def launch(config: str, sweep_dir: str, *, backend: str = "local",
     fs.write_json_atomic(fs.join(sweep_dir, MANIFEST),
                          manifest(config, every, overrides, backend, {}, seeds))
   return runs
+
+
+def compile_for(config: str, sweep_dir: str, topology: str, *,
+                overrides: dict[str, str | bool] | None = None, only: tuple[str, ...] = (),
+                seeds: int = 1, echo: Callable[[str], None] = print) -> dict[str, dict]:
+  """Compiles every run's train step for the TPU slice `topology` (growlm.train.aot), once per
+  distinct step (repetitions over seeds share one), printing each run's line; GrowlmError
+  naming the first run whose step does not fit. Trains and writes nothing."""
+  from growlm import commands  # pylint: disable=g-import-not-at-top
+  from growlm.train import aot  # pylint: disable=g-import-not-at-top
+  reports: dict[str, dict] = {}
+  first: dict[str, str] = {}   # what the step depends on -> the run that compiled it
+  for run in select(expand(config, sweep_dir, overrides, seeds), only):
+    c = resolve(run.config)
+    key = repr((c.model, c.stages, c.mesh, c.sharding_rules, c.data.seq_len,
+                c.data.batch_size, c.train.grad_accum, c.init.lr_multipliers,
+                c.init.lr_rescale))
+    if key in first:
+      reports[run.name] = reports[first[key]]
+      echo(f"[{run.name}] the same step as [{first[key]}]")
+      continue
+    try:
+      reports[run.name] = commands.compile_for(c, topology)
+    except GrowlmError as e:
+      raise GrowlmError(f"sweep run {run.name!r}: {e}") from None
+    first[key] = run.name
+    lines = aot.format_report(reports[run.name])
+    if len(first) == 1:
+      echo(lines[0])
+    for line in lines[1:]:
+      echo(f"[{run.name}] {line.removeprefix('growlm: ')}")
+  return reports
+

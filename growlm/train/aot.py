@@ -3,14 +3,15 @@
 Before renting a slice, a researcher wants to know three things the CPU cannot tell by running:
 does the step compile there (splash attention's Pallas kernels, the mesh's shardings), which
 attention kernel it uses, and whether it fits each chip's memory. XLA's TPU compiler answers all
-three without a TPU: libtpu describes a slice by its topology name (`v5e:2x2`, `v5p:4x4x4`), and
-the step is lowered and compiled for those devices as the trainer would jit it (same config, mesh,
-sharding rules, optimizer, donated state). Nothing runs and nothing is written.
+three without a TPU: libtpu describes a slice by its topology name (`v5e:2x2`, `v5p:4x4x4`; an
+accelerator type such as `v4-32` is mapped to its topology), and the step is lowered and compiled
+for those devices as the trainer would jit it (same config, mesh, sharding rules, optimizer,
+donated state). Nothing runs and nothing is written.
 
 Memory on a TPU is planned by the compiler, so its figure for a step is what the chip will hold:
 arguments (the state and the batch) + outputs not aliased to them + temporaries. It is compared
-with the chip's HBM (HBM_GIB, public specs; a device is a chip, or a core where the topology
-lists cores, as v2-v4's do without megacore).
+with the chip's HBM (HBM_GIB, public specs; a device is a chip, or a core where the slice lists
+cores, as v2's and v3's do).
 
 libtpu is found at TPU_LIBRARY_PATH, else as the `libtpu` package, else under the environment's
 prefix at libtpu/libtpu/libtpu.so (where `make install` puts it, out of jax's sight, so that CPU
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -47,7 +49,17 @@ from growlm.train.trainer import make_train_step
 HBM_GIB = {"TPU v2": 16, "TPU v3": 32, "TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95,
            "TPU v6 lite": 32}
 TOPOLOGY_HELP = ("a TPU topology name such as v5e:2x2, v5p:2x2x1, v6e:2x4, v4:2x2x1 "
-                 "(generation:chips per dimension)")
+                 "(generation:chips per dimension), or a Cloud TPU accelerator type such as "
+                 "v5litepod-8, v6e-8, v4-32, v5p-128")
+# Cloud TPU accelerator types (gcloud's --accelerator-type) as topologies, by chips: v5e and v6e
+# slices are 2D and named by chips; v4 and v5p slices are 3D and named by TensorCores (2 a chip).
+_GRID_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+            256: "16x16"}
+_GRID_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+            256: "4x8x8", 512: "8x8x8"}
+_ACCELERATORS = {"v5litepod": ("v5e", 1, _GRID_2D), "v5e": ("v5e", 1, _GRID_2D),
+                 "v6e": ("v6e", 1, _GRID_2D), "v4": ("v4", 2, _GRID_3D),
+                 "v5p": ("v5p", 2, _GRID_3D)}
 PALLAS_CALL = 'custom_call_target="tpu_custom_call"'   # a Pallas (Mosaic) kernel in TPU HLO
 GIB = 1 << 30
 SMALLER = ("a config that fits, e.g. a smaller data.batch_size, train.grad_accum > 1, "
@@ -68,10 +80,28 @@ def libtpu_path() -> str | None:
   return beside if os.path.isfile(beside) else None
 
 
+def topology_name(name: str) -> str:
+  """`name` as libtpu's topology name: an accelerator type (v4-32) becomes its topology
+  (v4:2x2x4); a topology name is returned as it is."""
+  m = re.fullmatch(r"(v5litepod|v5e|v6e|v4|v5p)-(\d+)", name)
+  if m is None:
+    if ":" not in name:
+      raise GrowlmError(f"--compile_for={name!r}; accepted: {TOPOLOGY_HELP}")
+    return name
+  generation, per_chip, grid = _ACCELERATORS[m.group(1)]
+  count = int(m.group(2))
+  chips = count // per_chip
+  if count % per_chip or chips not in grid:
+    sizes = ", ".join(f"{m.group(1)}-{c * per_chip}" for c in grid)
+    raise GrowlmError(f"--compile_for={name}: no {m.group(1)} slice of that size; accepted: "
+                      f"{sizes}, or a topology name such as {generation}:{grid[4]}")
+  return f"{generation}:{grid[chips]}"
+
+
 def topology_devices(name: str) -> list:
-  """The devices of the TPU slice `name`, described by libtpu (no TPU needed)."""
-  if ":" not in name:
-    raise GrowlmError(f"--compile_for={name!r}; accepted: {TOPOLOGY_HELP}")
+  """The devices of the TPU slice `name` (a topology or an accelerator type), described by
+  libtpu (no TPU needed)."""
+  name = topology_name(name)
   path = libtpu_path()
   if path is None:
     raise GrowlmError(f"--compile_for={name} needs libtpu, which was not found; accepted: "
@@ -96,6 +126,7 @@ def topology_devices(name: str) -> list:
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   error = None
   with _environ(env):
+    _load_libtpu(path)
     # One device per chip, as jax has on a slice: "megacore" where the generation has it (v4,
     # v5p: two cores act as one device), else the chip's default configuration.
     for chip_config in ("megacore", "default"):
@@ -107,6 +138,18 @@ def topology_devices(name: str) -> list:
   first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
   raise GrowlmError(f"--compile_for={name}: libtpu refused it ({first[:160]}); accepted: "
                     f"{TOPOLOGY_HELP}") from None
+
+
+def _load_libtpu(path: str) -> None:
+  """Loads libtpu as jax's "tpu" plugin, as jax's topology call would, but without hooking
+  libtpu's profiler into jax's: hooked, it took over the process's traces, and a CPU step
+  profiled afterwards showed no events (benchmarks/parts.py read 0 ms for every part)."""
+  try:
+    from jax._src.lib import xla_client  # pylint: disable=g-import-not-at-top
+    if not xla_client.pjrt_plugin_loaded("tpu"):
+      xla_client.load_pjrt_plugin_dynamically("tpu", path)
+  except (ImportError, AttributeError):   # another jax: its topology call loads libtpu itself
+    pass
 
 
 @contextlib.contextmanager
@@ -149,7 +192,8 @@ def compile_for(config: RunConfig, topology: str) -> dict[str, Any]:
   optimizer = optim.make_optimizer(t, schedule, lr_multipliers=config.init.lr_multipliers,
                                    lr_rescale=config.init.lr_rescale != "none")
   hbm = hbm_bytes(devices)
-  report = {"topology": topology, "device_kind": devices[0].device_kind,
+  report = {"topology": topology, "topology_name": topology_name(topology),
+            "device_kind": devices[0].device_kind,
             "devices": len(devices), "hosts": len({x.process_index for x in devices}),
             "mesh": dict(mesh.shape), "hbm_bytes_per_device": hbm,
             "global_batch": d.batch_size, "seq_len": d.seq_len, "stages": []}
@@ -221,7 +265,10 @@ def _stage(i: int, cfg, config: RunConfig, optimizer, schedule, mesh, rules,
 def format_report(report: dict[str, Any]) -> list[str]:
   """The report as the lines `--compile_for` prints."""
   hbm = report["hbm_bytes_per_device"]
-  head = (f"growlm: compiled for {report['topology']}: {report['devices']} x "
+  name = report["topology"]
+  if report["topology_name"] != name:
+    name += f" ({report['topology_name']})"
+  head = (f"growlm: compiled for {name}: {report['devices']} x "
           f"{report['device_kind']} ({report['hosts']} host(s), "
           f"{'unknown' if hbm is None else f'{hbm / GIB:.0f} GiB'} HBM each), mesh "
           + " ".join(f"{k}={v}" for k, v in report["mesh"].items())
