@@ -58,6 +58,7 @@ from growlm import optim
 from growlm import sharding
 from growlm.train import trainer as train_lib
 from growlm.train import evaluate as eval_lib
+from growlm.train import stages as run_stages
 from growlm.train import state as state_lib
 from growlm.model.config import ATTENTIONS, DTYPES, REMATS, make_model_config
 
@@ -310,9 +311,8 @@ def device_batch(cfg, batch: int, seq_len: int, batch_shard):
 def compile_train_step(cfg, optimizer, schedule, shard, batch_shard, abstract, abstract_batch):
   """(compiled step, seconds): the train step as the trainer jits it (state donated); the
   time is lower + compile."""
-  step_jit = jax.jit(train_lib.make_train_step(cfg, optimizer, schedule),
-                     in_shardings=(shard, batch_shard), out_shardings=(shard, None),
-                     donate_argnums=0)
+  step_jit = run_stages.jit_step(train_lib.make_train_step(cfg, optimizer, schedule), shard,
+                                batch_shard)
   t0 = time.perf_counter()
   compiled = step_jit.lower(abstract, abstract_batch).compile()
   return compiled, time.perf_counter() - t0

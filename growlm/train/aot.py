@@ -223,9 +223,8 @@ def _stage(i: int, cfg, config: RunConfig, optimizer, schedule, mesh, rules,
     batch_shard = sharding.batch_sharding(mesh, rules)
     batch = {k: jax.ShapeDtypeStruct((d.batch_size, d.seq_len), jnp.int32, sharding=batch_shard)
              for k in ("inputs", "targets")}
-    step = jax.jit(make_train_step(cfg, optimizer, schedule, config.train.grad_accum),
-                   in_shardings=(shard, batch_shard), out_shardings=(shard, None),
-                   donate_argnums=0)
+    step = run_stages.jit_step(make_train_step(cfg, optimizer, schedule, config.train.grad_accum),
+                               shard, batch_shard)
     t0 = time.perf_counter()
     try:
       with warnings.catch_warnings():

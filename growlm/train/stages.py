@@ -58,6 +58,13 @@ def carry_on(new: TrainState, old: TrainState) -> TrainState:
                      opt_state=with_schedule_count(new.opt_state, old.step))
 
 
+def jit_step(step: Callable, shard: TrainState, batch_shard) -> Callable:
+  """The train step as the trainer runs it: the state in and out with its shardings (donated:
+  the new state reuses the old one's buffers), the batch split by `batch_shard`."""
+  return jax.jit(step, in_shardings=(shard, batch_shard), out_shardings=(shard, None),
+                 donate_argnums=0)
+
+
 @dataclasses.dataclass
 class Kit:
   """What training one stage's model needs: its config, state shardings and jitted steps."""
@@ -105,8 +112,7 @@ class Stages:
       config = self.config.replace(model=cfg, stages=()) if i else self.config
       abstract, shard = state_shardings(cfg, self._optimizer, self._mesh,
                                         self.config.sharding_rules)
-      step_fn = jax.jit(self._make_step(cfg), in_shardings=(shard, self._batch_shard),
-                        out_shardings=(shard, None), donate_argnums=0)
+      step_fn = jit_step(self._make_step(cfg), shard, self._batch_shard)
       evaluator = (self._make_evaluator(cfg, shard.params) if i == 0 else
                    self.kit(0).evaluator.for_model(cfg, shard.params))
       self._kits[i] = Kit(i, config, abstract, shard, step_fn, evaluator, self._fpt[i],
