@@ -11,7 +11,7 @@ PYTEST_ARGS ?= -n 2 --dist loadfile
 
 CORPUS ?= runs/data/site-packages
 
-.PHONY: install test test-fast demo bench corpus clean
+.PHONY: install gpu-aot test test-fast demo bench corpus clean
 
 install: $(STAMP)
 
@@ -25,6 +25,15 @@ $(STAMP): setup.cfg pyproject.toml constraints/cpu.txt
 	$(PY) -m pip install -q --no-deps --upgrade -c constraints/cpu.txt --target $(VENV)/libtpu libtpu
 	touch $@
 
+# XLA's CUDA compiler (a PJRT plugin) and cuDNN, beside the environment like libtpu and out of
+# jax's sight: only benchmarks/gpu_traffic.py (a GPU's train step compiled on this machine) loads
+# them. About 1 GB, so not part of install; `make bench` installs it.
+gpu-aot: install $(VENV)/cuda-aot/.installed
+
+$(VENV)/cuda-aot/.installed: constraints/cpu.txt
+	$(PY) -m pip install -q --no-deps --upgrade -c constraints/cpu.txt --target $(VENV)/cuda-aot jax-cuda12-pjrt jax-cuda12-plugin nvidia-cudnn-cu12
+	touch $@
+
 test: install
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
 
@@ -34,11 +43,12 @@ test-fast: install
 demo: install
 	$(PY) -m growlm.demo --workdir=$(WORKDIR)
 
-bench: install
+bench: install gpu-aot
 	$(PY) benchmarks/throughput.py --profile runs/bench/profile
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/growth.py
 	$(PY) benchmarks/data.py
+	$(PY) benchmarks/gpu_traffic.py
 
 # The larger local corpus (every installed package's .py files) as token shards; then train with
 # --config.data.train=prepared:$(CORPUS). Rerunning resumes or does nothing.

@@ -196,11 +196,12 @@ def test_benchmark_table_rows(tmp_path, capsys):
   from conftest import load_benchmark  # pylint: disable=g-import-not-at-top
   bench = load_benchmark("compile_for")
   rows = bench.main(["--topologies", TOPOLOGY, "--styles", "gpt2", "--remats", "full,none",
-                     "--n_layers", "1", "--per_chip", "1", "--out", str(tmp_path / "r.json")])
+                     "--n_layers", "1", "--per_chip", "4", "--out", str(tmp_path / "r.json")])
   assert [(r["style"], r["stages"][0]["remat"]) for r in rows] == [("gpt2", "full"),
                                                                    ("gpt2", "none")]
   assert rows[0]["stages"][0]["params"] == rows[1]["stages"][0]["params"]
-  # full keeps less than none: the policy reaches the TPU compiler's plan.
+  # full keeps less than none: the policy reaches the TPU compiler's plan. (At one sequence per
+  # chip the loss's chunks set the peak, not the layer's activations: 4 make the difference.)
   assert rows[0]["stages"][0]["temp_bytes"] < rows[1]["stages"][0]["temp_bytes"]
   table = capsys.readouterr().out.splitlines()
   assert len(table) == 4 and table[2].startswith(f"| {TOPOLOGY} | gpt2 | full | splash |")

@@ -139,3 +139,58 @@ def test_no_whole_batch_logits_in_train_or_eval_step(style):
   # The checker does see them where they exist: the plain loss on full logits.
   plain = lambda p: loss.cross_entropy(model.apply(cfg, p, inputs), targets).mean()
   assert _logits_like(_shapes(jax.make_jaxpr(jax.grad(plain))(params).jaxpr), cfg.vocab_size)
+
+
+def test_logsumexp_one_pass_equals_two_passes():
+  """Random rows, rows far from zero (so a max-free sum would overflow), rows with -inf entries
+  and a row of -inf only (log-sum-exp -inf, not NaN)."""
+  x = jax.random.normal(jax.random.key(3), (4, 7, 301)) * 30.0
+  x = x.at[1].add(500.0).at[2, :, ::3].set(-jnp.inf).at[3, 0].set(-jnp.inf)
+  want, got = jax.nn.logsumexp(x, axis=-1), jax.jit(loss.logsumexp_one_pass)(x)
+  assert got.shape == want.shape == (4, 7) and got.dtype == jnp.float32
+  assert float(got[3, 0]) == -np.inf
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu", "tpu"])
+@pytest.mark.parametrize("chunk", [5, 2])   # 8 chunks: one loop (not on a TPU); 20: a scan
+def test_half_precision_loss_paths_agree(monkeypatch, platform, chunk):
+  """The half-precision loss as accelerators run it (one-pass log-sum-exp, chosen by the mesh's
+  platform; on a TPU always a scan over the chunks) and as the CPU does, unrolled and scanned:
+  the same loss and gradients to float32 rounding of the logits' statistics."""
+  D, V = 24, 263
+  kx, kw, kt = jax.random.split(jax.random.key(7), 3)
+  x = jax.random.normal(kx, (B, L, D)).astype(jnp.bfloat16)
+  w = (jax.random.normal(kw, (D, V)) / np.sqrt(D)).astype(jnp.bfloat16)
+  t = jax.random.randint(kt, (B, L), 0, V)
+  f = lambda x, w: jnp.mean(loss.chunked_cross_entropy(x, w, t, chunk))
+  l0, g0 = jax.value_and_grad(f, (0, 1))(x, w)
+  monkeypatch.setattr(loss.sharding, "platform", lambda: platform)
+  jaxpr = jax.make_jaxpr(jax.grad(f, (0, 1)))(x, w).jaxpr
+  reduces = [e for e in all_eqns(jaxpr) if e.primitive.name == "reduce"]
+  assert (len(reduces) > 0) == (platform != "cpu")          # the one-pass reduction
+  scans = [e for e in all_eqns(jaxpr) if e.primitive.name == "scan"]
+  assert (len(scans) > 0) == (L // chunk > loss.MAX_UNROLLED_CHUNKS or platform == "tpu")
+  l1, g1 = jax.value_and_grad(f, (0, 1))(x, w)
+  assert float(l1) == pytest.approx(float(l0), rel=1e-6)
+  for a, b in zip(g0, g1):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.linalg.norm(b - a) / np.linalg.norm(a) < 1e-2
+
+
+def test_half_precision_chunks_run_in_order():
+  """One chunk's float32 logits live at a time: each chunk's product waits, through an
+  optimization barrier, for the previous chunk's gradient (for an H100, XLA's plan for GPT-2
+  124M's step without them held 0.47 GB more; a CPU schedules in order anyway, so the barriers
+  are what is checked). In the loss alone, the previous chunk's NLL is what it waits for."""
+  Bb, Lb, D, V, chunk = 2, 16, 8, 32, 4
+  x = jnp.zeros((Bb, Lb, D), jnp.bfloat16)
+  w = jnp.zeros((D, V), jnp.bfloat16)
+  t = jnp.zeros((Bb, Lb), jnp.int32)
+  f = lambda x, w: jnp.mean(loss.chunked_cross_entropy(x, w, t, chunk))
+  for jaxpr, waits_for in ((jax.make_jaxpr(jax.grad(f, (0, 1)))(x, w).jaxpr, (Bb, chunk, V)),
+                           (jax.make_jaxpr(f)(x, w).jaxpr, (Bb, chunk))):
+    barriers = [e for e in all_eqns(jaxpr) if e.primitive.name == "optimization_barrier"]
+    assert len(barriers) == Lb // chunk - 1
+    for e in barriers:
+      assert [tuple(v.aval.shape) for v in e.invars] == [(Bb, chunk, D), waits_for]

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from growlm import trees
-from growlm.model import attention, prng
+from growlm.model import activations, attention, prng
 from growlm.model.config import ModelConfig
 
 # The logical axis vocabulary. `pos` is the learned position table's row axis.
@@ -227,7 +227,7 @@ class Mlp(nn.Module):
       return h_BxLxF
 
     if cfg.mlp == "gelu":
-      h_BxLxF = jax.nn.gelu(dense_in("wi"), approximate=True)
+      h_BxLxF = activations.gelu_tanh(dense_in("wi"))
     else:
       h_BxLxF = jax.nn.silu(dense_in("wi_gate")) * dense_in("wi_up")
     w_o = _param(self, "wo", out_init, (F, D), ("mlp", "embed"), cfg)

@@ -181,6 +181,14 @@ def compile_for(config: RunConfig, topology: str) -> dict[str, Any]:
   docstring). GrowlmError for a bad topology, a mesh or batch the slice cannot take, or a
   step that does not fit a device's HBM."""
   devices = topology_devices(topology)
+  return compile_on(config, devices, topology, topology_name(topology), hbm_bytes(devices))
+
+
+def compile_on(config: RunConfig, devices: list, label: str, name: str, hbm: int | None,
+               keep_hlo: bool = False) -> dict[str, Any]:
+  """compile_for on `devices` (any backend's, e.g. a deviceless GPU's: benchmarks/
+  gpu_traffic.py), each `hbm` bytes; with keep_hlo, each stage's compiled HLO text as "hlo"."""
+  topology = label
   rules = config.sharding_rules
   mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   d, t = config.data, config.train
@@ -191,14 +199,14 @@ def compile_for(config: RunConfig, topology: str) -> dict[str, Any]:
   schedule = run_stages.make_schedule(config)
   optimizer = optim.make_optimizer(t, schedule, lr_multipliers=config.init.lr_multipliers,
                                    lr_rescale=config.init.lr_rescale != "none")
-  hbm = hbm_bytes(devices)
-  report = {"topology": topology, "topology_name": topology_name(topology),
+  report = {"topology": topology, "topology_name": name,
             "device_kind": devices[0].device_kind,
             "devices": len(devices), "hosts": len({x.process_index for x in devices}),
             "mesh": dict(mesh.shape), "hbm_bytes_per_device": hbm,
             "global_batch": d.batch_size, "seq_len": d.seq_len, "stages": []}
   for i, cfg in enumerate(stages_lib.models(config.model, config.stages)):
-    report["stages"].append(_stage(i, cfg, config, optimizer, schedule, mesh, rules, hbm))
+    report["stages"].append(_stage(i, cfg, config, optimizer, schedule, mesh, rules, hbm,
+                                   keep_hlo))
   too_big = [s for s in report["stages"] if not s["fits"]]
   if too_big:
     s = too_big[0]
@@ -212,7 +220,7 @@ def compile_for(config: RunConfig, topology: str) -> dict[str, Any]:
 
 
 def _stage(i: int, cfg, config: RunConfig, optimizer, schedule, mesh, rules,
-           hbm: int | None) -> dict[str, Any]:
+           hbm: int | None, keep_hlo: bool) -> dict[str, Any]:
   """One stage's compiled train step and its figures."""
   d = config.data
   # Under the slice's abstract mesh (its platform, for the model's kernels) but not the mesh
@@ -242,23 +250,24 @@ def _stage(i: int, cfg, config: RunConfig, optimizer, schedule, mesh, rules,
                           f"accepted: {SMALLER}") from None
       raise GrowlmError(f"stage {i}'s train step does not compile for {kind} "
                         f"({type(e).__name__}: {first[:200]}); accepted: a model and mesh "
-                        "XLA's TPU compiler takes") from None
+                        "XLA's compiler for it takes") from None
     seconds = time.perf_counter() - t0
     micro = d.batch_size // config.train.grad_accum
     kernel = attention.choose(cfg.attention, cfg.dtype, cfg.head_dim, d.seq_len)
     chunk = loss_lib.chunk_length(cfg.loss_chunk, micro // sharding.batch_shards(mesh, rules),
                                   d.seq_len, cfg.vocab_size)
   m = compiled.memory_analysis()
+  text = compiled.as_text()
   total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
            + m.temp_size_in_bytes)
   return {"stage": i, "params": model_lib.count_params(abstract.params),
           "d_model": cfg.d_model, "n_layers": cfg.n_layers, "dtype": cfg.dtype,
-          "attention": kernel, "pallas_kernels": compiled.as_text().count(PALLAS_CALL),
+          "attention": kernel, "pallas_kernels": text.count(PALLAS_CALL),
           "remat": model_lib.remat_policy(cfg.remat), "loss_chunk": chunk,
           "flops_per_token": flops_lib.flops_per_token(cfg, d.seq_len),
           "compile_seconds": seconds, "argument_bytes": m.argument_size_in_bytes,
           "temp_bytes": m.temp_size_in_bytes, "bytes_per_device": total,
-          "fits": hbm is None or total <= hbm}
+          "fits": hbm is None or total <= hbm, **({"hlo": text} if keep_hlo else {})}
 
 
 def format_report(report: dict[str, Any]) -> list[str]:
