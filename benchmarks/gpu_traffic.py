@@ -27,12 +27,10 @@ measures the gain; it is not a timing.
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import ctypes
 import glob
 import importlib
-import json
 import os
 import re
 import sys
@@ -40,8 +38,10 @@ from typing import NamedTuple, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # pylint: disable=wrong-import-position  # benchmarks/common.py
 import compile_for  # pylint: disable=wrong-import-position  # benchmarks/compile_for.py
 import parts  # pylint: disable=wrong-import-position  # benchmarks/parts.py
+from growlm.errors import GrowlmError  # pylint: disable=wrong-import-position
 
 GB = 1e9
 # The copy rate (read + write) of a device copy on an H100 80GB HBM3, measured on 2026-11-27
@@ -93,9 +93,9 @@ def cuda_devices(gpu: str, count: int = 1) -> list:
   root = aot_root()
   plugin = os.path.join(root, "jax_plugins", "xla_cuda12", "xla_cuda_plugin.so")
   if not os.path.isfile(plugin):
-    raise SystemExit(f"growlm: error: XLA's CUDA plugin is not at {plugin}; accepted: "
-                     "`make gpu-aot` (installs it there), or GROWLM_CUDA_AOT=DIR holding "
-                     "jax_plugins/xla_cuda12 and nvidia/cudnn")
+    raise GrowlmError(f"XLA's CUDA plugin is not at {plugin}; accepted: `make gpu-aot` "
+                      "(installs it there), or GROWLM_CUDA_AOT=DIR holding "
+                      "jax_plugins/xla_cuda12 and nvidia/cudnn")
   # cuDNN is found by the plugin through the process's loaded libraries, as jax's own CUDA
   # package arranges on a GPU machine (its engines' libraries load later, from beside it).
   for lib in glob.glob(os.path.join(root, "nvidia", "cudnn", "lib", "libcudnn.so.*")):
@@ -272,20 +272,15 @@ def report(gpu: str, style: str, remat: str, per_gpu: int, n_layers: int, top: i
            attention: str = "auto", overrides: Sequence[str] = ()) -> dict:
   """Compiles the `gpt2-124m` step (benchmarks/compile_for.py's shape) for one `gpu` and
   returns its memory plan, kernels by part, and the `top` kernels by traffic. `overrides`:
-  config fields as "model.scan_unroll=2" (values read as Python literals, else strings)."""
+  config fields as "model.scan_unroll=2", typed as --config's are."""
+  from growlm.config import files  # pylint: disable=import-outside-toplevel
   from growlm.config.typed import resolve  # pylint: disable=import-outside-toplevel
   from growlm.train import aot  # pylint: disable=import-outside-toplevel
   devices = cuda_devices(gpu)
   config = compile_for.gpt2_124m(style, remat, per_gpu, 1, {}, n_layers)
   config.model.attention = attention
-  for item in overrides:
-    key, _, value = item.partition("=")
-    section, field = key.split(".", 1)
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass
-    setattr(getattr(config, section), field, value)
+  files.apply_overrides(config, dict(item.partition("=")[::2] for item in overrides),
+                        what="--set")
   r = aot.compile_on(resolve(config), devices, gpu, gpu, TARGETS[gpu]["memory"], keep_hlo=True)
   stage = r["stages"][0]
   ks = kernels(stage.pop("hlo"))
@@ -302,6 +297,7 @@ def report(gpu: str, style: str, remat: str, per_gpu: int, n_layers: int, top: i
 
 
 def format_report(r: dict) -> str:
+  """One GPU and style's report as the tables the script prints."""
   s = r["stage"]
   lines = [f"{r['device_kind']}: {r['style']} {s['params'] / 1e6:.1f}M params, attention "
            f"{s['attention']}, remat {s['remat']}, loss chunk {s['loss_chunk']}; XLA's plan "
@@ -322,7 +318,7 @@ def format_report(r: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--gpu", choices=sorted(TARGETS), default="h100")
   p.add_argument("--styles", default="gpt2")
@@ -334,17 +330,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                  help="a config field, e.g. model.scan_unroll=2 (repeatable)")
   p.add_argument("--out", default="runs/bench/gpu_traffic.json")
-  args = p.parse_args(argv)
-  results = []
-  for style in args.styles.split(","):
-    r = report(args.gpu, style, args.remat, args.per_gpu, args.n_layers, args.top,
-               args.attention, args.set)
-    print(format_report(r), flush=True)
-    results.append(r)
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1)
-  return {"results": results}
+  return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace, command: str = "") -> dict:
+  results = [report(args.gpu, style, args.remat, args.per_gpu, args.n_layers, args.top,
+                    args.attention, args.set) for style in args.styles.split(",")]
+  return {"command": command, "results": results}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  return common.cli(__file__, argv, parse_args, run,
+                    lambda result: "\n\n".join(format_report(r) for r in result["results"]))
 
 
 if __name__ == "__main__":

@@ -114,9 +114,10 @@ def test_no_plugin_is_one_error_line(tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("GROWLM_CUDA_AOT", str(tmp_path))
   with pytest.raises(SystemExit) as e:
     traffic.main(["--out", str(tmp_path / "out.json")])
-  message = str(e.value)
+  assert e.value.code == 2
+  message = capsys.readouterr().err
   assert message.startswith("growlm: error: XLA's CUDA plugin is not at ")
-  assert "make gpu-aot" in message and "\n" not in message
+  assert "make gpu-aot" in message and message.count("\n") == 1
   assert not (tmp_path / "out.json").exists()
 
 

@@ -184,11 +184,11 @@ def compile_for(config: RunConfig, topology: str) -> dict[str, Any]:
   return compile_on(config, devices, topology, topology_name(topology), hbm_bytes(devices))
 
 
-def compile_on(config: RunConfig, devices: list, label: str, name: str, hbm: int | None,
+def compile_on(config: RunConfig, devices: list, topology: str, name: str, hbm: int | None,
                keep_hlo: bool = False) -> dict[str, Any]:
   """compile_for on `devices` (any backend's, e.g. a deviceless GPU's: benchmarks/
-  gpu_traffic.py), each `hbm` bytes; with keep_hlo, each stage's compiled HLO text as "hlo"."""
-  topology = label
+  gpu_traffic.py), `topology` as asked for and `name` as resolved, each device `hbm` bytes;
+  with keep_hlo, each stage's compiled HLO text as "hlo"."""
   rules = config.sharding_rules
   mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   d, t = config.data, config.train

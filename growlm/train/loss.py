@@ -25,7 +25,7 @@ from growlm.model.config import ModelConfig
 # knobs": on an H100, 16 x 1024 tokens with vocab 50304, chunks of 256 positions (824 MB) ran
 # 25% faster than chunks of 16 (the CPU's 64 MiB), and the whole [B, L, V] only 2% faster).
 AUTO_CHUNK_BYTES = {"cpu": 64 * 2**20, "accelerator": 1 << 30}
-SCOPE = "loss"
+SCOPE = "loss"   # the name scope of the head's softmax cross-entropy
 # A half-precision loss of up to this many chunks is one Python loop (`half_nll`); more chunks
 # run as a scan of one-chunk `half_nll`s, which compiles in constant time but stacks the chunks'
 # logit gradients (a zero-filled buffer, and a copy of each chunk out of it for the backward
@@ -33,7 +33,7 @@ SCOPE = "loss"
 # XLA's TPU compiler planned 4.6 GiB more per v5e chip for GPT-2 124M's step with the loop (it
 # held the chunks' float32 logits at once, barrier or not), where for an H100 the loop planned
 # slightly less than the scan and moved 4.2 GB less (benchmarks/README.md, "GPU traffic").
-MAX_UNROLLED_CHUNKS = 16   # the name scope of the head's softmax cross-entropy
+MAX_UNROLLED_CHUNKS = 16
 
 
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
