@@ -48,6 +48,7 @@ from growlm import sharding  # pylint: disable=wrong-import-position
 from growlm.model import attention as attention_lib  # pylint: disable=wrong-import-position
 from growlm.model import decoder as model_lib  # pylint: disable=wrong-import-position
 from growlm.model import flops as flops_lib  # pylint: disable=wrong-import-position
+from growlm.model import speed  # pylint: disable=wrong-import-position
 from growlm.train import loss as loss_lib  # pylint: disable=wrong-import-position
 from growlm.train import state as state_lib  # pylint: disable=wrong-import-position
 
@@ -123,7 +124,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     setattr(args, k, v)
   for k in ("attention", "remat"):
     setattr(args, k, "auto")
-  args.scan_unroll, args.loss_chunk = 1, 0
+  args.scan_unroll, args.loss_chunk = 0, 0
   common.apply_quick(args, QUICK)
   if args.variants is None:
     args.variants = QUICK_VARIANTS if args.quick else DEFAULT_VARIANTS
@@ -217,8 +218,8 @@ def _bench_variant(args: argparse.Namespace, fields: dict[str, Any], mesh,
       "variant": fields,
       # The knobs as this platform resolves them ("auto" and 0 made concrete).
       "model": {"attention": attention_lib.choose(cfg.attention, cfg.dtype, cfg.head_dim, L),
-                "remat": model_lib.remat_policy(cfg.remat),
-                "scan_unroll": cfg.scan_unroll,
+                "remat": speed.remat_policy(cfg.remat),
+                "scan_unroll": speed.layers_per_iteration(cfg),
                 "loss_chunk": loss_lib.chunk_length(cfg.loss_chunk, B, L, cfg.vocab_size),
                 "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
                 "projections": fields.get("projections", "flat"),

@@ -116,7 +116,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (preset's)")
   p.add_argument("--attention", choices=ATTENTIONS, default="auto", help="model.attention")
   p.add_argument("--remat", choices=REMATS, default="auto", help="model.remat")
-  p.add_argument("--scan_unroll", type=int, default=1, help="model.scan_unroll")
+  p.add_argument("--scan_unroll", type=int, default=0, help="model.scan_unroll (0: auto)")
   p.add_argument("--loss_chunk", type=int, default=0, help="model.loss_chunk (0: auto)")
   p.add_argument("--steps", type=int, default=10, help="timed steps (train and eval each)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
@@ -137,8 +137,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if getattr(args, k, None) is None:
       setattr(args, k, v)
   common.apply_quick(args, QUICK)
-  if args.scan_unroll <= 0 or args.loss_chunk < 0:
-    p.error(f"--scan_unroll must be >= 1 and --loss_chunk >= 0, got {args.scan_unroll}, "
+  if args.scan_unroll < 0 or args.loss_chunk < 0:
+    p.error(f"--scan_unroll and --loss_chunk must be >= 0 (0: auto), got {args.scan_unroll}, "
             f"{args.loss_chunk}")
   for name in ("batch", "seq_len", "steps", "matmul_size"):
     if getattr(args, name) <= 0:

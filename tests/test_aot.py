@@ -53,6 +53,7 @@ def test_splash_compiles_for_a_tpu_slice_with_its_forward_kept():
   assert report["hbm_bytes_per_device"] == 16 << 30
   (stage,) = report["stages"]
   assert stage["attention"] == "splash" and stage["remat"] == "dots_no_batch"
+  assert stage["scan_unroll"] == 1 < stage["n_layers"]   # auto keeps the loop on a TPU
   assert stage["pallas_kernels"] == 3
   assert stage["fits"] and 0 < stage["bytes_per_device"] < 1 << 30
   full = commands.compile_for(_config(**{"model.remat": "full"}), TOPOLOGY)["stages"][0]

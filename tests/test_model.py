@@ -6,10 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import checkpoint_name
 
 from conftest import all_eqns
 from growlm import trees
-from growlm.model import activations, flops, prng
+from growlm import sharding
+from growlm.model import activations, attention, flops, prng, speed
 from growlm.model import decoder as model
 from growlm.errors import GrowlmError
 from growlm.model.config import ModelConfig, make_model_config
@@ -141,7 +143,8 @@ def test_scan_equals_unrolled_loop(style):
 
 @pytest.mark.parametrize("knob", [dict(remat="full"), dict(remat="dots"), dict(remat="auto"),
                                   dict(remat="dots_no_batch"), dict(scan_unroll=2),
-                                  dict(scan_unroll=3, remat="full")])
+                                  dict(scan_unroll=3, remat="full"),
+                                  dict(scan_unroll=5, remat="dots_no_batch")])
 def test_speed_knobs_do_not_change_logits_or_grads(knob):
   """Remat policies and scan unrolling trade memory and speed, never the function."""
   cfg = make_model_config("nano", "llama", n_layers=3, remat="none")
@@ -309,9 +312,73 @@ def test_straight_threefry_hash_matches_the_published_test_vectors():
 def test_remat_auto_and_explicit_policies():
   # auto: dots_no_batch, measured fastest on the 2-core CPU and on an H100 (benchmarks/README.md)
   for platform in ("cpu", "gpu", "tpu"):
-    assert model.remat_policy("auto", platform) == "dots_no_batch"
-  assert model.remat_policy("full", "cpu") == "full"
-  assert model.remat_policy("none", "gpu") == "none"
+    assert speed.remat_policy("auto", platform) == "dots_no_batch"
+  assert speed.remat_policy("full", "cpu") == "full"
+  assert speed.remat_policy("none", "gpu") == "none"
+
+
+def test_scan_unroll_auto_unrolls_every_layer_on_a_gpu_only():
+  cfg = make_model_config("nano", "gpt2", n_layers=6)
+  assert cfg.scan_unroll == 0   # the default is auto
+  assert [speed.layers_per_iteration(cfg, p) for p in ("gpu", "cpu", "tpu")] == [6, 1, 1]
+  assert speed.layers_per_iteration(cfg) == 1   # these tests run on a CPU
+  for n, want in ((1, 1), (4, 4), (6, 6), (9, 6)):   # explicit, at most every layer
+    assert speed.layers_per_iteration(cfg.replace(scan_unroll=n), "gpu") == want
+  # Only with no loop left is remat's recomputation fenced off from the forward's values.
+  assert [speed.guards_recompute(cfg, p) for p in ("gpu", "cpu")] == [True, False]
+  assert not speed.guards_recompute(cfg.replace(scan_unroll=3), "gpu")
+  assert speed.guards_recompute(cfg.replace(scan_unroll=6), "cpu")
+
+
+def test_gpu_choices_compute_the_same_function(monkeypatch, request):
+  """On a GPU, auto unrolls every layer (fenced) and the dots policies keep attention's inputs:
+  traced as for a GPU (xla attention, which runs here), the loss and gradients are the CPU's."""
+  cfg = make_model_config("nano", "gpt2", n_layers=3, attention="xla")
+  p = model.init_params(cfg, jax.random.key(0))
+  tokens = _tokens(cfg)
+  request.addfinalizer(model.apply.clear_cache)   # no trace made "for a GPU" outlives the test
+
+  def run():   # a new function each time: jax caches traces by function
+    loss = jax.value_and_grad(lambda q: jnp.square(model.apply(cfg, q, tokens)).mean())
+    model.apply.clear_cache()
+    return loss(p), jax.jit(loss).lower(p).as_text()
+  (l0, g0), text = run()
+  assert "optimization_barrier" not in text and "while" in text
+  monkeypatch.setattr(sharding, "platform", lambda: "gpu")
+  (l1, g1), text = run()
+  assert "optimization_barrier" in text and "while" not in text
+  assert float(l0) == pytest.approx(float(l1), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("platform, kept", [("gpu", True), ("cpu", False), ("tpu", False)])
+def test_dots_policies_keep_attention_inputs_on_a_gpu_only(platform, kept, capsys):
+  """Kept, the backward does not redo the bias adds and RoPE before attention; on a TPU they
+  cost XLA's plan 0.56-0.84 GiB per v5e chip (benchmarks/README.md), so there they are not."""
+  def f(x):
+    q = checkpoint_name(jnp.sin(x), attention.INPUT_NAMES[0])
+    ctx = checkpoint_name(jnp.cos(q), attention.SAVED_NAMES[0])
+    return jnp.sin(ctx).sum()
+  for remat in ("dots", "dots_no_batch"):
+    jax.ad_checkpoint.print_saved_residuals(
+        jax.checkpoint(f, policy=speed.checkpoint_policy(remat, platform)), jnp.ones(3))
+    out = capsys.readouterr().out
+    assert (attention.INPUT_NAMES[0] in out) == kept and attention.SAVED_NAMES[0] in out
+  assert speed.checkpoint_policy("full", platform) is None
+
+
+@pytest.mark.parametrize("unroll, fenced", [(1, False), (2, False), (3, True), (8, True)])
+def test_fully_unrolled_remat_keeps_its_recomputation(unroll, fenced):
+  """Without a loop between forward and backward, XLA would merge remat's recomputation with
+  the forward's values and keep those alive (the policy undone): jax.checkpoint's prevent_cse
+  puts an optimization barrier in the way, then and only then."""
+  cfg = make_model_config("nano", "gpt2", n_layers=3, remat="full", attention="naive",
+                          scan_unroll=unroll)
+  p = model.init_params(cfg, jax.random.key(0))
+  grad = jax.grad(lambda q: jnp.square(model.apply(cfg, q, _tokens(cfg))).mean())
+  text = jax.jit(grad).lower(p).as_text()
+  assert ("optimization_barrier" in text) == fenced
 
 
 def test_remat_written_as_bool_reads_as_policy():
@@ -387,7 +454,7 @@ def test_matmul_params_match_the_tree(style):
     (dict(norm="batchnorm"), "norm"), (dict(n_kv_heads=3), "n_kv_heads"),
     (dict(positions="rope", head_dim=7), "head_dim"), (dict(d_model=0), "d_model"),
     (dict(mlp="relu"), "mlp"), (dict(dtype="int8"), "dtype"), (dict(attention="flash"), "attention"),
-    (dict(remat=True), "remat"), (dict(scan_unroll=0), "scan_unroll"),
+    (dict(remat=True), "remat"), (dict(scan_unroll=-1), "scan_unroll"),
     (dict(loss_chunk=-1), "loss_chunk")])
 def test_bad_model_config_is_one_clear_line(bad, field):
   with pytest.raises(GrowlmError) as e:

@@ -3,6 +3,7 @@
   config.py    ModelConfig (frozen): sizes, style fields, dtypes; the named sizes and styles
   decoder.py   the Flax modules; every parameter declares its logical axes
   attention.py the attention kernels behind `model.attention` (naive, xla, cudnn, splash)
+  speed.py     what `model.remat` and `model.scan_unroll` stand for on each platform
   splash.py    the TPU splash-attention kernel, wrapped for the device mesh
   flops.py     training FLOPs per token (PaLM convention, docs/design.md)
 

@@ -41,6 +41,10 @@ _HALF = ("bfloat16", "float16")
 SPLASH_BLOCK = 128   # splash needs seq_len a multiple of this (its smallest block)
 BLOCKS = 4           # query blocks of `blocked` (measured best on a 2-core CPU at seq_len 256)
 SAVED_NAMES = ("attn_ctx", "attn_lse")   # what `blocked`'s backward reads, kept under remat
+# Every kernel's inputs (after the projections' biases and RoPE), kept on a GPU under the dots
+# policies (model/speed.py): unkept, the backward redoes the bias adds (and RoPE) from the kept
+# products, and with the layers unrolled XLA also copies the products out to keep them.
+INPUT_NAMES = ("attn_q", "attn_k", "attn_v")
 # The primitives a fused kernel's forward binds, whose outputs (the context and the softmax
 # statistics its backward reads) the remat policies keep as well: jax's cuDNN flash attention
 # forward, and Pallas calls (growlm calls Pallas for splash attention only).
@@ -173,7 +177,7 @@ def _blocked_heads(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, n):
 
 def _blocked_heads_fwd(q, k, v, n):
   ctx, lse = _blocked_fwd(q, k, v, n)
-  # Named so that the remat policies keep them (model.decoder.REMAT_POLICIES): the backward
+  # Named so that the remat policies keep them (model.speed.checkpoint_policy): the backward
   # pass then needs no rerun of the forward's scores, softmax and products.
   ctx, lse = checkpoint_name(ctx, SAVED_NAMES[0]), checkpoint_name(lse, SAVED_NAMES[1])
   return ctx, (q, k, v, ctx, lse)
@@ -209,6 +213,8 @@ def attend(q_BxLxHxE: Array, k_BxSxKxE: Array, v_BxSxKxE: Array, impl: str) -> A
   """Causal GQA attention by the implementation `impl` (resolved by `choose` first)."""
   impl = choose(impl, jnp.dtype(q_BxLxHxE.dtype).name, q_BxLxHxE.shape[-1],
                 q_BxLxHxE.shape[1])
+  q_BxLxHxE, k_BxSxKxE, v_BxSxKxE = (checkpoint_name(t, name) for t, name in
+                                     zip((q_BxLxHxE, k_BxSxKxE, v_BxSxKxE), INPUT_NAMES))
   with jax.named_scope(SCOPE):   # profiles sort the kernel's ops by it (benchmarks/parts.py)
     return _attend(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, impl)
 

@@ -50,7 +50,7 @@ class ModelConfig:
   init_std: float = 0.02       # std of embedding initialisation
   remat: str = "auto"          # auto | none | full | dots | dots_no_batch: kept for the backward
   attention: str = "auto"      # auto | xla | cudnn | splash | blocked | naive (model.attention)
-  scan_unroll: int = 1         # layers per iteration of the scanned stack (speed vs compile time)
+  scan_unroll: int = 0         # layers per scan iteration; 0: auto (all on GPU, else 1; speed.py)
   loss_chunk: int = 0          # positions per chunk of output layer + loss; 0: auto (train/loss.py)
 
   def __post_init__(self):
@@ -108,9 +108,9 @@ def validate(cfg: ModelConfig):
   _check(cfg.remat in REMATS, f"remat={cfg.remat!r}; accepted: {REMATS}")
   _check(cfg.attention in ATTENTIONS, f"attention={cfg.attention!r}; accepted: {ATTENTIONS}")
   for name in ("scan_unroll", "loss_chunk"):
-    v, low = getattr(cfg, name), 1 if name == "scan_unroll" else 0
-    _check(isinstance(v, int) and not isinstance(v, bool) and v >= low,
-           f"{name}={v!r}; accepted: an integer >= {low}")
+    v = getattr(cfg, name)
+    _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+           f"{name}={v!r}; accepted: an integer >= 0 (0: auto)")
 
 
 # Styles fix the architecture family (docs/design.md, section 2).

@@ -7,8 +7,9 @@ Dimension letters used in names throughout growlm:
 
 Every parameter carries logical axis names from one vocabulary (AXES). Per-layer parameters
 have a leading `layers` axis: blocks are one module scanned over that axis, so depth growth is
-an index operation and compile time does not grow with depth. Model code never names mesh
-axes; sharding rules map logical names to mesh axes (growlm.sharding).
+an index operation, and compile time does not grow with depth while the scan stays a loop (on a
+GPU it is unrolled by default: model/speed.py). Model code never names mesh axes; sharding
+rules map logical names to mesh axes (growlm.sharding).
 """
 
 from __future__ import annotations
@@ -23,26 +24,13 @@ import jax
 import jax.numpy as jnp
 
 from growlm import trees
-from growlm.model import activations, attention, prng
+from growlm.model import activations, attention, prng, speed
 from growlm.model.config import ModelConfig
 
 # The logical axis vocabulary. `pos` is the learned position table's row axis.
 AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "pos")
 
 Array = jax.Array
-
-# model.remat -> the jax.checkpoint policy of each block (None: save nothing but the input).
-# dots and dots_no_batch also keep attention's output and softmax statistics (`blocked`'s by
-# name, cuDNN's and splash's as their kernels' forward outputs), so that its backward pass (a
-# custom VJP) does not rerun its forward.
-_CP = jax.checkpoint_policies
-_KEEP_ATTENTION = _CP.save_from_both_policies(_CP.save_only_these_names(*attention.SAVED_NAMES),
-                                              attention.kernel_forward_saveable)
-REMAT_POLICIES = {"full": None,
-                  "dots": _CP.save_from_both_policies(_CP.checkpoint_dots, _KEEP_ATTENTION),
-                  "dots_no_batch": _CP.save_from_both_policies(
-                      _CP.dots_with_no_batch_dims_saveable, _KEEP_ATTENTION)}
-
 
 def _dtype(name: str):
   return jnp.dtype(name)
@@ -274,11 +262,12 @@ class Decoder(nn.Module):
     x_BxLxD = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)(x_BxLxD)
 
     block = Block
-    remat = remat_policy(cfg.remat)
+    remat = speed.remat_policy(cfg.remat)
     if remat != "none":
-      block = nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[remat])
+      block = nn.remat(Block, prevent_cse=speed.guards_recompute(cfg),
+                       policy=speed.checkpoint_policy(remat))
     stack = nn.scan(block, variable_axes={"params": 0, INIT_KEYS: 0}, split_rngs={"params": True,
-                    "dropout": True}, length=cfg.n_layers, unroll=cfg.scan_unroll,
+                    "dropout": True}, length=cfg.n_layers, unroll=speed.layers_per_iteration(cfg),
                     metadata_params={nn.PARTITION_NAME: "layers"})
     x_BxLxD, _ = stack(cfg, self.deterministic, name="layers")(x_BxLxD, None)
     x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
@@ -293,16 +282,6 @@ class Decoder(nn.Module):
     acc = _acc_dtype(dt)
     logits = project(x_BxLxD, out_DxV, preferred_element_type=acc)
     return logits.astype(acc)
-
-
-def remat_policy(remat: str, platform: str | None = None) -> str:
-  """The policy `model.remat` stands for (auto: dots_no_batch, measured fastest on a 2-core CPU
-  and on an H100, where it ran GPT-2 124M 16% faster than none in 40% of the memory;
-  benchmarks/README.md, "Speed knobs"). `platform` is kept for a per-platform choice."""
-  del platform
-  if remat != "auto":
-    return remat
-  return "dots_no_batch"
 
 
 def make_model(cfg: ModelConfig, deterministic: bool = True) -> Decoder:

@@ -40,6 +40,7 @@ from growlm.errors import GrowlmError
 from growlm.model import attention
 from growlm.model import decoder as model_lib
 from growlm.model import flops as flops_lib
+from growlm.model import speed
 from growlm.train import loss as loss_lib
 from growlm.train import stages as run_stages
 from growlm.train.state import state_shardings
@@ -254,6 +255,7 @@ def _stage(i: int, cfg, config: RunConfig, optimizer, schedule, mesh, rules,
     seconds = time.perf_counter() - t0
     micro = d.batch_size // config.train.grad_accum
     kernel = attention.choose(cfg.attention, cfg.dtype, cfg.head_dim, d.seq_len)
+    unroll = speed.layers_per_iteration(cfg)
     chunk = loss_lib.chunk_length(cfg.loss_chunk, micro // sharding.batch_shards(mesh, rules),
                                   d.seq_len, cfg.vocab_size)
   m = compiled.memory_analysis()
@@ -263,7 +265,8 @@ def _stage(i: int, cfg, config: RunConfig, optimizer, schedule, mesh, rules,
   return {"stage": i, "params": model_lib.count_params(abstract.params),
           "d_model": cfg.d_model, "n_layers": cfg.n_layers, "dtype": cfg.dtype,
           "attention": kernel, "pallas_kernels": text.count(PALLAS_CALL),
-          "remat": model_lib.remat_policy(cfg.remat), "loss_chunk": chunk,
+          "remat": speed.remat_policy(cfg.remat), "loss_chunk": chunk,
+          "scan_unroll": unroll,
           "flops_per_token": flops_lib.flops_per_token(cfg, d.seq_len),
           "compile_seconds": seconds, "argument_bytes": m.argument_size_in_bytes,
           "temp_bytes": m.temp_size_in_bytes, "bytes_per_device": total,
@@ -285,8 +288,9 @@ def format_report(report: dict[str, Any]) -> list[str]:
   for s in report["stages"]:
     lines.append(
         f"growlm: stage {s['stage']}: {s['params'] / 1e6:.1f}M params ({s['dtype']}), attention "
-        f"{s['attention']} ({s['pallas_kernels']} Pallas kernels), remat {s['remat']}, loss "
-        f"chunk {s['loss_chunk']}: {s['bytes_per_device'] / GIB:.2f} GiB per device (state and "
+        f"{s['attention']} ({s['pallas_kernels']} Pallas kernels), remat {s['remat']}, "
+        f"{s['scan_unroll']} of {s['n_layers']} layers per scan iteration, loss chunk "
+        f"{s['loss_chunk']}: {s['bytes_per_device'] / GIB:.2f} GiB per device (state and "
         f"batch {s['argument_bytes'] / GIB:.2f}, temporaries {s['temp_bytes'] / GIB:.2f}), "
         f"{'fits' if s['fits'] else 'DOES NOT FIT'}; compiled in {s['compile_seconds']:.1f} s")
   return lines
