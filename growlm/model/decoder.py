@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from growlm import trees
 from growlm.model import activations, attention, prng, speed
@@ -100,9 +101,9 @@ class Norm(nn.Module):
     scale_D = _param(self, "scale", nn.initializers.ones, (d,), ("embed",), cfg)
     x = x_BxLxD.astype(_acc_dtype(x_BxLxD.dtype))
     if cfg.norm == "layernorm":
-      mean = jnp.mean(x, axis=-1, keepdims=True)
+      mean = checkpoint_name(jnp.mean(x, axis=-1, keepdims=True), speed.NORM_NAMES[0])
       var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-      y = (x - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+      y = (x - mean) * checkpoint_name(jax.lax.rsqrt(var + cfg.norm_eps), speed.NORM_NAMES[1])
     else:
       y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
     y = y * scale_D.astype(y.dtype)
