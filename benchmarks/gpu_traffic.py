@@ -301,8 +301,7 @@ def format_report(r: dict) -> str:
   s = r["stage"]
   lines = [f"{r['device_kind']}: {r['style']} {s['params'] / 1e6:.1f}M params, attention "
            f"{s['attention']}, remat {s['remat']}, {s['scan_unroll']} of {s['n_layers']} layers "
-           f"per scan iteration, "
-           f"loss chunk {s['loss_chunk']}; XLA's plan "
+           f"per scan iteration, loss chunk {s['loss_chunk']}; XLA's plan "
            f"{s['bytes_per_device'] / 2**30:.2f} GiB (state and batch "
            f"{s['argument_bytes'] / 2**30:.2f}, temporaries {s['temp_bytes'] / 2**30:.2f}); "
            f"{r['launches']} kernels per step; compiled in {s['compile_seconds']:.1f} s",
