@@ -16,6 +16,13 @@ class GrowlmError(ValueError):
   """Bad input from the user: the message is one line, naming field and accepted values."""
 
 
+def first_line(error: BaseException) -> str:
+  """The first non-blank line of an exception's text (compilers' and native libraries' messages
+  span many lines), or its type's name when it has none: for one-line GrowlmErrors."""
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
+
+
 def strict_fields(what: str, given, known) -> dict:
   """`given` as a dict, refusing keys outside `known` (no silent drops of misspelt fields)."""
   unknown = sorted(set(given) - set(known))

@@ -646,3 +646,11 @@ def test_bad_input_command_line(case, sub_results):
     assert word in lines[0], (word, lines[0])
   assert code == 2, (code, stderr[-3000:])
   assert changes == [], changes
+
+
+def test_first_line_of_a_native_error():
+  """Native libraries' and compilers' messages span lines; a growlm: error: line takes one."""
+  from growlm.errors import first_line
+  assert first_line(RuntimeError("\n  INVALID_ARGUMENT: bad shape\n  at frame 3\n")) == (
+      "INVALID_ARGUMENT: bad shape")
+  assert first_line(OSError()) == "OSError"

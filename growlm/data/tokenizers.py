@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from growlm.errors import GrowlmError
+from growlm.errors import GrowlmError, first_line
 
 _EOT_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 _PAD_TOKENS = ("<pad>",)
@@ -63,10 +63,8 @@ class HFTokenizer:
     try:
       self._tok = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # The Rust error text can span lines.
-      first = str(e).splitlines()[0] if str(e) else type(e).__name__
-      raise GrowlmError(
-          f"tokenizer {str(path)!r} is not a readable Hugging Face tokenizer.json ({first})"
-      ) from e
+      raise GrowlmError(f"tokenizer {str(path)!r} is not a readable Hugging Face tokenizer.json "
+                        f"({first_line(e)})") from e
     self.vocab_size = self._tok.get_vocab_size()
     self.sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     eot = self._find(_EOT_TOKENS)
@@ -119,9 +117,8 @@ class SentencePieceTokenizer:
     try:
       self._sp = sentencepiece.SentencePieceProcessor(model_proto=data)
     except Exception as e:  # The C++ error text can span lines.
-      first = str(e).splitlines()[0] if str(e) else type(e).__name__
-      raise GrowlmError(
-          f"tokenizer {str(path)!r} is not a readable SentencePiece model ({first})") from e
+      raise GrowlmError(f"tokenizer {str(path)!r} is not a readable SentencePiece model "
+                        f"({first_line(e)})") from e
     self.sha256 = hashlib.sha256(data).hexdigest()
     self.vocab_size = int(self._sp.get_piece_size())
     if self._sp.eos_id() < 0:

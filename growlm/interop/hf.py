@@ -35,7 +35,7 @@ from growlm.interop import hf_families as families
 from growlm.interop import hf_layout as layout
 from growlm.model import decoder as model_lib
 from growlm import fs, transfer, trees
-from growlm.errors import GrowlmError
+from growlm.errors import GrowlmError, first_line
 from growlm.interop.hf_families import hf_architecture, hf_config  # noqa: F401  (public API)
 from growlm.model.config import DTYPES, ModelConfig
 
@@ -146,7 +146,7 @@ def _tensor_index(directory: str) -> dict[str, tuple[str, tuple[int, ...], str]]
             raise _err(directory, f"tensor {k} is in both {out[k][0]} and {f}")
           out[k] = (f, tuple(sl.get_shape()), sl.get_dtype())
     except (SafetensorError, OSError) as e:
-      raise _err(directory, f"cannot read {f} ({str(e).splitlines()[0] if str(e) else e})") from e
+      raise _err(directory, f"cannot read {f} ({first_line(e)})") from e
   for k, f in (weight_map or {}).items():
     if out.get(k, (f,))[0] != f:
       raise _err(directory, f"{_INDEX} puts {k} in {f}, but it is in {out[k][0]}")

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from growlm import optim, sharding
 from growlm.config import stages as stages_lib
 from growlm.config.typed import RunConfig
-from growlm.errors import GrowlmError
+from growlm.errors import GrowlmError, first_line
 from growlm.model import attention
 from growlm.model import decoder as model_lib
 from growlm.model import flops as flops_lib
@@ -136,9 +136,8 @@ def topology_devices(name: str) -> list:
                                                  chip_config_name=chip_config).devices)
       except Exception as e:  # pylint: disable=broad-except  (libtpu's runtime errors)
         error = e
-  first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-  raise GrowlmError(f"--compile_for={name}: libtpu refused it ({first[:160]}); accepted: "
-                    f"{TOPOLOGY_HELP}") from None
+  raise GrowlmError(f"--compile_for={name}: libtpu refused it ({first_line(error)[:160]}); "
+                    f"accepted: {TOPOLOGY_HELP}") from None
 
 
 def _load_libtpu(path: str) -> None:
@@ -244,7 +243,7 @@ def _stage(i: int, cfg, config: RunConfig, optimizer, schedule, mesh, rules,
     except GrowlmError:   # the model's own refusals (an attention that cannot run there, ...)
       raise
     except Exception as e:  # pylint: disable=broad-except  (XLA's compile errors)
-      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      first = first_line(e)
       kind = mesh.devices.flat[0].device_kind
       if "RESOURCE_EXHAUSTED" in first:
         raise GrowlmError(f"stage {i}'s train step does not fit a {kind} device ({first[:200]}); "
