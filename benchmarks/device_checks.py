@@ -7,7 +7,7 @@ accelerator (cuDNN kernels, TF32 matmul passes) where CI cannot go.
      the same growth of a bfloat16 model (the report's float32 figures and its bfloat16 ones),
      with each report's seconds, compilation included (the order: 2, 3, then 1);
   2. chunked cross-entropy against the plain full-logits one (float32, and the train step's
-     bfloat16 inputs): loss and gradients, relative;
+     bfloat16 inputs with float32 logits and with bf16 ones): loss and gradients, relative;
   3. attention: every implementation that runs here against the naive reference computed from
      the same inputs upcast to float32; outputs and the gradients of a random projection of
      them, as ||out - ref|| / ||ref||; GQA and not.
@@ -123,10 +123,13 @@ def loss_checks(s: dict) -> list[dict[str, Any]]:
       plain = jax.jit(jax.value_and_grad(lambda x, w: jnp.mean(loss_lib.cross_entropy(
           jnp.einsum("bld,dv->blv", x, w, preferred_element_type=jnp.float32), t)),
           argnums=(0, 1)))(*(jax.device_put(a, _cpu()) for a in (xd, wd)))
-    for chunk in sorted({loss_lib.chunk_length(0, B, L, V), max(1, L // 4)}):
-      got = jax.jit(jax.value_and_grad(lambda x, w, c=chunk: jnp.mean(
-          loss_lib.chunked_cross_entropy(x, w, t, c)), argnums=(0, 1)))(xd, wd)
+    chunks = sorted({loss_lib.chunk_length(0, B, L, V), max(1, L // 4)})
+    halves = (False, True) if dtype == "bfloat16" else (False,)
+    for chunk, half in ((c, h) for c in chunks for h in halves):
+      got = jax.jit(jax.value_and_grad(lambda x, w, c=chunk, h=half: jnp.mean(
+          loss_lib.chunked_cross_entropy(x, w, t, c, h)), argnums=(0, 1)))(xd, wd)
       rows.append({"check": "chunked_loss", "dtype": dtype, "chunk": chunk,
+                   "logits": dtype if half else "float32",
                    "loss_rel": abs(float(got[0]) - float(plain[0])) / abs(float(plain[0])),
                    "grad_rel": max(rel(g.astype(jnp.float32), p.astype(jnp.float32))
                                    for g, p in zip(got[1], plain[1]))})

@@ -122,7 +122,7 @@ for p in $PHASES; do
     knobs)
       phase knobs 600 taskset -c "$BENCH_CPUS" python3 benchmarks/knobs.py --preset gpt2-124m \
         --profile /tmp/knobs_prof --out "$OUT/knobs.json" ${EXTRA:-} \
-        --variants "${KNOBS:-default; kernel_forward=rerun; projections=einsum; scan_unroll=1; \
+        --variants "${KNOBS:-default; logits_dtype=float32; kernel_forward=rerun; scan_unroll=1; \
 remat=full; param_dtype=bfloat16; batch=32}"
       tar czf "$OUT/knobs_traces.tgz" -C /tmp knobs_prof 2>/dev/null ;;
     xlaflags)

@@ -57,6 +57,7 @@ _CHIP = dict(sms=132, clock_ghz=1.98, l2=50 * 2**20, smem_block=48 * 1024,
              smem_block_optin=227 * 1024, smem_sm=228 * 1024)
 _SKIP = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
          "partition-id", "replica-id", "opt-barrier"}
+_THROUGH = ("bitcast", "convert")
 _SIZES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2,
           "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1, "f8e4m3fn": 1, "f8e5m2": 1}
 _ARRAY = re.compile(r"\b(" + "|".join(_SIZES) + r")\[([\d,]*)\]")
@@ -210,8 +211,10 @@ def _fused_traffic(body: list[tuple], operand_bytes: list[int], result_bytes: in
   for name, index in params.items():
     full = operand_bytes[index] if index < len(operand_bytes) else array_bytes(shapes[name])
     uses = list(users[name])
-    while any(u[2] == "bitcast" for u, _ in uses):   # a bitcast reads nothing: its users do
-      uses = [x for u, i in uses for x in (users[u[0]] if u[2] == "bitcast" else [(u, i)])]
+    # A bitcast reads nothing, and a fused convert only the elements its users ask for (XLA
+    # emits a fusion's elementwise ops per element its users read): their users read.
+    while any(u[2] in _THROUGH for u, _ in uses):
+      uses = [x for u, i in uses for x in (users[u[0]] if u[2] in _THROUGH else [(u, i)])]
     if uses and all(u[2] in ("slice", "dynamic-slice", "gather") and i == 0 for u, i in uses):
       read += sum(array_bytes(u[1]) for u, _ in uses)    # only the slices it reads
     elif uses and all(u[2] == "dynamic-update-slice" and i == 0 for u, i in uses):
@@ -301,8 +304,8 @@ def format_report(r: dict) -> str:
   s = r["stage"]
   lines = [f"{r['device_kind']}: {r['style']} {s['params'] / 1e6:.1f}M params, attention "
            f"{s['attention']}, remat {s['remat']}, {s['scan_unroll']} of {s['n_layers']} layers "
-           f"per scan iteration, loss chunk {s['loss_chunk']}; XLA's plan "
-           f"{s['bytes_per_device'] / 2**30:.2f} GiB (state and batch "
+           f"per scan iteration, loss chunk {s['loss_chunk']} ({s['logits']} logits); XLA's "
+           f"plan {s['bytes_per_device'] / 2**30:.2f} GiB (state and batch "
            f"{s['argument_bytes'] / 2**30:.2f}, temporaries {s['temp_bytes'] / 2**30:.2f}); "
            f"{r['launches']} kernels per step; compiled in {s['compile_seconds']:.1f} s",
            "", "| part | kernels | GB read + written | ms at the copy rate |",

@@ -1,8 +1,8 @@
 """The train step's speed knobs, one variant after another in one process: which settings pay.
 
 Each variant is the benchmark's model (throughput.py's preset and flags) with some of the
-model's speed fields changed (`attention`, `remat`, `scan_unroll`, `loss_chunk`; docs/design.md
-section 9), the batch, the parameters' dtype, `projections=einsum`: the products with weight
+model's speed fields changed (`attention`, `remat`, `scan_unroll`, `loss_chunk`,
+`logits_dtype`; docs/design.md section 9), the batch, the parameters' dtype, `projections=einsum`: the products with weight
 matrices traced as the einsums growlm used before `model.decoder.project` (the A/B of its flat
 form, design.md 9 "Flat projections"), or `kernel_forward=rerun`: cuDNN's or splash's forward
 run again in the backward pass under the dots remat policies, as before they kept it (design.md
@@ -73,7 +73,8 @@ def _choice(knob: str, accepted: tuple[str, ...]):
 
 # param_dtype=bfloat16 stores parameters (and so AdamW's moments) in bf16 with no float32 master
 # copy: not a training setting to use, but the most that bf16 storage could gain in speed.
-KNOBS = {"attention": str, "remat": str, "scan_unroll": int, "loss_chunk": int, "batch": int,
+KNOBS = {"attention": str, "remat": str, "scan_unroll": int, "loss_chunk": int,
+         "logits_dtype": str, "batch": int,
          "param_dtype": str, "projections": _choice("projections", PROJECTIONS),
          "kernel_forward": _choice("kernel_forward", KERNEL_FORWARD)}
 DEFAULT_VARIANTS = ("default; projections=einsum; loss_chunk=128; loss_chunk=256; "
@@ -122,7 +123,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   args.preset = args.preset or throughput.default_preset()
   for k, v in throughput.PRESETS[args.preset].items():
     setattr(args, k, v)
-  for k in ("attention", "remat"):
+  for k in ("attention", "remat", "logits_dtype"):
     setattr(args, k, "auto")
   args.scan_unroll, args.loss_chunk = 0, 0
   common.apply_quick(args, QUICK)
@@ -220,7 +221,8 @@ def _bench_variant(args: argparse.Namespace, fields: dict[str, Any], mesh,
       "model": {"attention": attention_lib.choose(cfg.attention, cfg.dtype, cfg.head_dim, L),
                 "remat": speed.remat_policy(cfg.remat),
                 "scan_unroll": speed.layers_per_iteration(cfg),
-                "loss_chunk": loss_lib.chunk_length(cfg.loss_chunk, B, L, cfg.vocab_size),
+                "loss_chunk": loss_lib.model_chunk(cfg, B, L),
+                "logits": cfg.dtype if speed.half_logits(cfg) else "float32",
                 "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
                 "projections": fields.get("projections", "flat"),
                 "kernel_forward": fields.get("kernel_forward", "kept")},

@@ -60,7 +60,7 @@ from growlm.train import trainer as train_lib
 from growlm.train import evaluate as eval_lib
 from growlm.train import stages as run_stages
 from growlm.train import state as state_lib
-from growlm.model.config import ATTENTIONS, DTYPES, REMATS, make_model_config
+from growlm.model.config import ATTENTIONS, DTYPES, LOGITS_DTYPES, REMATS, make_model_config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=wrong-import-position  # benchmarks/common.py
@@ -118,6 +118,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--remat", choices=REMATS, default="auto", help="model.remat")
   p.add_argument("--scan_unroll", type=int, default=0, help="model.scan_unroll (0: auto)")
   p.add_argument("--loss_chunk", type=int, default=0, help="model.loss_chunk (0: auto)")
+  p.add_argument("--logits_dtype", choices=LOGITS_DTYPES, default="auto",
+                 help="model.logits_dtype (auto: the compute dtype on a GPU, else float32)")
   p.add_argument("--steps", type=int, default=10, help="timed steps (train and eval each)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
   p.add_argument("--matmul_size", type=int, default=None,
@@ -242,7 +244,8 @@ def model_config(style: str, args: argparse.Namespace):
   extra = {"vocab_size": args.vocab_size} if args.vocab_size else {}
   return make_model_config(args.size, style, max_len=args.seq_len, dtype=args.dtype,
                            attention=args.attention, remat=args.remat,
-                           scan_unroll=args.scan_unroll, loss_chunk=args.loss_chunk, **extra)
+                           scan_unroll=args.scan_unroll, loss_chunk=args.loss_chunk,
+                           logits_dtype=args.logits_dtype, **extra)
 
 
 def _torch_step(cfg, ids: np.ndarray, params, args: argparse.Namespace, device):
@@ -446,7 +449,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
       "quick": bool(args.quick),
       "settings": {k: getattr(args, k) for k in (
           "preset", "size", "styles", "batch", "seq_len", "dtype", "attention", "remat",
-          "scan_unroll", "loss_chunk", "vocab_size", "steps", "warmup", "matmul_size", "torch",
+          "scan_unroll", "loss_chunk", "logits_dtype", "vocab_size", "steps", "warmup", "matmul_size", "torch",
           "torch_compile", "profile")},
       "machine": {
           "platform": device.platform,

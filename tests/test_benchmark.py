@@ -190,3 +190,22 @@ def test_attention_kernels_quick(tmp_path, capsys):
   assert e.value.code == EXIT_USER_ERROR
   assert "growlm: error: --impls names ['fused']" in capsys.readouterr().err
   assert not (tmp_path / "b.json").exists()
+
+
+def test_logits_precision_quick(tmp_path):
+  """benchmarks/logits_precision.py --quick: bf16 logits move the loss and gradient (so the
+  setting took effect) by less than bf16 compute already does against float32, and short runs
+  from the same weights (float32, bf16 with each logits dtype) stay close to each other."""
+  result = load_benchmark("logits_precision").main(["--quick", "--out", str(tmp_path / "p.json")])
+  diff, err = result["loss_abs_diff"], result["grad_rel_err"]
+  assert all(positive_finite(v) for v in list(diff.values()) + list(err.values()))
+  assert err["bf16 logits vs f32 logits"] < err["bf16 f32 logits vs f32"] < 0.05
+  assert diff["bf16 bf16 logits vs f32"] < 1e-2
+  after = result["training"]["eval_loss_after"]
+  assert list(after) == ["f32", "bf16, f32 logits", "bf16, bf16 logits"]
+  assert all(positive_finite(v) for v in after.values())
+  assert abs(after["bf16, f32 logits"] - after["bf16, bf16 logits"]) < 1e-2
+  gaps = result["training"]["max_train_loss_gap"]
+  assert set(gaps) == {"bf16 logits vs f32 logits", "bf16 vs f32"}
+  assert all(0 <= v < 1e-2 for v in gaps.values()), gaps
+  assert json.loads((tmp_path / "p.json").read_text()) == json.loads(json.dumps(result))

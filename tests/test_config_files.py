@@ -275,3 +275,8 @@ def test_a_run_dir_written_before_a_field_existed_still_resumes():
   older = copy.deepcopy(old)
   del older["train"]["lr"]                       # not a model or plan field: still a conflict
   assert resume_conflicts(older, current) == ["train.lr"]
+  # The speed fields may change on resume; logits_dtype, newer than some run dirs, too.
+  speedy = copy.deepcopy(current)
+  speedy["model"].update(logits_dtype="compute", remat="full", loss_chunk=8, scan_unroll=2)
+  del old["model"]["logits_dtype"]
+  assert resume_conflicts(old, speedy) == resume_conflicts(current, speedy) == []

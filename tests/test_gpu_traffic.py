@@ -95,6 +95,44 @@ def test_kernels_of_a_hand_written_module():
   assert parted["pointwise"]["gb"] == pytest.approx((6 * 3 * LAYER + 3 * LAYER) / 1e9)
 
 
+# The loss's pattern with bf16 logits: a fusion gathers 8 target logits through a convert of
+# the [4096, 512] bf16 logits to float32 (it reads the 8, not the tensor); another converts and
+# also negates the whole tensor (it reads all of it).
+CONVERTED = """HloModule c
+
+%gathered (g0: bf16[4096,512], g1: s32[8,2]) -> f32[8] {
+  %g0 = bf16[4096,512]{1,0} parameter(0)
+  %g1 = s32[8,2]{1,0} parameter(1)
+  %c = f32[4096,512]{1,0} convert(%g0)
+  %bc = f32[4096,512]{1,0} bitcast(%c)
+  ROOT %ga = f32[8]{0} gather(%bc, %g1), offset_dims={}, collapsed_slice_dims={0,1}, start_index_map={0,1}, index_vector_dim=1, slice_sizes={1,1}
+}
+
+%both (h0: bf16[4096,512], h1: s32[8,2]) -> (f32[8], f32[4096,512]) {
+  %h0 = bf16[4096,512]{1,0} parameter(0)
+  %h1 = s32[8,2]{1,0} parameter(1)
+  %c = f32[4096,512]{1,0} convert(%h0)
+  %ga = f32[8]{0} gather(%c, %h1), offset_dims={}, collapsed_slice_dims={0,1}, start_index_map={0,1}, index_vector_dim=1, slice_sizes={1,1}
+  %n = f32[4096,512]{1,0} negate(%c)
+  ROOT %t = (f32[8]{0}, f32[4096,512]{1,0}) tuple(%ga, %n)
+}
+
+ENTRY %main (l: bf16[4096,512], k: s32[8,2]) -> (f32[8], (f32[8], f32[4096,512])) {
+  %l = bf16[4096,512]{1,0} parameter(0)
+  %k = s32[8,2]{1,0} parameter(1)
+  %a = f32[8]{0} fusion(%l, %k), kind=kLoop, calls=%gathered, metadata={op_name="jit(f)/loss/gather"}
+  %b = (f32[8]{0}, f32[4096,512]{1,0}) fusion(%l, %k), kind=kLoop, calls=%both, metadata={op_name="jit(f)/loss/neg"}
+  ROOT %r = (f32[8]{0}, (f32[8]{0}, f32[4096,512]{1,0})) tuple(%a, %b)
+}
+"""
+
+
+def test_a_fused_convert_reads_what_its_users_read():
+  ks = {k.name: k for k in traffic.kernels(CONVERTED)}
+  assert (ks["a"].read, ks["a"].written) == (8 * 4 + 8 * 2 * 4, 8 * 4)
+  assert (ks["b"].read, ks["b"].written) == (4096 * 512 * 2 + 8 * 2 * 4, 8 * 4 + 4096 * 512 * 4)
+
+
 def test_kernels_of_a_cpu_compiled_scan():
   """XLA's own text (here the CPU's): each kernel of the scan's body is launched once per layer,
   and what the step reads of the stacked weights is one layer per iteration, not the stack."""

@@ -156,12 +156,13 @@ def test_rope_theta_is_free_under_learned_positions():
 
 
 def test_target_fields_are_the_targets_own():
-  """dtype, param_dtype, dropout_rate, init_std, remat, attention, scan_unroll and loss_chunk do
-  not change the grown function (in exact arithmetic, at eval): the target may set them, and
-  the grown config keeps its values."""
+  """dtype, param_dtype, dropout_rate, init_std, remat, attention, scan_unroll, loss_chunk and
+  logits_dtype do not change the grown function (in exact arithmetic, at eval): the target may
+  set them, and the grown config keeps its values."""
   src = _cfg("llama")
   own = dict(dtype="bfloat16", param_dtype="bfloat16", dropout_rate=0.1, init_std=0.05,
-             remat="full", attention="naive", scan_unroll=2, loss_chunk=64)
+             remat="full", attention="naive", scan_unroll=2, loss_chunk=64,
+             logits_dtype="compute")
   assert set(own) == set(core._TARGET_FIELDS)  # pylint: disable=protected-access
   dst = src.replace(d_model=32, n_layers=3, **own)
   plan = GrowthPlan("tile", require_exact=True)

@@ -26,10 +26,11 @@ def test_knobs_quick_reports_the_resolved_knobs_and_its_arithmetic(tmp_path):
                        "--profile", str(tmp_path / "prof"), "--out", str(tmp_path / "k.json")])
   first, second = result["rows"]
   # On a CPU at seq_len 32, auto resolves to xla attention (blocked needs >= 64 positions),
-  # dots_no_batch, and loss chunks of half the sequence.
+  # dots_no_batch, loss chunks of half the sequence, and (a float32 model) float32 logits.
   assert first["model"] == {"attention": "xla", "remat": "dots_no_batch", "scan_unroll": 1,
-                            "loss_chunk": 16, "dtype": "float32", "param_dtype": "float32",
-                            "projections": "flat", "kernel_forward": "kept"}
+                            "loss_chunk": 16, "logits": "float32", "dtype": "float32",
+                            "param_dtype": "float32", "projections": "flat",
+                            "kernel_forward": "kept"}
   assert second["model"]["remat"] == "full" and second["model"]["loss_chunk"] == 8
   cfg = make_model_config("nano", "gpt2", max_len=32)
   for row in (first, second):
@@ -58,10 +59,13 @@ def test_knobs_quick_reports_the_resolved_knobs_and_its_arithmetic(tmp_path):
 
 def test_device_checks_loss_part_on_this_device():
   """The chunked-loss check: float32 chunks equal the plain loss (1e-6) and gradients (1e-5)
-  against the host reference; bfloat16 ones within bf16 rounding (1e-2)."""
+  against the host reference; bfloat16 ones, with float32 logits and with bf16 ones, within
+  bf16 rounding (1e-2)."""
   checks = load_benchmark("device_checks")
   rows = checks.loss_checks(checks.QUICK)
-  assert {r["dtype"] for r in rows} == {"float32", "bfloat16"} and len(rows) >= 4
+  assert {(r["dtype"], r["logits"]) for r in rows} == {
+      ("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "bfloat16")}
+  assert len(rows) >= 6
   for r in rows:
     assert r["check"] == "chunked_loss" and r["chunk"] >= 1
     if r["dtype"] == "float32":

@@ -1,6 +1,8 @@
 """The chunked loss: same loss and gradients as the plain one, and no whole-batch float32
 [B, L, V] logits anywhere in the train or eval step."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,6 +66,54 @@ def test_per_token_values_match():
 ])
 def test_chunk_length(requested, batch, seq_len, vocab, platform, want):
   assert loss.chunk_length(requested, batch, seq_len, vocab, platform) == want
+
+
+def test_auto_chunks_are_sized_to_the_logits_stored():
+  """GPT-2 124M's step on a GPU stores bf16 logits (model.logits_dtype auto): its auto chunks
+  are twice as long as float32's (1 GiB / (2 B * 16 * 50304) = 667 -> 512); elsewhere, float32
+  logits, as before."""
+  cfg = make_model_config("nano", "gpt2", vocab_size=50304, max_len=1024, dtype="bfloat16")
+  assert loss.model_chunk(cfg, 16, 1024, "gpu") == 512
+  assert loss.model_chunk(cfg, 16, 1024, "tpu") == 256
+  assert loss.model_chunk(cfg.replace(logits_dtype="float32"), 16, 1024, "gpu") == 256
+  assert loss.model_chunk(cfg.replace(dtype="float32"), 16, 1024, "gpu") == 256
+  assert loss.model_chunk(cfg.replace(loss_chunk=64), 16, 1024, "gpu") == 64
+
+
+def _logit_dots(text, shape):
+  """The element types of the lowered module's products whose result has `shape`."""
+  dims = "x".join(map(str, shape))
+  return {t for d, t in re.findall(r"stablehlo\.dot_general.*-> tensor<([0-9x]+)x(\w+)>", text)
+          if d == dims}
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_half_logits_round_only_the_train_steps_logits(style):
+  """model.logits_dtype=compute in a bfloat16 model: the head's product in the gradient's pass
+  gives bfloat16 logits (float32 otherwise); the loss and gradients move by their rounding only
+  (the train step's softmax, a float32 computation, sees bf16-rounded logits, as under PyTorch's
+  autocast), measurably; eval's loss (no gradient) is bit for bit float32 logits'. A float32
+  model has nothing to round: the setting changes nothing there."""
+  cfg, params, inputs, targets = _setup(style, dtype="bfloat16", loss_chunk=8)
+  params = jax.tree.map(lambda a: a * 8.0, params)   # logits of a trained model's spread
+  f = lambda c: lambda p: loss.token_nll(c, p, inputs, targets).mean()
+  half, full = cfg.replace(logits_dtype="compute"), cfg.replace(logits_dtype="float32")
+  (l0, g0), (l1, g1) = (jax.value_and_grad(f(c))(params) for c in (full, half))
+  logits = (B * 8, cfg.vocab_size)   # one chunk's, tokens flattened (decoder.project)
+  assert _logit_dots(jax.jit(jax.grad(f(half))).lower(params).as_text(), logits) == {"bf16"}
+  assert _logit_dots(jax.jit(jax.grad(f(full))).lower(params).as_text(), logits) == {"f32"}
+  assert _logit_dots(jax.jit(f(half)).lower(params).as_text(), logits) == {"f32"}
+  assert float(l1) != float(l0) and float(l1) == pytest.approx(float(l0), rel=1e-3)
+  flat = lambda g: np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in jax.tree.leaves(g)])
+  a, b = flat(g0), flat(g1)
+  assert 0 < np.linalg.norm(b - a) / np.linalg.norm(a) < 2e-2
+  assert float(f(half)(params)) == float(f(full)(params))   # not differentiated: eval's path
+  f32 = cfg.replace(dtype="float32")
+  (l2, g2), (l3, g3) = (jax.value_and_grad(f(f32.replace(logits_dtype=v)))(params)
+                        for v in ("float32", "compute"))
+  assert float(l2) == float(l3)
+  for x, y in zip(jax.tree.leaves(g2), jax.tree.leaves(g3)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.parametrize("chunk", [8, 40])

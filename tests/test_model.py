@@ -327,6 +327,52 @@ def test_scan_unroll_auto_unrolls_every_layer_on_a_gpu_only():
   # Only with no loop left is remat's recomputation fenced off from the forward's values.
   assert [speed.guards_recompute(cfg, p) for p in ("gpu", "cpu")] == [True, False]
   assert not speed.guards_recompute(cfg.replace(scan_unroll=3), "gpu")
+
+
+def _squared(jaxpr):
+  """What each squaring in `jaxpr` squares: the primitive that made its operand."""
+  made = {v: e.primitive.name for e in all_eqns(jaxpr) for v in e.outvars}
+  return {made.get(e.invars[0], "input") for e in all_eqns(jaxpr)
+          if e.primitive.name in ("integer_pow", "square")}
+
+
+@pytest.mark.parametrize("platform", ["gpu", "cpu", "tpu"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_layer_norm_variance_in_one_pass_for_a_gpus_half_inputs(monkeypatch, platform, dtype):
+  """On a GPU, for bf16 inputs, layer norm's variance is E[x^2] - E[x]^2: it squares x itself
+  (cast to float32), not x - E[x] (speed.one_pass_variance), and normalises rows centred as a
+  transformer's are (mean 3 spreads) as two passes do, up to one bf16 rounding of the output.
+  float32 inputs, a CPU and a TPU keep two passes; so float32's rounding there is unchanged."""
+  monkeypatch.setattr(sharding, "platform", lambda: platform)
+  cfg = make_model_config("nano", "gpt2", dtype=dtype)
+  norm = model.Norm(cfg)
+  x = (jax.random.normal(jax.random.key(4), (4, 9, cfg.d_model)) + 3.0).astype(dtype)
+  params = norm.init(jax.random.key(0), x)
+  one = platform == "gpu" and dtype == "bfloat16"
+  assert speed.one_pass_variance(x.dtype, platform) == one
+  squared = _squared(jax.make_jaxpr(lambda x: norm.apply(params, x))(x).jaxpr)
+  # One pass squares x and the (checkpoint-named) mean; two square x - mean.
+  assert squared == ({"convert_element_type", "name"} if one else {"sub"})
+  wide = np.asarray(x, np.float64)
+  want = (wide - wide.mean(-1, keepdims=True)) / np.sqrt(wide.var(-1, keepdims=True)
+                                                          + cfg.norm_eps)
+  got = np.asarray(norm.apply(params, x), np.float64)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 if dtype == "bfloat16" else 1e-5)
+
+
+def test_logits_dtype_auto_rounds_a_gpus_half_logits_only():
+  """auto: a bf16 (or fp16) model's train step stores half logits on a GPU and float32 ones on a
+  CPU or TPU; explicit values hold everywhere; a float32 model never rounds them."""
+  cfg = make_model_config("nano", "gpt2", dtype="bfloat16")
+  assert cfg.logits_dtype == "auto"   # the default
+  assert [speed.half_logits(cfg, p) for p in ("gpu", "cpu", "tpu")] == [True, False, False]
+  assert not speed.half_logits(cfg)   # these tests run on a CPU
+  for p in ("gpu", "cpu", "tpu"):
+    assert speed.half_logits(cfg.replace(logits_dtype="compute"), p)
+    assert not speed.half_logits(cfg.replace(logits_dtype="float32"), p)
+    assert speed.half_logits(cfg.replace(dtype="float16", logits_dtype="compute"), p)
+    for dtype in ("float32", "float64"):
+      assert not speed.half_logits(cfg.replace(dtype=dtype, logits_dtype="compute"), p)
   assert speed.guards_recompute(cfg.replace(scan_unroll=6), "cpu")
 
 
@@ -458,7 +504,8 @@ def test_matmul_params_match_the_tree(style):
     (dict(positions="rope", head_dim=7), "head_dim"), (dict(d_model=0), "d_model"),
     (dict(mlp="relu"), "mlp"), (dict(dtype="int8"), "dtype"), (dict(attention="flash"), "attention"),
     (dict(remat=True), "remat"), (dict(scan_unroll=-1), "scan_unroll"),
-    (dict(loss_chunk=-1), "loss_chunk")])
+    (dict(loss_chunk=-1), "loss_chunk"),
+    (dict(logits_dtype="bfloat16"), "logits_dtype")])
 def test_bad_model_config_is_one_clear_line(bad, field):
   with pytest.raises(GrowlmError) as e:
     ModelConfig(**bad)

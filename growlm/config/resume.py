@@ -17,11 +17,12 @@ from growlm.grow.plan import GrowthPlan
 from growlm.model.config import ModelConfig
 
 # Fields that may differ between a run and its resumption (they do not change what is computed
-# up to the resumed step).
+# up to the resumed step; attention kernels and logits_dtype change only its rounding).
 RESUMABLE_FIELDS = ("name", "sweep_name", "train.num_steps", "train.stop_at", "eval.every_steps",
                     "log.every_steps", "log.progress_bar", "checkpoint.every_steps",
                     "checkpoint.keep", "checkpoint.async_save", "wandb", "mesh", "sharding_rules",
-                    "model.remat", "model.attention", "model.scan_unroll", "model.loss_chunk")
+                    "model.remat", "model.attention", "model.scan_unroll", "model.loss_chunk",
+                    "model.logits_dtype")
 
 
 def _added_field_default(key: str) -> Any:

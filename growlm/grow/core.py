@@ -51,11 +51,12 @@ _KEPT_FIELDS = ("vocab_size", "norm", "positions", "rope_theta", "mlp", "use_bia
 _COMPUTED_FIELDS = ("norm_eps",)
 # - the target's own: they set precision (dtype, param_dtype: is_exact speaks of exact
 #   arithmetic), training only (dropout_rate: eval runs without dropout; remat: memory), speed
-#   (attention, scan_unroll, loss_chunk: kernels computing the same function), or the scale of
+#   (attention, scan_unroll, loss_chunk: kernels computing the same function; logits_dtype:
+#   the train step's rounding of its logits, never eval's or a report's), or the scale of
 #   fresh entries (init_std: new entries are readers' zeros, free entries, or writers of silent
 #   units in exact plans; `noise` is approximate anyway), never the grown function.
 _TARGET_FIELDS = ("dtype", "param_dtype", "dropout_rate", "init_std", "remat", "attention",
-                  "scan_unroll", "loss_chunk")
+                  "scan_unroll", "loss_chunk", "logits_dtype")
 
 
 class AxisMap(NamedTuple):

@@ -22,6 +22,10 @@ ATTENTIONS = ("auto", "xla", "cudnn", "splash", "naive", "blocked")  # growlm.mo
 # dots_no_batch keeps the projections' and MLP's results and recomputes attention's; auto is
 # dots_no_batch (measured fastest on a 2-core CPU and on an H100).
 REMATS = ("auto", "none", "full", "dots", "dots_no_batch")
+# The dtype the train step stores each loss chunk's logits in (train/loss.py): float32, or the
+# compute dtype (`dtype`), as PyTorch's bf16 autocast does; the softmax still runs in float32.
+# auto: the compute dtype on a GPU, float32 elsewhere (model/speed.py). Eval always uses float32.
+LOGITS_DTYPES = ("auto", "float32", "compute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +56,7 @@ class ModelConfig:
   attention: str = "auto"      # auto | xla | cudnn | splash | blocked | naive (model.attention)
   scan_unroll: int = 0         # layers per scan iteration; 0: auto (all on GPU, else 1; speed.py)
   loss_chunk: int = 0          # positions per chunk of output layer + loss; 0: auto (train/loss.py)
+  logits_dtype: str = "auto"   # auto | float32 | compute: the train step's stored logits (speed.py)
 
   def __post_init__(self):
     validate(self)
@@ -107,6 +112,8 @@ def validate(cfg: ModelConfig):
   _check(0.0 <= cfg.dropout_rate < 1.0, f"dropout_rate={cfg.dropout_rate!r}; accepted: [0, 1)")
   _check(cfg.remat in REMATS, f"remat={cfg.remat!r}; accepted: {REMATS}")
   _check(cfg.attention in ATTENTIONS, f"attention={cfg.attention!r}; accepted: {ATTENTIONS}")
+  _check(cfg.logits_dtype in LOGITS_DTYPES,
+         f"logits_dtype={cfg.logits_dtype!r}; accepted: {LOGITS_DTYPES}")
   for name in ("scan_unroll", "loss_chunk"):
     v = getattr(cfg, name)
     _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0,

@@ -102,7 +102,10 @@ class Norm(nn.Module):
     x = x_BxLxD.astype(_acc_dtype(x_BxLxD.dtype))
     if cfg.norm == "layernorm":
       mean = checkpoint_name(jnp.mean(x, axis=-1, keepdims=True), speed.NORM_NAMES[0])
-      var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+      if speed.one_pass_variance(x_BxLxD.dtype):   # E[x^2] - E[x]^2: rounding may go below 0
+        var = jnp.maximum(jnp.mean(jnp.square(x), axis=-1, keepdims=True) - jnp.square(mean), 0)
+      else:
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
       y = (x - mean) * checkpoint_name(jax.lax.rsqrt(var + cfg.norm_eps), speed.NORM_NAMES[1])
     else:
       y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)

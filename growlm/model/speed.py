@@ -1,14 +1,16 @@
-"""What the layer stack's speed knobs stand for: `model.remat` and `model.scan_unroll`.
+"""What the speed knobs stand for: `model.remat`, `model.scan_unroll` and `model.logits_dtype`.
 
-Both are chosen when the step is traced, for the platform of the mesh in context (else jax's
+Each is chosen when the step is traced, for the platform of the mesh in context (else jax's
 default backend; growlm.sharding.platform), like `model.attention` (model/attention.py) and
-`model.loss_chunk` (train/loss.py). Neither changes what is computed. The measurements behind
-each `auto` are in docs/design.md, section 9, and benchmarks/README.md.
+`model.loss_chunk` (train/loss.py). remat and scan_unroll do not change what is computed;
+logits_dtype rounds the train step's logits to the compute dtype, as PyTorch's autocast does.
+The measurements behind each `auto` are in docs/design.md, section 9, and benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from growlm import sharding
 from growlm.model import attention
@@ -69,3 +71,33 @@ def guards_recompute(cfg: ModelConfig, platform: str | None = None) -> bool:
   for the backward instead of recomputing them, undoing the policy (1.1 GiB more in XLA's plan
   for GPT-2 124M on an H100)."""
   return layers_per_iteration(cfg, platform) == cfg.n_layers
+
+
+def one_pass_variance(dtype, platform: str | None = None) -> bool:
+  """Whether layer norm, given inputs of `dtype`, takes its variance as E[x^2] - E[x]^2 (both
+  sums in float32), whose two sums XLA reduces in one read of x beside the residual add, rather
+  than as E[(x - E[x])^2], a second read (Flax's LayerNorm does the former by default). On a GPU
+  for half-precision inputs: 1.4 GB less per GPT-2 124M step compiled for an H100, each layer
+  norm and its recomputation one pass lighter. Its rounding grows with mean^2 / variance: in
+  float32, 9e-6 of the output at a mean of 3 spreads (against float64), far below a bf16
+  output's 4e-3, but at a mean of 3000 spreads nothing is left. So float32 models (and
+  growth reports, computed in float32) keep two passes, and so do a CPU, whose step is bound by
+  compute, and a TPU, unmeasured."""
+  half = jnp.promote_types(dtype, jnp.float32) != jnp.dtype(dtype)
+  return half and (platform or sharding.platform()) == "gpu"
+
+
+def half_logits(cfg: ModelConfig, platform: str | None = None) -> bool:
+  """Whether the train step stores each loss chunk's logits in the compute dtype (a half dtype)
+  rather than float32 (`model.logits_dtype`; train/loss.py). The product still accumulates in
+  float32 and the softmax runs in float32 on the rounded logits, as under PyTorch's bf16 autocast.
+  auto: on a GPU only, where the loss is bound by memory traffic: 6 GB less per GPT-2 124M step
+  compiled for an H100, and 0.6 GiB less in XLA's plan. A CPU's step is bound by compute; for a
+  v5e XLA's TPU compiler planned more memory with them (9.86 GiB per chip against 9.28, not
+  traced further), and its speed is unmeasured. A float32 (or float64) model has nothing to
+  round."""
+  if jnp.promote_types(cfg.dtype, jnp.float32) == jnp.dtype(cfg.dtype):
+    return False
+  if cfg.logits_dtype != "auto":
+    return cfg.logits_dtype == "compute"
+  return (platform or sharding.platform()) == "gpu"

@@ -255,8 +255,8 @@ def _stage(i: int, cfg, config: RunConfig, optimizer, schedule, mesh, rules,
     micro = d.batch_size // config.train.grad_accum
     kernel = attention.choose(cfg.attention, cfg.dtype, cfg.head_dim, d.seq_len)
     unroll = speed.layers_per_iteration(cfg)
-    chunk = loss_lib.chunk_length(cfg.loss_chunk, micro // sharding.batch_shards(mesh, rules),
-                                  d.seq_len, cfg.vocab_size)
+    logits = cfg.dtype if speed.half_logits(cfg) else "float32"
+    chunk = loss_lib.model_chunk(cfg, micro // sharding.batch_shards(mesh, rules), d.seq_len)
   m = compiled.memory_analysis()
   text = compiled.as_text()
   total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
@@ -265,7 +265,7 @@ def _stage(i: int, cfg, config: RunConfig, optimizer, schedule, mesh, rules,
           "d_model": cfg.d_model, "n_layers": cfg.n_layers, "dtype": cfg.dtype,
           "attention": kernel, "pallas_kernels": text.count(PALLAS_CALL),
           "remat": speed.remat_policy(cfg.remat), "loss_chunk": chunk,
-          "scan_unroll": unroll,
+          "scan_unroll": unroll, "logits": logits,
           "flops_per_token": flops_lib.flops_per_token(cfg, d.seq_len),
           "compile_seconds": seconds, "argument_bytes": m.argument_size_in_bytes,
           "temp_bytes": m.temp_size_in_bytes, "bytes_per_device": total,
@@ -289,7 +289,8 @@ def format_report(report: dict[str, Any]) -> list[str]:
         f"growlm: stage {s['stage']}: {s['params'] / 1e6:.1f}M params ({s['dtype']}), attention "
         f"{s['attention']} ({s['pallas_kernels']} Pallas kernels), remat {s['remat']}, "
         f"{s['scan_unroll']} of {s['n_layers']} layers per scan iteration, loss chunk "
-        f"{s['loss_chunk']}: {s['bytes_per_device'] / GIB:.2f} GiB per device (state and "
-        f"batch {s['argument_bytes'] / GIB:.2f}, temporaries {s['temp_bytes'] / GIB:.2f}), "
+        f"{s['loss_chunk']} ({s['logits']} logits): {s['bytes_per_device'] / GIB:.2f} GiB per "
+        f"device (state and batch {s['argument_bytes'] / GIB:.2f}, temporaries "
+        f"{s['temp_bytes'] / GIB:.2f}), "
         f"{'fits' if s['fits'] else 'DOES NOT FIT'}; compiled in {s['compile_seconds']:.1f} s")
   return lines

@@ -4,8 +4,9 @@
 of a whole batch: the output layer and the softmax run over chunks of `model.loss_chunk`
 sequence positions inside a scan, so the largest float32 logits buffer is [B, c, V] (forward
 and backward). In float32 the chunk is rematerialised; in a half dtype `half_nll` keeps each
-chunk's logit gradient in that dtype instead (docs/design.md section 9). `cross_entropy` on
-full logits stays as the plain reference; the two agree to float32 rounding
+chunk's logit gradient in that dtype instead (docs/design.md section 9), and the train step may
+store the logits themselves in that dtype (`model.logits_dtype`, model/speed.py). `cross_entropy`
+on full logits stays as the plain reference; the two agree to float32 rounding
 (tests/test_loss.py).
 """
 
@@ -19,10 +20,11 @@ import numpy as np
 
 from growlm import sharding
 from growlm.model import decoder as model_lib
+from growlm.model import speed
 from growlm.model.config import ModelConfig
 
-# loss_chunk=0: the largest chunk whose f32 logits fit in this (benchmarks/README.md, "Speed
-# knobs": on an H100, 16 x 1024 tokens with vocab 50304, chunks of 256 positions (824 MB) ran
+# loss_chunk=0: the largest chunk whose logits fit in this (benchmarks/README.md, "Speed knobs":
+# on an H100, 16 x 1024 tokens with vocab 50304, chunks of 256 positions (824 MB of float32) ran
 # 25% faster than chunks of 16 (the CPU's 64 MiB), and the whole [B, L, V] only 2% faster).
 AUTO_CHUNK_BYTES = {"cpu": 64 * 2**20, "accelerator": 1 << 30}
 SCOPE = "loss"   # the name scope of the head's softmax cross-entropy
@@ -44,17 +46,26 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
 
 
 def chunk_length(requested: int, batch: int, seq_len: int, vocab: int,
-                 platform: str | None = None) -> int:
+                 platform: str | None = None, logit_bytes: int = 4) -> int:
   """Positions per loss chunk: the largest divisor of seq_len <= the requested length (0: auto,
-  the largest whose float32 [batch, c, vocab] logits take <= AUTO_CHUNK_BYTES of this platform,
-  and at most half of seq_len, so no chunk is the whole batch's logits)."""
+  the largest whose [batch, c, vocab] logits of `logit_bytes` each take <= AUTO_CHUNK_BYTES of
+  this platform, and at most half of seq_len, so no chunk is the whole batch's logits)."""
   if requested <= 0:
     kind = "cpu" if (platform or sharding.platform()) == "cpu" else "accelerator"
-    requested = max(1, min(seq_len // 2, AUTO_CHUNK_BYTES[kind] // (4 * batch * vocab)))
+    requested = max(1, min(seq_len // 2,
+                           AUTO_CHUNK_BYTES[kind] // (logit_bytes * batch * vocab)))
   c = min(requested, seq_len)
   while seq_len % c:
     c -= 1
   return c
+
+
+def model_chunk(cfg: ModelConfig, batch: int, seq_len: int, platform: str | None = None) -> int:
+  """`chunk_length` for a model's train step: its `loss_chunk`, sized to the logits it stores
+  (model.logits_dtype)."""
+  half = speed.half_logits(cfg, platform)
+  return chunk_length(cfg.loss_chunk, batch, seq_len, cfg.vocab_size, platform,
+                      jnp.dtype(cfg.dtype).itemsize if half else 4)
 
 
 def logsumexp_one_pass(x_BxCxV: jax.Array) -> jax.Array:
@@ -75,10 +86,14 @@ def logsumexp_one_pass(x_BxCxV: jax.Array) -> jax.Array:
   return m + jnp.log(s)
 
 
-def _nll_and_grad(x_BxCxD, w_DxV, t_BxC, with_grad=True):
-  """One chunk's NLL [B, C] (float32 logits, log-sum-exp, target) and, if with_grad, its
-  gradient with respect to the logits, softmax - one_hot, rounded to x's (half) dtype."""
-  logits_BxCxV = model_lib.project(x_BxCxD, w_DxV, preferred_element_type=jnp.float32)
+def _nll_and_grad(x_BxCxD, w_DxV, t_BxC, with_grad=True, half=False):
+  """One chunk's NLL [B, C] (logits, log-sum-exp, target) and, if with_grad, its gradient with
+  respect to the logits, softmax - one_hot, rounded to x's (half) dtype. The logits are float32,
+  or, with `half` and with_grad, x's dtype (the product accumulating in float32; the arithmetic
+  after it in float32, on the rounded values)."""
+  stored = x_BxCxD.dtype if half and with_grad else jnp.float32
+  logits_BxCxV = model_lib.project(x_BxCxD, w_DxV, preferred_element_type=stored)
+  logits_BxCxV = logits_BxCxV.astype(jnp.float32)
   # One read of the float32 logits where bandwidth bounds the step; on a CPU, whose compute
   # bounds it, XLA's two plain reductions are faster (the paired one ran a bf16 loss at B 4,
   # L 1024, vocab 1000 in 29 ms against 14).
@@ -92,7 +107,7 @@ def _nll_and_grad(x_BxCxD, w_DxV, t_BxC, with_grad=True):
   return lse_BxC - target_BxC, g_BxCxV
 
 
-def _half_chunks(x_BxLxD, w_DxV, t_BxL, chunk, with_grad):
+def _half_chunks(x_BxLxD, w_DxV, t_BxL, chunk, with_grad, half=False):
   """Each chunk's NLL (and logit gradient), the chunks in order: a chunk's product waits, through
   an optimization barrier, for the previous chunk's last read of its float32 logits, so one
   chunk's logits are live at a time however XLA schedules."""
@@ -101,16 +116,19 @@ def _half_chunks(x_BxLxD, w_DxV, t_BxL, chunk, with_grad):
     x_BxCxD, t_BxC = x_BxLxD[:, i * chunk:(i + 1) * chunk], t_BxL[:, i * chunk:(i + 1) * chunk]
     if last is not None:
       x_BxCxD, _ = jax.lax.optimization_barrier((x_BxCxD, last))
-    nll_BxC, g_BxCxV = _nll_and_grad(x_BxCxD, w_DxV, t_BxC, with_grad)
+    nll_BxC, g_BxCxV = _nll_and_grad(x_BxCxD, w_DxV, t_BxC, with_grad, half)
     out.append((nll_BxC, g_BxCxV))
     last = nll_BxC if g_BxCxV is None else g_BxCxV
   return out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def half_nll(x_BxLxD: jax.Array, w_DxV: jax.Array, t_BxL: jax.Array, chunk: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def half_nll(x_BxLxD: jax.Array, w_DxV: jax.Array, t_BxL: jax.Array, chunk: int,
+             half_logits: bool) -> jax.Array:
   """Per-token NLL [B, L] of half-precision (bfloat16/float16) x @ w, logits in float32,
   `chunk` positions at a time (a Python loop: each chunk's tensors are buffers of their own).
+  With `half_logits`, the differentiated pass stores the logits in x's dtype (`_nll_and_grad`);
+  the plain pass (eval) keeps them in float32.
 
   Differentiated, the forward pass also writes d nll / d logits (softmax - one_hot) in the half
   dtype, and the backward pass is two half-precision products per chunk with float32
@@ -122,16 +140,18 @@ def half_nll(x_BxLxD: jax.Array, w_DxV: jax.Array, t_BxL: jax.Array, chunk: int)
   16 x 1024, vocab 50304) about 16 of a 51 ms step went to the loss; and a scan over the chunks
   stacked the logit gradients in a zero-filled buffer and copied each out again for the
   backward products (benchmarks/README.md, "GPU" and "GPU traffic")."""
+  del half_logits   # the plain pass keeps float32 logits
   return jnp.concatenate([n for n, _ in _half_chunks(x_BxLxD, w_DxV, t_BxL, chunk, False)], 1)
 
 
-def _half_nll_fwd(x_BxLxD, w_DxV, t_BxL, chunk):
-  out = _half_chunks(x_BxLxD, w_DxV, t_BxL, chunk, True)
+def _half_nll_fwd(x_BxLxD, w_DxV, t_BxL, chunk, half_logits):
+  out = _half_chunks(x_BxLxD, w_DxV, t_BxL, chunk, True, half_logits)
   return (jnp.concatenate([n for n, _ in out], 1),
           (tuple(g for _, g in out), x_BxLxD, w_DxV, t_BxL))
 
 
-def _half_nll_bwd(chunk, res, s_BxL):
+def _half_nll_bwd(chunk, half_logits, res, s_BxL):
+  del half_logits
   grads, x_BxLxD, w_DxV, t_BxL = res
   D, V = w_DxV.shape
   dx, dw = [], None
@@ -154,7 +174,7 @@ half_nll.defvjp(_half_nll_fwd, _half_nll_bwd)
 
 
 def chunked_cross_entropy(x_BxLxD: jax.Array, w_DxV: jax.Array, targets_BxL: jax.Array,
-                          chunk: int) -> jax.Array:
+                          chunk: int, half_logits: bool = False) -> jax.Array:
   """Per-token NLL [B, L] of logits x @ w, computed `chunk` positions at a time.
 
   Each chunk's logits come out of the matmul in >= float32, then log-sum-exp and the target's
@@ -162,7 +182,7 @@ def chunked_cross_entropy(x_BxLxD: jax.Array, w_DxV: jax.Array, targets_BxL: jax
   recomputes one chunk's logits at a time instead of keeping them all; in a half dtype
   `half_nll` keeps each chunk's logit gradient in that dtype instead (half the bytes of the
   float32 logits, and no recomputation), over all chunks at once up to MAX_UNROLLED_CHUNKS
-  (not on a TPU).
+  (not on a TPU). `half_logits`: half_nll's.
   """
   B, L, D = x_BxLxD.shape
   acc = jnp.promote_types(x_BxLxD.dtype, jnp.float32)
@@ -170,8 +190,8 @@ def chunked_cross_entropy(x_BxLxD: jax.Array, w_DxV: jax.Array, targets_BxL: jax
   if acc != x_BxLxD.dtype:
     w_DxV = w_DxV.astype(x_BxLxD.dtype)
     if n <= MAX_UNROLLED_CHUNKS and sharding.platform() != "tpu":
-      return half_nll(x_BxLxD, w_DxV, targets_BxL, chunk)
-    one = lambda x_BxCxD, t_BxC: half_nll(x_BxCxD, w_DxV, t_BxC, chunk)
+      return half_nll(x_BxLxD, w_DxV, targets_BxL, chunk, half_logits)
+    one = lambda x_BxCxD, t_BxC: half_nll(x_BxCxD, w_DxV, t_BxC, chunk, half_logits)
   else:
     @jax.checkpoint
     def one(x_BxCxD, t_BxC):
@@ -192,6 +212,6 @@ def token_nll(cfg: ModelConfig, params, inputs_BxL: jax.Array, targets_BxL: jax.
   """Per-token NLL [B, L] of the model on a batch, without a whole-batch logits tensor."""
   x_BxLxD, w_DxV = model_lib.hidden(cfg, params, inputs_BxL, dropout_rng=dropout_rng)
   B, L = targets_BxL.shape
-  chunk = chunk_length(cfg.loss_chunk, B, L, cfg.vocab_size)
+  chunk = model_chunk(cfg, B, L)
   with jax.named_scope(SCOPE):   # profiles sort the loss's ops by it (benchmarks/parts.py)
-    return chunked_cross_entropy(x_BxLxD, w_DxV, targets_BxL, chunk)
+    return chunked_cross_entropy(x_BxLxD, w_DxV, targets_BxL, chunk, speed.half_logits(cfg))
