@@ -48,7 +48,7 @@ bench: install gpu-aot
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/growth.py
 	$(PY) benchmarks/data.py
-	$(PY) benchmarks/gpu_traffic.py
+	$(PY) benchmarks/gpu_traffic.py --growth
 
 # The larger local corpus (every installed package's .py files) as token shards; then train with
 # --config.data.train=prepared:$(CORPUS). Rerunning resumes or does nothing.

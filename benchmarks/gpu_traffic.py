@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=wrong-import-position  # benchmarks/common.py
 import compile_for  # pylint: disable=wrong-import-position  # benchmarks/compile_for.py
+import growth  # pylint: disable=wrong-import-position  # benchmarks/growth.py
 import parts  # pylint: disable=wrong-import-position  # benchmarks/parts.py
 from growlm.errors import GrowlmError  # pylint: disable=wrong-import-position
 
@@ -299,6 +300,38 @@ def report(gpu: str, style: str, remat: str, per_gpu: int, n_layers: int, top: i
           "top": [k._asdict() | {"gb": k.bytes / GB} for k in biggest]}
 
 
+def growth_report(device, style: str, preset: str = "gpt2-124m", top: int = 5) -> dict:
+  """benchmarks/growth.py's growth (`preset`'s shapes, its default plan for `style`) compiled for
+  `device` (a GPU target's, or any jax device): its kernels and their traffic against the
+  floor's bytes, the source's params read and the target's written."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from growlm.grow.plan import GrowthPlan  # pylint: disable=import-outside-toplevel
+  from growlm.model import decoder as model_lib  # pylint: disable=import-outside-toplevel
+  src, dst = growth.PRESETS[preset](style)
+  plan = GrowthPlan(width=growth.parse_args(["--style", style]).width, depth="identity")
+  fn = growth.growth_fn(src, dst, plan, "none")
+  place = jax.sharding.SingleDeviceSharding(device)
+  params = model_lib.abstract_params(src)[0]
+  args = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=place), params),
+          jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=place))
+  ks = kernels(jax.jit(fn).lower(*args).compile().as_text())
+  nbytes = growth._nbytes  # pylint: disable=protected-access
+  floor = nbytes(params) + nbytes(jax.eval_shape(fn, *args))
+  moved = sum(k.bytes for k in ks)
+  return {"style": style, "preset": preset, "width": plan.width, "depth": plan.depth,
+          "floor_gb": floor / GB, "gb": moved / GB, "over_floor": moved / floor,
+          "launches": sum(k.launches for k in ks),
+          "top": [k._asdict() | {"gb": k.bytes / GB}
+                  for k in sorted(ks, key=lambda k: -k.bytes)[:top]]}
+
+
+def format_growth(g: dict, rate: float) -> str:
+  return (f"growth {g['preset']} ({g['style']}, {g['width']} + {g['depth']}): {g['launches']} "
+          f"kernels, {g['gb']:.2f} GB read + written, {g['over_floor']:.2f}x the floor's "
+          f"{g['floor_gb']:.2f} GB (source read, target written); at the copy rate "
+          f"{g['gb'] * GB / rate * 1e3:.2f} ms against {g['floor_gb'] * GB / rate * 1e3:.2f} ms")
+
+
 def format_report(r: dict) -> str:
   """One GPU and style's report as the tables the script prints."""
   s = r["stage"]
@@ -333,6 +366,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--top", type=int, default=12, help="list the kernels with the most traffic")
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                  help="a config field, e.g. model.scan_unroll=2 (repeatable)")
+  p.add_argument("--growth", action="store_true",
+                 help="also benchmarks/growth.py's gpt2-124m growth (124M -> 355M shapes) "
+                 "compiled for the GPU, against its floor")
   p.add_argument("--out", default="runs/bench/gpu_traffic.json")
   return p.parse_args(argv)
 
@@ -340,12 +376,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def run(args: argparse.Namespace, command: str = "") -> dict:
   results = [report(args.gpu, style, args.remat, args.per_gpu, args.n_layers, args.top,
                     args.attention, args.set) for style in args.styles.split(",")]
-  return {"command": command, "results": results}
+  grown = ([growth_report(cuda_devices(args.gpu)[0], style) for style in args.styles.split(",")]
+           if args.growth else [])
+  return {"command": command, "results": results, "growth": grown,
+          "copy_rate": COPY_RATE[args.gpu]}
+
+
+def _summary(result: dict) -> str:
+  return "\n\n".join([format_report(r) for r in result["results"]]
+                     + [format_growth(g, result["copy_rate"]) for g in result["growth"]])
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  return common.cli(__file__, argv, parse_args, run,
-                    lambda result: "\n\n".join(format_report(r) for r in result["results"]))
+  return common.cli(__file__, argv, parse_args, run, _summary)
 
 
 if __name__ == "__main__":

@@ -121,8 +121,10 @@ def test_missing_throughput_json_and_bad_args(tmp_path):
 
 def test_make_bench_runs_it():
   """`make bench` runs the data benchmark after the other three (throughput with its profile
-  by part, the attention kernels, growth), then the GPU step's traffic (after `make gpu-aot`)."""
+  by part, the attention kernels, growth), then the GPU step's and growth's traffic (after
+  `make gpu-aot`)."""
   lines = (REPO / "Makefile").read_text().split("bench: install gpu-aot\n")[1].splitlines()
   assert lines[:5] == ["\t$(PY) benchmarks/throughput.py --profile runs/bench/profile",
                        "\t$(PY) benchmarks/attention.py", "\t$(PY) benchmarks/growth.py",
-                       "\t$(PY) benchmarks/data.py", "\t$(PY) benchmarks/gpu_traffic.py"]
+                       "\t$(PY) benchmarks/data.py",
+                       "\t$(PY) benchmarks/gpu_traffic.py --growth"]

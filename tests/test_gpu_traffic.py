@@ -202,3 +202,20 @@ def test_a_compiled_train_step_read_by_part():
   assert all(k.launches == 1 for k in ks if k.part == "optimizer")
   assert stage["params"] > 0
   assert parted["matmul"]["gb"] * 1e9 > 4 * stage["params"]   # float32 weights, read at least once
+
+
+def test_growth_report_counts_a_compiled_growth_against_its_floor():
+  """--growth's figures from a growth compiled for this CPU (the same function a GPU target
+  compiles): the floor is the source's params read and the target's written, and a growth
+  moves at least that (every target byte is written, every source byte read)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from growlm.model import decoder as model_lib  # pylint: disable=import-outside-toplevel
+  g = traffic.growth_report(jax.devices("cpu")[0], "gpt2", preset="quick", top=3)
+  src, dst = load_benchmark("growth").PRESETS["quick"]("gpt2")
+  size = lambda cfg: sum(a.size * a.dtype.itemsize
+                         for a in jax.tree.leaves(model_lib.abstract_params(cfg)[0]))
+  assert g["floor_gb"] == pytest.approx((size(src) + size(dst)) / 1e9, rel=1e-12)
+  assert (g["width"], g["depth"]) == ("mean_fill", "identity")
+  assert g["launches"] > 0 and len(g["top"]) == 3
+  assert g["over_floor"] == pytest.approx(g["gb"] / g["floor_gb"], rel=1e-12)
+  assert g["gb"] >= g["floor_gb"]
