@@ -308,15 +308,14 @@ def growth_report(device, style: str, preset: str = "gpt2-124m", top: int = 5) -
   from growlm.grow.plan import GrowthPlan  # pylint: disable=import-outside-toplevel
   from growlm.model import decoder as model_lib  # pylint: disable=import-outside-toplevel
   src, dst = growth.PRESETS[preset](style)
-  plan = GrowthPlan(width=growth.parse_args(["--style", style]).width, depth="identity")
+  plan = GrowthPlan(width=growth.default_width(style), depth="identity")
   fn = growth.growth_fn(src, dst, plan, "none")
   place = jax.sharding.SingleDeviceSharding(device)
   params = model_lib.abstract_params(src)[0]
   args = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=place), params),
           jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=place))
   ks = kernels(jax.jit(fn).lower(*args).compile().as_text())
-  nbytes = growth._nbytes  # pylint: disable=protected-access
-  floor = nbytes(params) + nbytes(jax.eval_shape(fn, *args))
+  floor = growth.nbytes(params) + growth.nbytes(jax.eval_shape(fn, *args))
   moved = sum(k.bytes for k in ks)
   return {"style": style, "preset": preset, "width": plan.width, "depth": plan.depth,
           "floor_gb": floor / GB, "gb": moved / GB, "over_floor": moved / floor,

@@ -93,11 +93,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   if args.runs <= 0 or args.warmup < 0:
     p.error(f"--runs must be > 0 and --warmup >= 0, got {args.runs} and {args.warmup}")
   if args.width is None:
-    args.width = "mean_fill" if STYLES[args.style]["norm"] == "layernorm" else "zeros"
+    args.width = default_width(args.style)
   return args
 
 
-def _nbytes(tree: Any) -> int:
+def default_width(style: str) -> str:
+  """The width method a growth of `style` is benchmarked with: mean_fill under LayerNorm, zeros
+  under RMSNorm (where mean_fill is refused)."""
+  return "mean_fill" if STYLES[style]["norm"] == "layernorm" else "zeros"
+
+
+def nbytes(tree: Any) -> int:
   return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
@@ -139,8 +145,8 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     out = compiled(*inputs)
     jax.block_until_ready(out)
     target_params = out if args.opt_state == "none" else out[0]
-    bytes_read, bytes_written = _nbytes(inputs[0::2]), _nbytes(out)
-    target_param_bytes = _nbytes(target_params)
+    bytes_read, bytes_written = nbytes(inputs[0::2]), nbytes(out)
+    target_param_bytes = nbytes(target_params)
     del out, target_params
 
     # The draw alone: the target's own init of the leaves this growth reads it for, as grow()
@@ -157,7 +163,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     # The copy: a float32 buffer of the target's size, read once and written once.
     buf = jnp.ones(max(bytes_written // 4, 1), jnp.float32)
     copy = jax.jit(lambda x: x + 0).lower(buf).compile()
-    buffer_bytes = _nbytes(buf)
+    buffer_bytes = nbytes(buf)
     for _ in range(args.warmup + 1):   # the first draw compiles it
       _timed(lambda: copy(buf))
       _timed(lambda: compiled(*inputs))

@@ -101,3 +101,9 @@ def half_logits(cfg: ModelConfig, platform: str | None = None) -> bool:
   if cfg.logits_dtype != "auto":
     return cfg.logits_dtype == "compute"
   return (platform or sharding.platform()) == "gpu"
+
+
+def stored_logits_dtype(cfg: ModelConfig, platform: str | None = None) -> str:
+  """The dtype's name the train step stores its logits in: the compute dtype where
+  `half_logits`, else float32 (what reports print, and what auto loss chunks are sized by)."""
+  return cfg.dtype if half_logits(cfg, platform) else "float32"

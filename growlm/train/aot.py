@@ -255,7 +255,7 @@ def _stage(i: int, cfg, config: RunConfig, optimizer, schedule, mesh, rules,
     micro = d.batch_size // config.train.grad_accum
     kernel = attention.choose(cfg.attention, cfg.dtype, cfg.head_dim, d.seq_len)
     unroll = speed.layers_per_iteration(cfg)
-    logits = cfg.dtype if speed.half_logits(cfg) else "float32"
+    logits = speed.stored_logits_dtype(cfg)
     chunk = loss_lib.model_chunk(cfg, micro // sharding.batch_shards(mesh, rules), d.seq_len)
   m = compiled.memory_analysis()
   text = compiled.as_text()

@@ -63,9 +63,8 @@ def chunk_length(requested: int, batch: int, seq_len: int, vocab: int,
 def model_chunk(cfg: ModelConfig, batch: int, seq_len: int, platform: str | None = None) -> int:
   """`chunk_length` for a model's train step: its `loss_chunk`, sized to the logits it stores
   (model.logits_dtype)."""
-  half = speed.half_logits(cfg, platform)
-  return chunk_length(cfg.loss_chunk, batch, seq_len, cfg.vocab_size, platform,
-                      jnp.dtype(cfg.dtype).itemsize if half else 4)
+  stored = jnp.dtype(speed.stored_logits_dtype(cfg, platform))
+  return chunk_length(cfg.loss_chunk, batch, seq_len, cfg.vocab_size, platform, stored.itemsize)
 
 
 def logsumexp_one_pass(x_BxCxV: jax.Array) -> jax.Array:
