@@ -39,11 +39,14 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from growlm import trees
 from growlm.grow import core, fresh as grow_fresh
 from growlm.grow import optimizer as grow_opt
-from growlm.grow.plan import DEPTH_METHODS, WIDTH_METHODS, GrowthPlan, layer_sources
+from growlm.grow.depth import DEPTH_WRITERS
+from growlm.grow.plan import (DEPTH_METHODS, FREE, NOISE, NORM_LEAVES, WIDTH_METHODS, GrowthPlan,
+                              layer_sources)
 from growlm.model import decoder as model_lib
 from growlm.model.config import STYLES, ModelConfig, make_model_config
 
@@ -119,6 +122,26 @@ def growth_fn(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, opt_state: s
   return fn
 
 
+def fresh_written(specs: dict, paths: tuple, plan: GrowthPlan, sources: list) -> int:
+  """How many target entries a growth writes from the fresh draw of the leaves at `paths`
+  (grow.core.leaf_specs' `specs`): noise and free entries of every layer (a norm's new entries
+  are constants, not drawn), and the whole leaf in new identity layers but for the residual
+  writers, which start at zero. The other drawn values are never read; where grow/assemble.py
+  builds the leaf, the fused program evaluates the draw at these entries alone."""
+  n_new = sum(n for _, n in sources) if plan.depth == "identity" else 0
+  total = 0
+  for p in paths:
+    spec, t, _ = specs[p]
+    drawn = np.isin(spec.fill, (NOISE, FREE)) & (p[-1] not in NORM_LEAVES)
+    if p[0] == "layers":
+      per_layer = int(np.broadcast_to(drawn, (1,) + t.shape[1:]).sum())
+      whole = 0 if p[-1] in DEPTH_WRITERS else int(np.prod(t.shape[1:]))
+      total += (t.shape[0] - n_new) * per_layer + n_new * whole
+    else:
+      total += int(np.broadcast_to(drawn, t.shape).sum())
+  return total
+
+
 def _timed(fn: Callable[[], Any]) -> float:
   t0 = time.perf_counter()
   jax.block_until_ready(fn())
@@ -157,6 +180,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     layers = grow_fresh.fresh_layers(fresh, specs, plan, sources)
     draw = lambda: grow_fresh.fresh_leaves(cfg, inputs[1], fresh, layers) if fresh else []
     fresh_values = int(sum(specs[p][1].size for p in fresh))   # each draws a whole target leaf
+    written = fresh_written(specs, fresh, plan, sources)
     # The device's own random-number rate: as many truncated normals drawn as one flat array.
     flat = jax.jit(lambda k: jax.random.truncated_normal(k, -2.0, 2.0, (max(fresh_values, 1),)))
 
@@ -213,9 +237,11 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
       "ratio_to_floor_best": min(growth_s) * 2 * buffer_bytes / (
           min(copy_s) * (bytes_read + bytes_written)),
       # What the draw costs: the leaves growth reads from the target's own init (bit for bit
-      # init_params'), their value count, that draw timed alone (its share of the growth), and
-      # one flat truncated-normal draw of as many values (the device's random-number rate).
+      # init_params'), their value count and how many of them the target takes (fresh_written),
+      # that draw timed alone (its share of the growth), and one flat truncated-normal draw of
+      # as many values (the device's random-number rate).
       "fresh": {"paths": ["/".join(p) for p in fresh], "values": fresh_values,
+                "written": written,
                 "seconds": draw_s, "median_seconds": statistics.median(draw_s),
                 "ratio_to_floor": statistics.median(draw_s) / floor_s,
                 "share_of_growth": statistics.median(draw_s) / median_s,
@@ -242,7 +268,8 @@ def _summary(r: dict[str, Any]) -> str:
       f"(best pair {r['ratio_to_floor_best']:.2f}x)"]
   f = r["fresh"]
   lines.append(f"  the target's own init it reads ({len(f['paths'])} leaves, "
-               f"{f['values']:,} values) drawn alone: {f['median_seconds'] * 1e3:.2f} ms = "
+               f"{f['values']:,} values, {f['written']:,} of them written) drawn alone: "
+               f"{f['median_seconds'] * 1e3:.2f} ms = "
                f"{f['ratio_to_floor']:.2f}x the floor, {f['share_of_growth']:.0%} of the growth;"
                f" one flat draw of as many: {f['flat_median_seconds'] * 1e3:.2f} ms")
   m = r["xla_memory"]

@@ -14,10 +14,11 @@ import pytest
 
 from conftest import REPO, load_benchmark, positive_finite
 from growlm import trees
-from growlm.grow import GrowthPlan, grow, grown_config
+from growlm.grow import GrowthPlan, grow, grown_config, layer_sources
 from growlm.grow import core as grow_core
+from growlm.grow import fresh as grow_fresh
 from growlm.model import decoder as model
-from growlm.model.config import ModelConfig
+from growlm.model.config import ModelConfig, make_model_config
 
 SCRIPT = REPO / "benchmarks" / "growth.py"
 
@@ -94,3 +95,31 @@ def test_quick_growth_benchmark(tmp_path, monkeypatch, opt_state):
     assert isinstance(r["device_memory"], str)
   for key in ("created", "command", "machine", "wall_seconds", "memory_bound_definition"):
     assert key in r, key
+
+
+@pytest.mark.parametrize("style,grown,plan", [
+    ("gpt2", dict(d_model=96, n_heads=3, n_kv_heads=3, mlp_dim=192, n_layers=5),
+     GrowthPlan("mean_fill")),
+    ("llama", dict(d_model=96, mlp_dim=144, n_layers=3), GrowthPlan("zeros")),
+    ("gpt2", dict(mlp_dim=192, n_layers=3), GrowthPlan("noise", depth_position="append")),
+    ("llama", dict(d_model=96, n_layers=4), GrowthPlan("zeros", "copy", copy_zero_out=True)),
+])
+def test_fresh_written_counts_the_entries_taken_from_the_draw(style, grown, plan, monkeypatch):
+  """growth.py's `written`: with every drawn value replaced by NaN, exactly that many target
+  entries come out NaN (a noise or free entry, 0 * NaN included, or a new identity layer's)."""
+  mod = load_benchmark("growth")
+  src = make_model_config("nano", style, vocab_size=32, max_len=16, d_model=64, n_heads=2,
+                          n_kv_heads=2, head_dim=32, mlp_dim=128, n_layers=2)
+  dst = src.replace(**grown)
+  params = jax.tree.map(jax.numpy.ones_like, model.abstract_params(src)[0])
+  real = grow_core.fresh_leaves
+  monkeypatch.setattr(grow_core, "fresh_leaves", lambda *a: [
+      jax.numpy.full_like(x, np.nan) for x in real(*a)])
+  out = jax.jit(lambda p, k: grow(p, src, dst, plan, k, scales=False).params)(
+      params, jax.random.key(0))
+  nans = sum(int(np.isnan(np.asarray(x)).sum()) for x in jax.tree.leaves(out))
+  cfg = grown_config(src, dst, plan)
+  specs = grow_core.leaf_specs(src, cfg, plan, params)
+  sources = layer_sources(src.n_layers, dst.n_layers, plan)
+  paths = grow_fresh.fresh_paths(specs, plan, sources)
+  assert paths and nans == mod.fresh_written(specs, paths, plan, sources) > 0

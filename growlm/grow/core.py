@@ -12,7 +12,9 @@ value keeps the function: symmetry noise or zero). Then layers are placed (depth
 docs/design.md, section 5, gives the mathematics; tests prove each rule.
 
 On device (jitted by init/source.py) growth reads the source and writes the target: maps and
-masks are small broadcasting constants; fresh init only where read, multipliers too.
+masks are small broadcasting constants; fresh init only where read, multipliers too; a leaf whose
+new positions are appended is joined by concatenation, not selected (assemble.py), so the draw
+is evaluated only at the entries it writes.
 
 Dimension letters as in growlm.model: D d_model, F mlp_dim, H heads, K kv heads, E head_dim.
 """
@@ -29,8 +31,8 @@ import numpy as np
 
 from growlm import trees
 from growlm.errors import GrowlmError
-from growlm.grow.depth import (DEPTH_WRITERS, depth_exact, fill_new_layers, grow_depth,
-                               place_layers)
+from growlm.grow.assemble import appended, assemble, assemble_layers, block
+from growlm.grow.depth import DEPTH_WRITERS, depth_exact, grow_depth
 from growlm.grow.fresh import fresh_layers, fresh_leaves, fresh_paths, late_width
 from growlm.grow.plan import (EXACT_WIDTH, FREE, MEAN, NOISE, NORM_LEAVES, ZERO, GrowthPlan,
                               layer_sources)
@@ -265,6 +267,11 @@ def grow_leaf(x: jax.Array, path: tuple[str, ...], spec: LeafSpec, fresh: jax.Ar
   init of the leaf (on the source's layers), is read only where _needs_fresh says so."""
   if not spec.maps:
     return x
+  cuts = appended(spec.maps, plan.symmetry_noise)
+  if cuts is not None:   # the copies are x itself: no gather, and no select (grow/assemble.py)
+    shape = tuple(len(spec.maps[i].index) if i in spec.maps else n for i, n in enumerate(x.shape))
+    new_value = _new_entries(x, shape, path, spec, fresh, src, dst, plan)
+    return assemble(x * jnp.asarray(block(spec.a, cuts), x.dtype), new_value, cuts)
   gathered = x
   for i, m in spec.maps.items():
     gathered = jnp.take(gathered, jnp.asarray(np.maximum(m.index, 0)), axis=i)
@@ -278,30 +285,39 @@ def grow_leaf(x: jax.Array, path: tuple[str, ...], spec: LeafSpec, fresh: jax.Ar
       eps = eps.reshape(shape)
       eps = (eps - eps.mean(axis=i, keepdims=True)).reshape(value.shape)
       value = value + eps
+  new_value = _new_entries(x, value.shape, path, spec, fresh, src, dst, plan)
+  return jnp.where(jnp.asarray(spec.copied), value, new_value)
+
+
+def _new_entries(x: jax.Array, shape: tuple, path: tuple[str, ...], spec: LeafSpec,
+                 fresh: jax.Array | None, src: ModelConfig, dst: ModelConfig,
+                 plan: GrowthPlan) -> jax.Array:
+  """The value of every new entry of the leaf, by its fill kind, over the whole target `shape`
+  (copied positions hold values nobody reads)."""
+  dt = x.dtype
   leaf = path[-1]
   if leaf in NORM_LEAVES:
     # New norm gains: mean_fill makes the new coordinates read as zero (gain 0); the padding
     # methods give them the old gains' rescaled unit value. New norm biases are zero.
     # (tile has no new norm entries: its embed map copies every target coordinate.)
     new_gain = 0.0 if plan.width == "mean_fill" else math.sqrt(src.d_model / dst.d_model)
-    new_value = jnp.full(value.shape, new_gain if leaf == "scale" else 0.0, dt)
-  else:
-    new_value = jnp.zeros(value.shape, dt)
-    if (spec.fill == MEAN).any():
-      d_axis = spec.names.index("embed")
-      mean = jnp.mean(x, axis=d_axis, keepdims=True)
-      for i, m in spec.maps.items():
-        if i != d_axis:
-          mean = jnp.take(mean, jnp.asarray(np.maximum(m.index, 0)), axis=i)
-      new_value = jnp.where(jnp.asarray(spec.fill == MEAN), jnp.broadcast_to(mean, value.shape),
-                            new_value)
-    if (spec.fill == NOISE).any():
-      noise_scale = plan.noise_scale if plan.width == "noise" else 1.0
-      new_value = jnp.where(jnp.asarray(spec.fill == NOISE), fresh * noise_scale, new_value)
-    if (spec.fill == FREE).any():
-      new_value = jnp.where(jnp.asarray(spec.fill == FREE), fresh * plan.symmetry_noise,
-                            new_value)
-  return jnp.where(jnp.asarray(spec.copied), value, new_value)
+    return jnp.full(shape, new_gain if leaf == "scale" else 0.0, dt)
+  new_value = jnp.zeros(shape, dt)
+  if (spec.fill == MEAN).any():
+    d_axis = spec.names.index("embed")
+    mean = jnp.mean(x, axis=d_axis, keepdims=True)
+    for i, m in spec.maps.items():
+      if i != d_axis:
+        mean = jnp.take(mean, jnp.asarray(np.maximum(m.index, 0)), axis=i)
+    new_value = jnp.where(jnp.asarray(spec.fill == MEAN), jnp.broadcast_to(mean, shape),
+                          new_value)
+  if (spec.fill == NOISE).any():
+    noise_scale = plan.noise_scale if plan.width == "noise" else 1.0
+    new_value = jnp.where(jnp.asarray(spec.fill == NOISE), fresh * noise_scale, new_value)
+  if (spec.fill == FREE).any():
+    new_value = jnp.where(jnp.asarray(spec.fill == FREE), fresh * plan.symmetry_noise,
+                          new_value)
+  return new_value
 
 
 def scale_trees(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, params: Any = None,
@@ -350,8 +366,10 @@ def grow(params: Any, src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, rng:
     fresh = fresh_all.get(path)
     new = 0.0 if path[-1] in DEPTH_WRITERS else fresh
     if late_width(path, spec, plan):
-      value = fill_new_layers(grow_leaf(place_layers(x, sources), path, spec, fresh, src, cfg,
-                                        plan, rng), path, sources, plan, new, 0.0)
+      value = assemble_layers(
+          x, sources, plan, path,
+          lambda xs, fr, path=path, spec=spec: grow_leaf(xs, path, spec, fr, src, cfg, plan, rng),
+          fresh, new, 0.0)
     elif path[0] == "layers":
       value = grow_leaf(x, path, spec, None if fresh is None else fresh[:src.n_layers], src, cfg,
                         plan, rng)
