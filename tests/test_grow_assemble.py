@@ -156,3 +156,34 @@ def test_assemble_layers_places_copies_and_new_layers(extra):
       want = (np.asarray(fresh[k]) if new_value is fresh else np.zeros(4)) if is_new else (
           np.concatenate([np.asarray(x[j]), np.asarray(fresh[k, :2])]))
       np.testing.assert_array_equal(got[k], want, err_msg=f"{extra} layer {k}")
+
+
+def test_assembled_growth_is_born_sharded(n_devices):
+  """Under jit with the target's shardings on a (data 2, fsdp 2, tensor 2) mesh, an assembled
+  growth (mean_fill + identity, interleaved layers) equals the unsharded one (to float32
+  rounding: mean_fill's means are sums split across devices), each device holds at most half of
+  the target, and XLA's temporaries per device stay below half of it too: the concatenations
+  and the gather along the layers are partitioned, not gathered."""
+  from growlm import sharding  # pylint: disable=import-outside-toplevel
+  from growlm.grow import grown_config  # pylint: disable=import-outside-toplevel
+  from growlm.model import decoder as model  # pylint: disable=import-outside-toplevel
+  assert n_devices == 8
+  src = _cfg("gpt2", **GPT2)
+  dst = src.replace(d_model=128, n_heads=4, n_kv_heads=4, mlp_dim=256, n_layers=5)
+  plan = GrowthPlan("mean_fill")
+  params, rng = _random_params(src), jax.random.key(5)
+  fn = lambda p, r: grow(p, src, dst, plan, r, scales=False).params
+  unsharded = jax.jit(fn)(params, rng)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  shapes, axes = model.abstract_params(grown_config(src, dst, plan))
+  shardings = sharding.tree_shardings(axes, shapes, mesh, sharding.DEFAULT_RULES)
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(fn, out_shardings=shardings).lower(params, rng).compile()
+    out = compiled(params, rng)
+  total = sum(x.nbytes for x in jax.tree.leaves(out))
+  for a, b, s in zip(jax.tree.leaves(out), jax.tree.leaves(unsharded),
+                     jax.tree.leaves(shardings), strict=True):
+    assert a.sharding.is_equivalent_to(s, a.ndim)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  assert sharding.max_shard_bytes(out) <= total / 2, (sharding.max_shard_bytes(out), total)
+  assert compiled.memory_analysis().temp_size_in_bytes <= total / 2

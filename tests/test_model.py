@@ -2,6 +2,8 @@
 
 import math
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -544,3 +546,17 @@ def test_gelu_backward_equals_autodiff(dtype):
   slope = jax.grad(activations.gelu_tanh)
   assert float(slope(0.0)) == 0.5
   assert abs(float(slope(8.0)) - 1.0) < 1e-6 and abs(float(slope(-8.0))) < 1e-6
+
+
+def test_init_leaves_derive_their_keys_without_a_loop():
+  """init_leaves traces the init's layer scan fully unrolled: its keys come out of straight-line
+  code, not a loop of one tiny iteration per layer (compiled for an H100, the gpt2-124m growth's
+  key loop was 120 of its 155 kernel launches). The keys, and so the draws, are the same
+  (test_init_leaves_are_init_params_bit_for_bit). On a CPU jax's own Threefry hash of a key
+  stays a loop; the layers' loop is the one named after the Decoder's scan."""
+  cfg = make_model_config("nano", "gpt2", n_layers=3)
+  paths = (("layers", "mlp", "wi"), ("layers", "attn", "query"))
+  layer_loops = lambda fn: re.findall(r" while\(.*op_name=\"[^\"]*/Decoder/while\"",
+                                      jax.jit(fn).lower(jax.random.key(0)).compile().as_text())
+  assert not layer_loops(lambda r: model.init_leaves(cfg, r, paths))
+  assert len(layer_loops(lambda r: model.init_params(cfg, r))) == 1   # the scan init_params runs

@@ -320,11 +320,13 @@ def init_leaves(cfg: ModelConfig, rng: Array, paths: tuple, layers: tuple | None
   (repeats allowed): its leaf is then those layers, in that order. Keys of jax's Threefry draw
   through growlm.model.prng (same bits, faster on a CPU). Jitted like init_params: run op by
   op, a product of constants could round differently. Speed knobs are pinned: they never
-  change the init's values."""
+  change the init's values; the layer scan is traced fully unrolled, so that the keys (integer
+  hashes, the same either way) come out of straight-line code and not a loop that a GPU runs
+  as a few tiny kernels per layer."""
   inits: dict = {}
   token = _CAPTURE.set(inits)
   try:
-    variables = _init_model(cfg.replace(scan_unroll=1)).init(
+    variables = _init_model(cfg.replace(scan_unroll=cfg.n_layers)).init(
         rng, _dummy_tokens(cfg))
   finally:
     _CAPTURE.reset(token)
