@@ -560,3 +560,32 @@ def test_init_leaves_derive_their_keys_without_a_loop():
                                       jax.jit(fn).lower(jax.random.key(0)).compile().as_text())
   assert not layer_loops(lambda r: model.init_leaves(cfg, r, paths))
   assert len(layer_loops(lambda r: model.init_params(cfg, r))) == 1   # the scan init_params runs
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_layer_weights_cast_once_per_stack_same_bits(style, monkeypatch):
+  """A bf16 model casts each stacked layer weight to bf16 once, outside the layer scan (one
+  convert of the whole [layers, ...] leaf, none of norm gains, which stay float32), and the
+  loss, its gradients and the logits are bit for bit those of casting each layer's slice where
+  it is used (the former program, rebuilt by turning the stack cast off)."""
+  from growlm.train import loss as loss_lib  # pylint: disable=import-outside-toplevel
+  cfg = make_model_config("nano", style, n_layers=3, vocab_size=64, max_len=32, dtype="bfloat16")
+  params = model.init_params(cfg, jax.random.key(0))
+  toks = jax.random.randint(jax.random.key(1), (2, 17), 0, 64)
+  weights = [x for path, x in jax.tree_util.tree_leaves_with_path(params["layers"])
+             if not any("norm" in str(getattr(k, "key", "")) for k in path)]
+  jaxpr = jax.make_jaxpr(lambda p: model.hidden(cfg, p, toks))(params).jaxpr
+  casts = [e for e in all_eqns(jaxpr) if e.primitive.name == "convert_element_type"
+           and e.invars[0].aval.dtype == jnp.float32 and e.params["new_dtype"] == jnp.bfloat16
+           and e.invars[0].aval.shape in {x.shape for x in weights}]
+  assert len(casts) == len(weights), (len(casts), len(weights))
+
+  def run():
+    f = lambda p: loss_lib.token_nll(cfg, p, toks[:, :-1], toks[:, 1:]).mean()
+    loss, grads = jax.jit(jax.value_and_grad(f))(params)
+    return [loss, model.apply(cfg, params, toks)] + jax.tree.leaves(grads)
+  once = run()
+  monkeypatch.setattr(model, "_in_compute_dtype", lambda cfg, layers: layers)
+  per_layer = run()
+  for a, b in zip(once, per_layer, strict=True):
+    np.testing.assert_array_equal(_bits(a), _bits(b))

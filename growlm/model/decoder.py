@@ -373,10 +373,24 @@ def hidden(cfg: ModelConfig, params: dict, tokens_BxL: Array, *,
   return _run(cfg, params, tokens_BxL, dropout_rng, head=False)
 
 
+def _in_compute_dtype(cfg: ModelConfig, layers: dict) -> dict:
+  """The stacked layers' weights cast to the compute dtype once, for all layers; norm leaves as
+  they are (norms compute in float32). Each layer casts its weights where it uses them
+  (`.astype(dt)`, then a no-op), so the values are the same bit for bit; cast per layer, the
+  slice of each stacked float32 weight was a copy of its own, cast again by the backward's
+  recomputation. Compiled for an H100 (GPT-2 124M, bf16, 16 x 1024): 168 kernels fewer, 1.2 GB
+  less traffic and 0.16 GiB less in XLA's plan (benchmarks/README.md)."""
+  dt = jnp.dtype(cfg.dtype)
+  keep = lambda path: any("norm" in str(getattr(k, "key", "")) for k in path)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x if keep(path) else x.astype(dt), layers)
+
+
 def _run(cfg: ModelConfig, params: dict, tokens_BxL: Array, dropout_rng, head: bool):
   """The decoder on a batch, with dropout only when a dropout_rng is given and the rate > 0."""
   deterministic = dropout_rng is None or cfg.dropout_rate == 0.0
   rngs = {} if deterministic else {"dropout": dropout_rng}
+  params = {**params, "layers": _in_compute_dtype(cfg, params["layers"])}
   return make_model(cfg, deterministic).apply({"params": params}, tokens_BxL, head=head,
                                               rngs=rngs)
 
