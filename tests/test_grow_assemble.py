@@ -10,18 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from growlm.grow import GrowthPlan, grow, layer_sources
+from growlm import sharding
+from growlm.grow import GrowthPlan, grow, grown_config, layer_sources
 from growlm.grow import assemble as asm
 from growlm.grow import core as grow_core
 from growlm.grow import depth
 from growlm.grow.core import AxisMap
-from growlm.model.config import make_model_config
+from growlm.model import decoder as model
 
-from test_grow import _random_params  # pylint: disable=wrong-import-order
-
-
-def _cfg(style, **overrides):
-  return make_model_config("nano", style, **{"vocab_size": 32, "max_len": 16, **overrides})
+from test_grow import _cfg, _random_params  # pylint: disable=wrong-import-order
 
 
 def _select_layers(x, sources, plan, path, grow_width, fresh, identity_new, zeroed_copy=None):
@@ -164,9 +161,6 @@ def test_assembled_growth_is_born_sharded(n_devices):
   rounding: mean_fill's means are sums split across devices), each device holds at most half of
   the target, and XLA's temporaries per device stay below half of it too: the concatenations
   and the gather along the layers are partitioned, not gathered."""
-  from growlm import sharding  # pylint: disable=import-outside-toplevel
-  from growlm.grow import grown_config  # pylint: disable=import-outside-toplevel
-  from growlm.model import decoder as model  # pylint: disable=import-outside-toplevel
   assert n_devices == 8
   src = _cfg("gpt2", **GPT2)
   dst = src.replace(d_model=128, n_heads=4, n_kv_heads=4, mlp_dim=256, n_layers=5)

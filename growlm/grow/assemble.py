@@ -2,15 +2,16 @@
 
 A growth writes each target entry from one of two sides: a copy of a source entry, or a new
 value (often the target's own init, a fresh Threefry draw: twenty rounds of integer arithmetic
-per value, most of a growth's time on a CPU and the largest part of it on a GPU). A select
+per value, most of a growth's time on a CPU, and by its arithmetic likely on a GPU). A select
 (`jnp.where(copied, copy, new)`) evaluates both of its sides at every entry, so the draw ran
 for the copied entries too: for GPT-2 124M -> 355M (mean_fill + identity), 176 million values
 drawn, 50 million of them for entries that keep their copy. Here the leaf is built by
 concatenation instead (and a gather along the layers, where old and new layers interleave).
-XLA emits a concatenation or a gather as one fused loop that evaluates, for each entry, only
-the piece it comes from, so an entry is drawn only where a new value is written; the values are
-the same bit for bit (tests/test_grow.py), and the growth moves fewer bytes too (no copy is
-gathered for a new entry). benchmarks/README.md, "Growth", has the figures.
+Compiled for a GPU, XLA fuses each leaf into one loop that evaluates, for each entry, only the
+piece it comes from, so an entry is drawn only where a new value is written, and the growth
+moves fewer bytes too (no copy is gathered for a new entry); XLA's CPU compiler still computes
+the draw whole first. The values are the same bit for bit (tests/test_grow_assemble.py).
+benchmarks/README.md, "Growth assembled without selects", has the figures.
 
 `assemble` does the width of one leaf, where every grown axis keeps its source positions in
 place and appends the new ones (`appended`; otherwise grow.core keeps the select), and
