@@ -305,6 +305,7 @@ def growth_report(device, style: str, preset: str = "gpt2-124m", top: int = 5) -
   `device` (a GPU target's, or any jax device): its kernels and their traffic against the
   floor's bytes, the source's params read and the target's written."""
   import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
   from growlm.grow.plan import GrowthPlan  # pylint: disable=import-outside-toplevel
   from growlm.model import decoder as model_lib  # pylint: disable=import-outside-toplevel
   src, dst = growth.PRESETS[preset](style)
@@ -314,7 +315,9 @@ def growth_report(device, style: str, preset: str = "gpt2-124m", top: int = 5) -
   params = model_lib.abstract_params(src)[0]
   args = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=place), params),
           jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=place))
-  ks = kernels(jax.jit(fn).lower(*args).compile().as_text())
+  # Traced under a mesh of the GPU, so that growth takes the GPU's path (grow/assemble.py).
+  with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("data",))):
+    ks = kernels(jax.jit(fn).lower(*args).compile().as_text())
   floor = growth.nbytes(params) + growth.nbytes(jax.eval_shape(fn, *args))
   moved = sum(k.bytes for k in ks)
   return {"style": style, "preset": preset, "width": plan.width, "depth": plan.depth,

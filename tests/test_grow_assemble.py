@@ -1,5 +1,6 @@
 """grow/assemble.py: a grown leaf put together by concatenation (and a gather along interleaved
 layers) instead of selects, so that a fresh draw is computed only where a new value is written.
+Growth does so on a GPU only; these tests turn it on here (the `gpu` fixture).
 The parameters are bit for bit those of the select form it replaced, for every plan whose axes
 take the new path and for those that keep the select; the source's weights reach the target
 without passing through a select; and the pieces agree with a select on random arrays."""
@@ -19,6 +20,21 @@ from growlm.grow.core import AxisMap
 from growlm.model import decoder as model
 
 from test_grow import _cfg, _random_params  # pylint: disable=wrong-import-order
+
+
+@pytest.fixture(name="gpu")
+def _gpu(monkeypatch):
+  """Growth traced as for a GPU: the platform sharding.platform() reports."""
+  monkeypatch.setattr(sharding, "platform", lambda: "gpu")
+
+
+def test_growth_assembles_on_a_gpu_only(monkeypatch):
+  """enabled() follows the platform traced for: a CPU (and a TPU) keep the selects, whose
+  compiled growth needs no temporaries there; a GPU assembles."""
+  assert not asm.enabled()
+  for platform, on in (("gpu", True), ("tpu", False), ("cpu", False)):
+    monkeypatch.setattr(sharding, "platform", lambda p=platform: p)
+    assert asm.enabled() == on
 
 
 def _select_layers(x, sources, plan, path, grow_width, fresh, identity_new, zeroed_copy=None):
@@ -55,7 +71,7 @@ LLAMA = dict(d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=96, n_lay
     ("llama", dict(d_model=96, n_layers=4), GrowthPlan("zeros", "copy", copy_zero_out=True)),
     ("gpt2", dict(d_model=128, n_layers=4), GrowthPlan("tile", "stack")),
 ])
-def test_assembled_growth_equals_the_select_form_bit_for_bit(style, grown, plan, monkeypatch):
+def test_assembled_growth_equals_the_select_form_bit_for_bit(style, grown, plan, monkeypatch, gpu):
   """Every grown parameter, compared as uint32 (signs of zeros included), between the
   concatenated form and the select form, on plans that take the new path (appended axes,
   identity layers appended, prepended, interleaved or listed) and on plans that keep the select
@@ -94,7 +110,7 @@ def _reaches_select(jaxpr, tainted: set) -> bool:
     ("llama", dict(d_model=96, n_layers=4), GrowthPlan("zeros"), "layers/attn/query", False),
     ("llama", dict(head_dim=32, n_layers=3), GrowthPlan("zeros"), "layers/attn/query", True),
 ])
-def test_source_weights_reach_the_target_without_a_select(style, grown, plan, leaf, selects):
+def test_source_weights_reach_the_target_without_a_select(style, grown, plan, leaf, selects, gpu):
   """In the growth's program, the source leaf's values (of a leaf whose new entries are drawn,
   not mean_fill's means of the source) reach its target leaf through slices, concatenations and
   gathers only: no select, which would evaluate the fresh draw beside every copied entry.
@@ -137,7 +153,7 @@ def test_assemble_is_a_select_on_appended_axes():
 @pytest.mark.parametrize("extra", [{}, {"depth_position": "append"},
                                    {"depth_position": "prepend"},
                                    {"new_layer_indices": (1, 4)}])
-def test_assemble_layers_places_copies_and_new_layers(extra):
+def test_assemble_layers_places_copies_and_new_layers(extra, gpu):
   """Layer k of the result is grow_width(source layer of k) for a copy and identity_new[k] (or
   the scalar) for a new identity layer, whatever the placement; grow_width sees the copies'
   rows of `fresh` only."""
@@ -155,7 +171,7 @@ def test_assemble_layers_places_copies_and_new_layers(extra):
       np.testing.assert_array_equal(got[k], want, err_msg=f"{extra} layer {k}")
 
 
-def test_assembled_growth_is_born_sharded(n_devices):
+def test_assembled_growth_is_born_sharded(n_devices, gpu):
   """Under jit with the target's shardings on a (data 2, fsdp 2, tensor 2) mesh, an assembled
   growth (mean_fill + identity, interleaved layers) equals the unsharded one (to float32
   rounding: mean_fill's means are sums split across devices), each device holds at most half of

@@ -13,6 +13,10 @@ moves fewer bytes too (no copy is gathered for a new entry); XLA's CPU compiler 
 the draw whole first. The values are the same bit for bit (tests/test_grow_assemble.py).
 benchmarks/README.md, "Growth assembled without selects", has the figures.
 
+Only on a GPU (`enabled`): XLA's CPU compiler computes the draw whole into temporaries before
+the concatenation (88 MiB for growth.py's cpu preset, 1.1 GB for gpt2-124m, where the selects
+need none), so a CPU, and a TPU (unmeasured), keep the selects.
+
 `assemble` does the width of one leaf, where every grown axis keeps its source positions in
 place and appends the new ones (`appended`; otherwise grow.core keeps the select), and
 `assemble_layers` the layers of a depth growth by new identity layers.
@@ -26,8 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from growlm import sharding
 from growlm.grow.depth import fill_new_layers, place_layers
 from growlm.grow.plan import GrowthPlan
+
+
+def enabled() -> bool:
+  """Whether growth assembles leaves for the platform being traced for: a GPU only."""
+  return sharding.platform() == "gpu"
 
 
 def appended(maps: dict, symmetry_noise: float) -> dict[int, int] | None:
@@ -77,9 +87,9 @@ def assemble_layers(x: jax.Array, sources: list[tuple[int, bool]], plan: GrowthP
   `grow_width(layers, their rows of fresh)`. With new identity layers, the copied layers are
   grown as one stack and the new ones take `identity_new` (a scalar, or an array of the
   target's layers), and the two stacks are interleaved along axis 0; other depth methods place
-  and grow every layer (grow.depth.fill_new_layers)."""
+  and grow every layer (grow.depth.fill_new_layers), and so does every method off a GPU."""
   is_new = np.array([n for _, n in sources])
-  if plan.depth != "identity" or not is_new.any():
+  if plan.depth != "identity" or not is_new.any() or not enabled():
     return fill_new_layers(grow_width(place_layers(x, sources), fresh), path, sources, plan,
                            identity_new, zeroed_copy)
   old, new = np.flatnonzero(~is_new), np.flatnonzero(is_new)

@@ -13,8 +13,8 @@ docs/design.md, section 5, gives the mathematics; tests prove each rule.
 
 On device (jitted by init/source.py) growth reads the source and writes the target: maps and
 masks are small broadcasting constants; fresh init only where read, multipliers too; a leaf whose
-new positions are appended is joined by concatenation, not selected (assemble.py), so the draw
-is evaluated only at the entries it writes.
+new positions are appended is joined by concatenation, not selected, on a GPU (assemble.py), so
+the draw is evaluated only at the entries it writes.
 
 Dimension letters as in growlm.model: D d_model, F mlp_dim, H heads, K kv heads, E head_dim.
 """
@@ -31,6 +31,7 @@ import numpy as np
 
 from growlm import trees
 from growlm.errors import GrowlmError
+from growlm.grow import assemble as assembly
 from growlm.grow.assemble import appended, assemble, assemble_layers, block
 from growlm.grow.depth import DEPTH_WRITERS, depth_exact, grow_depth
 from growlm.grow.fresh import fresh_layers, fresh_leaves, fresh_paths, late_width
@@ -267,7 +268,7 @@ def grow_leaf(x: jax.Array, path: tuple[str, ...], spec: LeafSpec, fresh: jax.Ar
   init of the leaf (on the source's layers), is read only where _needs_fresh says so."""
   if not spec.maps:
     return x
-  cuts = appended(spec.maps, plan.symmetry_noise)
+  cuts = appended(spec.maps, plan.symmetry_noise) if assembly.enabled() else None
   if cuts is not None:   # the copies are x itself: no gather, and no select (grow/assemble.py)
     shape = tuple(len(spec.maps[i].index) if i in spec.maps else n for i, n in enumerate(x.shape))
     new_value = _new_entries(x, shape, path, spec, fresh, src, dst, plan)
