@@ -1,6 +1,10 @@
 """What the benchmark scripts share: XLA's buffer sizes of a compiled step, the device
 allocator's statistics, and the command-line wrapper that prints a summary and writes the JSON
-result atomically."""
+result atomically.
+
+Importing it puts this checkout's root first on sys.path, so a benchmark measures the growlm
+beside it, not an installed one (an editable install of another checkout, say): each script
+imports `common` before growlm."""
 
 from __future__ import annotations
 
@@ -9,7 +13,11 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from growlm.errors import EXIT_USER_ERROR, GrowlmError
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if sys.path[:1] != [ROOT]:
+  sys.path.insert(0, ROOT)
+
+from growlm.errors import EXIT_USER_ERROR, GrowlmError  # pylint: disable=wrong-import-position
 
 
 def xla_memory(compiled) -> dict[str, int]:

@@ -37,10 +37,10 @@ import tempfile
 import time
 from typing import Any, Callable, Sequence
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # pylint: disable=wrong-import-position  # benchmarks/; this checkout's growlm
 from growlm import data
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=wrong-import-position  # benchmarks/common.py
 
 DEFAULT_OUT = os.path.join("runs", "bench", "data.json")
 THROUGHPUT_JSON = os.path.join("runs", "bench", "throughput.json")

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # pylint: disable=wrong-import-position  # benchmarks/; this checkout's growlm
 from growlm import trees
 from growlm.grow import core, fresh as grow_fresh
 from growlm.grow import optimizer as grow_opt
@@ -50,8 +52,6 @@ from growlm.grow.plan import (DEPTH_METHODS, FREE, NOISE, NORM_LEAVES, WIDTH_MET
 from growlm.model import decoder as model_lib
 from growlm.model.config import STYLES, ModelConfig, make_model_config
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=wrong-import-position  # benchmarks/common.py
 
 DEFAULT_OUT = os.path.join("runs", "bench", "growth.json")
 

@@ -50,6 +50,8 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # pylint: disable=wrong-import-position  # benchmarks/; this checkout's growlm
 from growlm.config import defaults as config_lib
 from growlm.config.typed import resolve
 from growlm.model import flops as flops_lib
@@ -62,8 +64,6 @@ from growlm.train import stages as run_stages
 from growlm.train import state as state_lib
 from growlm.model.config import ATTENTIONS, DTYPES, LOGITS_DTYPES, REMATS, make_model_config
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=wrong-import-position  # benchmarks/common.py
 import parts  # pylint: disable=wrong-import-position  # benchmarks/parts.py
 import torch_reference  # pylint: disable=wrong-import-position  # benchmarks/, imports sans torch
 

@@ -209,3 +209,21 @@ def test_logits_precision_quick(tmp_path):
   assert set(gaps) == {"bf16 logits vs f32 logits", "bf16 vs f32"}
   assert all(0 <= v < 1e-2 for v in gaps.values()), gaps
   assert json.loads((tmp_path / "p.json").read_text()) == json.loads(json.dumps(result))
+
+
+def test_every_benchmark_imports_the_growlm_beside_it(tmp_path):
+  """Each script that imports growlm takes it from its own checkout, ahead of any other growlm
+  on the path (an editable install of another checkout): here a decoy on PYTHONPATH that fails
+  on import. Before benchmarks/common.py put the root first, growth.py, throughput.py and
+  data.py imported whichever growlm the environment had."""
+  decoy = tmp_path / "growlm"
+  decoy.mkdir()
+  (decoy / "__init__.py").write_text("raise ImportError('the decoy growlm, not the checkout')\n")
+  env = dict(os.environ, PYTHONPATH=str(tmp_path))
+  scripts = sorted(p for p in (REPO / "benchmarks").glob("*.py")
+                   if "from growlm" in p.read_text() and "__main__" in p.read_text())
+  assert {"growth.py", "throughput.py", "data.py", "knobs.py"} <= {p.name for p in scripts}
+  for script in scripts:
+    proc = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0 and "usage" in proc.stdout, (script.name, proc.stderr[-2000:])

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from conftest import all_eqns
-from growlm import optim
+from growlm import optim, sharding
 from growlm.config import defaults as config_defaults
 from growlm.config.typed import resolve
 from growlm.model import decoder as model
@@ -78,6 +78,26 @@ def test_auto_chunks_are_sized_to_the_logits_stored():
   assert loss.model_chunk(cfg.replace(logits_dtype="float32"), 16, 1024, "gpu") == 256
   assert loss.model_chunk(cfg.replace(dtype="float32"), 16, 1024, "gpu") == 256
   assert loss.model_chunk(cfg.replace(loss_chunk=64), 16, 1024, "gpu") == 64
+  # eval keeps float32 logits, so its auto chunks are float32's
+  assert loss.model_chunk(cfg, 16, 1024, "gpu", train=False) == 256
+  assert loss.model_chunk(cfg.replace(loss_chunk=64), 16, 1024, "gpu", train=False) == 64
+
+
+def test_eval_step_chunks_its_float32_logits_to_the_budget(monkeypatch):
+  """On a GPU a bf16 model's train step stores bf16 logits in chunks of 512 positions (16 x 1024,
+  vocab 50304); the eval step, whose logits stay float32, takes chunks of 256, so its largest
+  logits buffer is 0.82 GB (1 GiB budget: loss.AUTO_CHUNK_BYTES), not 1.65."""
+  monkeypatch.setattr(sharding, "platform", lambda: "gpu")
+  cfg = make_model_config("nano", "gpt2", vocab_size=50304, max_len=1024, dtype="bfloat16",
+                          attention="xla")
+  params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+  batch = {k: jax.ShapeDtypeStruct((16, 1024), jnp.int32) for k in ("inputs", "targets")}
+  text = jax.jit(evaluate.make_eval_step(cfg)).lower(params, batch).as_text()
+  assert _logit_dots(text, (16 * 256, 50304)) == {"f32"}
+  assert not _logit_dots(text, (16 * 512, 50304))
+  train = jax.jit(jax.grad(lambda p, x, y: loss.token_nll(cfg, p, x, y).mean())).lower(
+      params, batch["inputs"], batch["targets"]).as_text()
+  assert _logit_dots(train, (16 * 512, 50304)) == {"bf16"}
 
 
 def _logit_dots(text, shape):

@@ -18,7 +18,7 @@ from growlm.train.loss import token_nll
 def make_eval_step(cfg: ModelConfig) -> Callable:
   """(params, batch) -> summed loss (nats) and token count."""
   def step(params, batch):
-    nll = token_nll(cfg, params, batch["inputs"], batch["targets"])
+    nll = token_nll(cfg, params, batch["inputs"], batch["targets"], train=False)
     return nll.sum(), jnp.asarray(nll.size, jnp.float32)
   return step
 

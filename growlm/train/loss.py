@@ -60,10 +60,12 @@ def chunk_length(requested: int, batch: int, seq_len: int, vocab: int,
   return c
 
 
-def model_chunk(cfg: ModelConfig, batch: int, seq_len: int, platform: str | None = None) -> int:
-  """`chunk_length` for a model's train step: its `loss_chunk`, sized to the logits it stores
-  (model.logits_dtype)."""
-  stored = jnp.dtype(speed.stored_logits_dtype(cfg, platform))
+def model_chunk(cfg: ModelConfig, batch: int, seq_len: int, platform: str | None = None, *,
+                train: bool = True) -> int:
+  """`chunk_length` for a model's loss: its `loss_chunk`, sized to the logits it stores: the
+  train step's model.logits_dtype; float32 for eval (`train=False`), whose pass keeps float32
+  logits whatever the train step stores."""
+  stored = jnp.dtype(speed.stored_logits_dtype(cfg, platform) if train else jnp.float32)
   return chunk_length(cfg.loss_chunk, batch, seq_len, cfg.vocab_size, platform, stored.itemsize)
 
 
@@ -207,10 +209,11 @@ def chunked_cross_entropy(x_BxLxD: jax.Array, w_DxV: jax.Array, targets_BxL: jax
 
 
 def token_nll(cfg: ModelConfig, params, inputs_BxL: jax.Array, targets_BxL: jax.Array, *,
-              dropout_rng: jax.Array | None = None) -> jax.Array:
-  """Per-token NLL [B, L] of the model on a batch, without a whole-batch logits tensor."""
+              dropout_rng: jax.Array | None = None, train: bool = True) -> jax.Array:
+  """Per-token NLL [B, L] of the model on a batch, without a whole-batch logits tensor.
+  `train=False` (eval: not differentiated) sizes auto chunks to its float32 logits."""
   x_BxLxD, w_DxV = model_lib.hidden(cfg, params, inputs_BxL, dropout_rng=dropout_rng)
   B, L = targets_BxL.shape
-  chunk = model_chunk(cfg, B, L)
+  chunk = model_chunk(cfg, B, L, train=train)
   with jax.named_scope(SCOPE):   # profiles sort the loss's ops by it (benchmarks/parts.py)
     return chunked_cross_entropy(x_BxLxD, w_DxV, targets_BxL, chunk, speed.half_logits(cfg))
