@@ -1,6 +1,8 @@
 """model.attention: every implementation that runs on CPU equals the naive reference, and the
 choice of kernel per platform, dtype and shape (auto included) is the documented one."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,11 +30,12 @@ def _case(style, kv_heads):
 def test_cpu_implementations_equal_naive(impl, style, kv_heads):
   """Logits and gradients (float32), learned and rotary positions, MHA, GQA and MQA."""
   cfg, params, tokens = _case(style, kv_heads)
-  def run(c):
+  @functools.partial(jax.jit, static_argnums=0)   # one compile, not an op-by-op dispatch
+  def run(c, params):
     f = lambda p: jnp.square(model.apply(c, p, tokens)).mean()
     return model.apply(c, params, tokens), jax.grad(f)(params)
-  ref_logits, ref_grads = run(cfg.replace(attention="naive"))
-  logits, grads = run(cfg.replace(attention=impl))
+  ref_logits, ref_grads = run(cfg.replace(attention="naive"), params)
+  logits, grads = run(cfg.replace(attention=impl), params)
   np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=0, atol=1e-5)
   # Against the largest gradient entry: a key bias's exact gradient is zero (softmax ignores a
   # per-query constant), so its entries are rounding noise on either side.
@@ -115,9 +118,10 @@ def test_exact_growth_holds_with_the_default_attention():
   params = model.init_params(src, jax.random.key(3))
   grown = grow(params, src, dst, plan, jax.random.key(4))
   tokens = jax.random.randint(jax.random.key(5), (2, 32), 0, src.vocab_size)
+  apply = jax.jit(model.apply, static_argnums=0)
   for impl in ("auto", "naive"):
-    a = model.apply(src.replace(attention=impl), params, tokens)
-    b = model.apply(grown.config.replace(attention=impl), grown.params, tokens)
+    a = apply(src.replace(attention=impl), params, tokens)
+    b = apply(grown.config.replace(attention=impl), grown.params, tokens)
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=2e-5)
 
 

@@ -211,19 +211,40 @@ def test_logits_precision_quick(tmp_path):
   assert json.loads((tmp_path / "p.json").read_text()) == json.loads(json.dumps(result))
 
 
+
+_IMPORT_EACH = """
+import importlib.util, os, sys
+root, decoy = sys.argv[1], sys.argv[2]
+for path in sys.argv[3:]:
+  # as a fresh interpreter would start the script: its folder first, the decoy on the path
+  # (where an installed growlm would be), no growlm imported, and the root not on the path
+  for name in [m for m in sys.modules if m == "growlm" or m.startswith("growlm.")
+               or m in ("common", "throughput", "parts", "growth", "compile_for",
+                        "torch_reference")]:
+    del sys.modules[name]
+  sys.path[:] = [os.path.dirname(path), decoy] + [p for p in sys.path if p not in
+                                                  (root, "", os.path.dirname(path), decoy)]
+  spec = importlib.util.spec_from_file_location("bench_" + os.path.basename(path)[:-3], path)
+  spec.loader.exec_module(importlib.util.module_from_spec(spec))
+  print(os.path.basename(path), sys.modules["growlm"].__file__)
+"""
+
+
 def test_every_benchmark_imports_the_growlm_beside_it(tmp_path):
   """Each script that imports growlm takes it from its own checkout, ahead of any other growlm
-  on the path (an editable install of another checkout): here a decoy on PYTHONPATH that fails
-  on import. Before benchmarks/common.py put the root first, growth.py, throughput.py and
-  data.py imported whichever growlm the environment had."""
-  decoy = tmp_path / "growlm"
-  decoy.mkdir()
-  (decoy / "__init__.py").write_text("raise ImportError('the decoy growlm, not the checkout')\n")
-  env = dict(os.environ, PYTHONPATH=str(tmp_path))
-  scripts = sorted(p for p in (REPO / "benchmarks").glob("*.py")
+  on the path (an editable install of another checkout): here a decoy placed where an installed
+  one would be, which fails on import. Each script is imported in one process, in turn, as a
+  fresh interpreter would start it. Before benchmarks/common.py put the root first, every one
+  of them imported whichever growlm the environment had."""
+  decoy = tmp_path / "decoy"
+  (decoy / "growlm").mkdir(parents=True)
+  (decoy / "growlm" / "__init__.py").write_text("raise ImportError('the decoy growlm')\n")
+  scripts = sorted(str(p) for p in (REPO / "benchmarks").glob("*.py")
                    if "from growlm" in p.read_text() and "__main__" in p.read_text())
-  assert {"growth.py", "throughput.py", "data.py", "knobs.py"} <= {p.name for p in scripts}
-  for script in scripts:
-    proc = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0 and "usage" in proc.stdout, (script.name, proc.stderr[-2000:])
+  assert {"growth.py", "throughput.py", "data.py", "knobs.py"} <= {Path(p).name for p in scripts}
+  proc = subprocess.run([sys.executable, "-c", _IMPORT_EACH, str(REPO), str(decoy), *scripts],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = dict(line.split() for line in proc.stdout.splitlines())
+  assert set(got) == {Path(p).name for p in scripts}
+  assert all(f == str(REPO / "growlm" / "__init__.py") for f in got.values()), got

@@ -36,7 +36,7 @@ def test_chunked_equals_plain_loss_and_gradients(style, chunk):
   cfg, params, inputs, targets = _setup(style, loss_chunk=chunk)
   plain = lambda p: loss.cross_entropy(model.apply(cfg, p, inputs), targets).mean()
   chunked = lambda p: loss.token_nll(cfg, p, inputs, targets).mean()
-  (l0, g0), (l1, g1) = (jax.value_and_grad(f)(params) for f in (plain, chunked))
+  (l0, g0), (l1, g1) = (jax.jit(jax.value_and_grad(f))(params) for f in (plain, chunked))
   assert float(l1) == pytest.approx(float(l0), rel=1e-6)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
     scale = float(jnp.abs(a).max())
@@ -118,7 +118,7 @@ def test_half_logits_round_only_the_train_steps_logits(style):
   params = jax.tree.map(lambda a: a * 8.0, params)   # logits of a trained model's spread
   f = lambda c: lambda p: loss.token_nll(c, p, inputs, targets).mean()
   half, full = cfg.replace(logits_dtype="compute"), cfg.replace(logits_dtype="float32")
-  (l0, g0), (l1, g1) = (jax.value_and_grad(f(c))(params) for c in (full, half))
+  (l0, g0), (l1, g1) = (jax.jit(jax.value_and_grad(f(c)))(params) for c in (full, half))
   logits = (B * 8, cfg.vocab_size)   # one chunk's, tokens flattened (decoder.project)
   assert _logit_dots(jax.jit(jax.grad(f(half))).lower(params).as_text(), logits) == {"bf16"}
   assert _logit_dots(jax.jit(jax.grad(f(full))).lower(params).as_text(), logits) == {"f32"}

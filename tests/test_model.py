@@ -389,7 +389,8 @@ def test_gpu_choices_compute_the_same_function(monkeypatch, request):
   def run():   # a new function each time: jax caches traces by function
     loss = jax.value_and_grad(lambda q: jnp.square(model.apply(cfg, q, tokens)).mean())
     model.apply.clear_cache()
-    return loss(p), jax.jit(loss).lower(p).as_text()
+    lowered = jax.jit(loss).lower(p)
+    return lowered.compile()(p), lowered.as_text()
   (l0, g0), text = run()
   assert "optimization_barrier" not in text and "while" in text
   monkeypatch.setattr(sharding, "platform", lambda: "gpu")
@@ -583,7 +584,7 @@ def test_layer_weights_cast_once_per_stack_same_bits(style, monkeypatch):
   def run():
     f = lambda p: loss_lib.token_nll(cfg, p, toks[:, :-1], toks[:, 1:]).mean()
     loss, grads = jax.jit(jax.value_and_grad(f))(params)
-    return [loss, model.apply(cfg, params, toks)] + jax.tree.leaves(grads)
+    return [loss, jax.jit(lambda p: model.apply(cfg, p, toks))(params)] + jax.tree.leaves(grads)
   once = run()
   monkeypatch.setattr(model, "_in_compute_dtype", lambda cfg, layers: layers)
   per_layer = run()

@@ -55,8 +55,9 @@ def test_greedy_generation_equals_argmax_of_the_full_model(style):
   out = np.asarray(gen.generate(cfg, params, prompt, jax.random.key(0), max_new_tokens=8))
   seq = np.zeros((3, 12), np.int32)   # one shape: a causal model ignores the zeros after t
   seq[:, :4] = prompt
+  apply = jax.jit(lambda s: model.apply(cfg, params, s))   # one shape, one compile
   for t in range(4, 12):
-    seq[:, t] = np.argmax(np.asarray(model.apply(cfg, params, jnp.asarray(seq)))[:, t - 1], -1)
+    seq[:, t] = np.argmax(np.asarray(apply(jnp.asarray(seq)))[:, t - 1], -1)
   np.testing.assert_array_equal(out, seq[:, 4:])
   # top_k=1 and a vanishing top_p leave only the argmax, whatever the temperature.
   for kw in (dict(temperature=1.5, top_k=1), dict(temperature=1.5, top_p=1e-6)):
