@@ -211,16 +211,15 @@ def test_logits_precision_quick(tmp_path):
   assert json.loads((tmp_path / "p.json").read_text()) == json.loads(json.dumps(result))
 
 
-
 _IMPORT_EACH = """
 import importlib.util, os, sys
 root, decoy = sys.argv[1], sys.argv[2]
 for path in sys.argv[3:]:
   # as a fresh interpreter would start the script: its folder first, the decoy on the path
   # (where an installed growlm would be), no growlm imported, and the root not on the path
-  for name in [m for m in sys.modules if m == "growlm" or m.startswith("growlm.")
-               or m in ("common", "throughput", "parts", "growth", "compile_for",
-                        "torch_reference")]:
+  siblings = {f[:-3] for f in os.listdir(os.path.dirname(path)) if f.endswith(".py")}
+  for name in [m for m in sys.modules
+               if m == "growlm" or m.startswith("growlm.") or m in siblings]:
     del sys.modules[name]
   sys.path[:] = [os.path.dirname(path), decoy] + [p for p in sys.path if p not in
                                                   (root, "", os.path.dirname(path), decoy)]

@@ -31,8 +31,8 @@ import numpy as np
 
 from growlm import trees
 from growlm.errors import GrowlmError
-from growlm.grow import assemble as assembly
 from growlm.grow.assemble import appended, assemble, assemble_layers, block
+from growlm.grow.assemble import enabled as assembles
 from growlm.grow.depth import DEPTH_WRITERS, depth_exact, grow_depth
 from growlm.grow.fresh import fresh_layers, fresh_leaves, fresh_paths, late_width
 from growlm.grow.plan import (EXACT_WIDTH, FREE, MEAN, NOISE, NORM_LEAVES, ZERO, GrowthPlan,
@@ -268,7 +268,7 @@ def grow_leaf(x: jax.Array, path: tuple[str, ...], spec: LeafSpec, fresh: jax.Ar
   init of the leaf (on the source's layers), is read only where _needs_fresh says so."""
   if not spec.maps:
     return x
-  cuts = appended(spec.maps, plan.symmetry_noise) if assembly.enabled() else None
+  cuts = appended(spec.maps, plan.symmetry_noise) if assembles() else None
   if cuts is not None:   # the copies are x itself: no gather, and no select (grow/assemble.py)
     shape = tuple(len(spec.maps[i].index) if i in spec.maps else n for i, n in enumerate(x.shape))
     new_value = _new_entries(x, shape, path, spec, fresh, src, dst, plan)
