@@ -1,6 +1,7 @@
 """The library form of every command: what the command line does, callable from a notebook.
 
   train(config, workdir)                 python -m growlm.main
+  check_relaunch(config, workdir)        (the sweep launcher, before it skips a finished run)
   compile_for(config, topology)          python -m growlm.main --compile_for=TOPOLOGY
   grow_into(config, source, out)         python -m growlm.grow_main
   grow_to_hf / grow_to_run / train_from_hf / export_run
@@ -23,6 +24,7 @@ import jax
 
 from growlm import data as data_lib
 from growlm import fs, rundir, sharding
+from growlm import lock as lock_lib
 from growlm.config.typed import RunConfig, resolve
 from growlm.errors import GrowlmError
 from growlm.grow import core as grow_core
@@ -54,6 +56,15 @@ def train(config: Any, workdir: str, *, params_fn: Callable[[Any], Any] | None =
                        stop_after_init=stop_after_init, grow_stage=seam.grow_stage)
 
 
+def check_relaunch(config: Any, workdir: str) -> None:
+  """What `train(config, workdir)` would refuse about the run already in `workdir` (one of
+  another config), checked without starting it: the sweep launcher checks each run it would skip
+  as finished, so that changed flags are refused rather than given the old results."""
+  if fs.exists(rundir.config_path(workdir)):
+    config, _ = seam.prepare(resolve(config), workdir)
+    trainer.check_run_dir(workdir, config.to_json())
+
+
 def compile_for(config: Any, topology: str) -> dict[str, Any]:
   """Compiles the run's train step (each stage's) for the TPU slice `topology` without a TPU:
   the attention kernel it uses and its memory per device against the chip's HBM
@@ -62,9 +73,11 @@ def compile_for(config: Any, topology: str) -> dict[str, Any]:
 
 
 def _check_out(out: str) -> None:
-  fs.check_bucket(out, "--out")
+  """The early checks of a command that builds `out` under OUT.partial, before any work."""
+  fs.check_writable(out, "--out")
   if fs.exists(out):
     raise GrowlmError(f"--out={out} exists; accepted: a path that does not exist yet")
+  lock_lib.check_leftover(out.rstrip("/") + ".partial", f"--out={out}")
 
 
 def grow_into(config: Any, source: str, out: str) -> dict[str, Any]:
@@ -74,17 +87,20 @@ def grow_into(config: Any, source: str, out: str) -> dict[str, Any]:
   config = resolve(config)
   config = config.replace(init=dataclasses.replace(config.init, source=source))
   partial = out.rstrip("/") + ".partial"
-  if jax.process_index() == 0 and fs.exists(partial):
-    fs.rmtree(partial)
+  if jax.process_index() == 0:
+    lock_lib.clear_leftover(partial, f"--out={out}")
   try:
     summary = train(config, partial, stop_after_init=True)
+    if jax.process_index() == 0:
+      if fs.exists(out):   # a second launch into the same --out that finished first
+        raise GrowlmError(f"--out={out} was written by another launch while this one ran; "
+                          f"this one's result is discarded")
+      fs.rename(partial, out, last=rundir.CONFIG)   # on gs://: config.json, what marks a run, last
   except BaseException:
     if jax.process_index() == 0:
       with contextlib.suppress(Exception):
-        fs.rmtree(partial)
+        lock_lib.remove_unless_live(partial)
     raise
-  if jax.process_index() == 0:
-    fs.rename(partial, out, last=rundir.CONFIG)   # a copy on gs://: config.json, what marks a run, last
   return summary
 
 
@@ -114,6 +130,7 @@ def _first_eval_batches(config: RunConfig, vocab_size: int) -> tuple[str, list[d
   name, source, split = d.eval_sources()[0]
   stream = data_lib.token_stream(source, split, tokenizer, eval_fraction=d.eval_fraction,
                                  max_bytes=d.max_bytes, data_dir=d.data_dir or None,
+                                 text_field=d.text_field,
                                  max_tokens=data_lib.eval_tokens(d.seq_len, d.batch_size,
                                                                  config.eval.batches))
   return name, data_lib.eval_batches(stream, d.seq_len, d.batch_size, config.eval.batches)

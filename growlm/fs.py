@@ -51,11 +51,18 @@ def check(path: str, what: str = "path") -> str:
   return path
 
 
-def check_bucket(path: str, what: str = "path") -> None:
-  """For a URL: GrowlmError (one line) unless its bucket exists and can be seen; the early check
-  of a command that will write there, before any work."""
+def check_writable(path: str, what: str = "path") -> None:
+  """The early check of a command that will write `path`, before any work: GrowlmError (one line)
+  unless, for a URL, its bucket exists and can be seen, or, for a local path, the nearest
+  directory that exists at or above it can be written (not read-only, not another user's)."""
   check(path, what)
   if not is_url(path):
+    above = os.path.abspath(path)
+    while not os.path.exists(above):
+      above = os.path.dirname(above)
+    if os.path.isdir(above) and not os.access(above, os.W_OK | os.X_OK):
+      raise GrowlmError(f"{what} {path}: cannot write in {above} (read-only file system or no "
+                        f"permission); accepted: a path under a directory this user can write")
     return
   with _errors(path, "check its bucket"):
     found = gcs.gcsfs().exists(bucket(path).partition("://")[2])

@@ -166,6 +166,51 @@ def check_free(workdir: str, *, stale_after_s: float = 60.0) -> None:
     raise _refusal(workdir, seen, stale_after_s)
 
 
+def holder(workdir: str, *, stale_after_s: float = 60.0) -> dict[str, Any] | None:
+  """The live lease on `workdir` ({"host", "pid", "heartbeat", ...}), None when no launch holds
+  it; for a sweep's status, which reads a local run's state from its dir alone."""
+  try:
+    seen = _read(lease_path(workdir))
+  except Exception:  # pylint: disable=broad-except  (unreadable: the run says nothing here)
+    return None
+  if seen is None or seen.lease is None or _stale_reason(seen, stale_after_s) is not None:
+    return None
+  return seen.lease
+
+
+def clear_leftover(partial: str, out: str) -> None:
+  """Removes what an interrupted command left at `partial`, the OUT.partial it builds `out` in.
+
+  Such a leftover holds the command's stale lease (or nothing). Refuses in one line, removing
+  nothing, when a live launch holds the lease (the same command running twice) or when
+  `partial` holds files and no lease: that is not a leftover, so it may be someone's own work."""
+  if fs.exists(partial):
+    check_leftover(partial, out)
+    fs.rmtree(partial)
+
+
+def check_leftover(partial: str, out: str) -> None:
+  """clear_leftover's refusals, removing nothing: the early check, before any work."""
+  if not fs.exists(partial):
+    return
+  if not fs.isfile(partial):
+    check_free(partial)
+  if fs.isfile(partial) or (fs.listdir(partial) and _read(lease_path(partial)) is None):
+    raise GrowlmError(f"{partial} exists and is not what an interrupted growlm command leaves "
+                      f"(that holds a lease file, {LEASE}); it is left as it is; accepted: move "
+                      f"it away, or choose another output than {out}")
+
+
+def remove_unless_live(partial: str) -> None:
+  """Removes `partial` after a failed command, unless a live launch holds its lease: a second
+  launch of the same command, refused, must not delete the output the first is writing."""
+  try:
+    check_free(partial)
+  except GrowlmError:
+    return
+  fs.rmtree(partial)
+
+
 def _encode(lease: dict[str, Any]) -> bytes:
   return json.dumps(lease, indent=2, sort_keys=True).encode()
 

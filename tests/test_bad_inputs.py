@@ -32,6 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -347,6 +348,35 @@ CASES += [
 ]
 
 
+def _unwritable(directory: str, call: Callable[[], Any]) -> Callable[[], Any]:
+  """`call` with os.access saying that `directory` cannot be written, as on a read-only mount (a
+  chmod would not do: root, as in CI, writes whatever the mode bits say)."""
+  real = os.access
+
+  def access(path, mode, *args, **kw):
+    if os.path.abspath(path) == directory and mode & os.W_OK:
+      return False
+    return real(path, mode, *args, **kw)
+
+  def run():
+    with mock.patch.object(os, "access", access):
+      return call()
+  return run
+
+
+# --- Outputs that cannot be written: refused before any growth or training.
+CASES += [
+    Case("out-read-only-grow", ("--out", "cannot write"), lambda ctx: _unwritable(
+        str(ctx.tmp), lambda c=ctx.cfg(**{"model.n_layers": 3}), r=ctx.run_dir,
+        o=ctx.path("deep/out"): commands.grow_into(c, r, o))),
+    Case("out-read-only-export", ("--out", "cannot write"), lambda ctx: _unwritable(
+        str(ctx.tmp), lambda r=ctx.run_dir, o=ctx.path("hf"): commands.export_run(r, o))),
+    Case("out-read-only-workdir", ("--workdir", "cannot write"), lambda ctx: _unwritable(
+        str(ctx.tmp), lambda c=ctx.cfg(**{"init.source": ctx.run_dir, "model.n_layers": 3}),
+        w=ctx.path("grown"): commands.train(c, w))),
+]
+
+
 def _grow_case(id_, says, style="gpt2", source="run", **dotted) -> Case:
   """A fresh run grown from the trained run (gpt2 nano) or an HF dir of `style`."""
   def make(ctx):
@@ -473,6 +503,10 @@ CASES += [
     _sweep_case("sweep-raises", ["sweep(add)", "ZeroDivisionError"], "  add(name='a')\n  1 / 0\n"),
     _sweep_case("sweep-bad-run-value", ["sweep run 'a'", "train.lr"],
                 "  add(name='a', **{'train.lr': -1.0})\n"),
+    _sweep_case("sweep-adds-no-runs", ["added no runs"], "  pass\n"),
+    Case("sweep-dir-is-a-file", ("--sweep_dir", "is a file"), lambda ctx: (
+        lambda d=ctx.write("afile", "x"): sweep.launch(
+            str(REPO / "configs" / "quickstart.py"), d, run_fn=_no_run, echo=lambda _: None))),
 ]
 
 # ------------------------------------------------------------------------------------------
@@ -549,6 +583,24 @@ SUBS: list[Sub] = [
         ("--config=configs/default.py", "--sweep_dir={tmp}/sw"), ("sweep(add)",)),
     Sub("demo-bad-config", ("-m", "growlm.demo"),
         ("--config={tmp}/nothere.py", "--workdir={tmp}/demo"), ("no such file",)),
+    # Flags absl parses, in every command, and positional words where only flags are accepted.
+    Sub("demo-unknown-flag", ("-m", "growlm.demo"), ("--workdir={tmp}/demo", "--wrokdir=x"),
+        ("wrokdir",)),
+    Sub("sample-bad-int", ("-m", "growlm.sample"),
+        ("--workdir={run}", "--prompt=x", "--max_new_tokens=abc"), ("--max_new_tokens", "abc")),
+    Sub("sample-unknown-flag", ("-m", "growlm.sample"), ("--workdir={run}", "--promt=x"),
+        ("promt",)),
+    Sub("sample-positional", ("-m", "growlm.sample"), ("--workdir={run}", "--prompt=x", "y"),
+        ("unexpected arguments", "'y'")),
+    Sub("prepare-unknown-flag", ("-m", "growlm.prepare"),
+        ("--source=site-packages", "--out={tmp}/tok", "--tokeniser=bytes"), ("tokeniser",)),
+    Sub("worker-bad-float", ("-m", "growlm.worker"),
+        ("--plan={tmp}/plan.json", "--heartbeat_s=often"), ("--heartbeat_s",)),
+    Sub("cli-positional", MAIN, (NANO, W, "train.num_steps=5"),
+        ("unexpected arguments", "train.num_steps=5")),
+    Sub("grow-cli-positional", ("-m", "growlm.grow_main"),
+        ("--source={run}", "--out={tmp}/out", NANO + ",size=small", "tile"),
+        ("unexpected arguments", "'tile'")),
 ]
 
 _LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ ")   # absl / glog prefix

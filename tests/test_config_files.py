@@ -257,8 +257,9 @@ def test_cli_help_still_works(cli):
 
 
 def test_a_run_dir_written_before_a_field_existed_still_resumes():
-  """config.json from before model.qkv_bias and init.plan.layer_ranges existed: resuming with
-  their defaults is no conflict; asking for another value is, and so is any other change."""
+  """config.json from before model.qkv_bias, init.plan.layer_ranges and data.text_field existed:
+  resuming with their defaults is no conflict; asking for another value is, and so is any other
+  change."""
   import copy  # pylint: disable=g-import-not-at-top
   from growlm.config import defaults  # pylint: disable=g-import-not-at-top
   from growlm.config.resume import resume_conflicts  # pylint: disable=g-import-not-at-top
@@ -267,11 +268,14 @@ def test_a_run_dir_written_before_a_field_existed_still_resumes():
   old = copy.deepcopy(current)
   del old["model"]["qkv_bias"]
   del old["init"]["plan"]["layer_ranges"]
+  del old["data"]["text_field"]
   assert resume_conflicts(old, current) == []
   changed = copy.deepcopy(current)
   changed["model"]["qkv_bias"] = True
   changed["init"]["plan"]["layer_ranges"] = [[0, 1], [0, 2]]
-  assert resume_conflicts(old, changed) == ["init.plan.layer_ranges", "model.qkv_bias"]
+  changed["data"]["text_field"] = "content"
+  assert resume_conflicts(old, changed) == ["data.text_field", "init.plan.layer_ranges",
+                                            "model.qkv_bias"]
   older = copy.deepcopy(old)
   del older["train"]["lr"]                       # not a model or plan field: still a conflict
   assert resume_conflicts(older, current) == ["train.lr"]

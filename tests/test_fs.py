@@ -155,7 +155,7 @@ def test_a_store_that_refuses_these_credentials_is_one_line(refusing_store, tmp_
   """No credentials (GCS answers 401): the library and the trainer's command line say so in one
   line that names the fix, exit non-zero and write nothing locally."""
   with pytest.raises(GrowlmError) as e:
-    fs.check_bucket("gs://someone-elses-bucket/run1", "workdir")
+    fs.check_writable("gs://someone-elses-bucket/run1", "workdir")
   msg = str(e.value)
   assert "\n" not in msg and "401" in msg
   assert "accepted: credentials that can read and write it" in msg
@@ -182,7 +182,7 @@ def test_a_store_whose_host_does_not_resolve_fails_at_once_in_one_line(monkeypat
     monkeypatch.delenv(name, raising=False)
   naps = []
   monkeypatch.setattr(gcs.time, "sleep", naps.append)
-  for call in (lambda: fs.check_bucket("gs://a-bucket/run1", "workdir"),
+  for call in (lambda: fs.check_writable("gs://a-bucket/run1", "workdir"),
                lambda: fs.read_bytes("gs://a-bucket/x.json")):
     with pytest.raises(GrowlmError) as e:
       call()

@@ -14,6 +14,7 @@ import pytest
 from conftest import REPO
 from growlm import fs
 from growlm.errors import GrowlmError
+from growlm import lock as lock_lib
 from growlm.experiments import gcloud, launcher, remote, skypilot, status, sweep, worker
 
 QUICK = str(REPO / "configs" / "quickstart.py")
@@ -213,6 +214,16 @@ def test_status_reads_the_sweep_dir_and_names_what_waits(tmp_path):
       ("finished", 300, 2.5)
   assert states["grown_tile"].detail.startswith("submitted 60 s ago")
   assert states["scratch"].detail == "not submitted"
+  # A run of the local backend (no launch.json): running while a launch holds its run dir's
+  # lease, else stopped at its last checkpoint.
+  os.makedirs(os.path.join(runs[2]["workdir"], "checkpoints", "10"))
+  with lock_lib.RunLock(runs[3]["workdir"]):
+    states = {s.name: s for s in status.read(runs)}
+    assert (states["scratch"].state, states["scratch"].detail[:len(f"pid {os.getpid()} ")]) == \
+        ("running", f"pid {os.getpid()} ")
+  assert (states["grown_zeros"].state, states["grown_zeros"].detail) == \
+      ("pending", "stopped at checkpoint 10; relaunch to resume")
+  assert status.read(runs)[3].detail == "not submitted"   # the lease released
   table = status.table(list(states.values())).splitlines()
   assert table[0].split() == ["run", "state", "step", "loss", "detail"] and len(table) == 5
 

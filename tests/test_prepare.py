@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -110,12 +111,49 @@ def test_jsonl_and_parquet_rows_with_a_text_field(tmp_path):
       np.testing.assert_array_equal(_prepared_tokens(out, split), stream)
 
 
+def test_the_trainer_reads_the_field_that_data_text_field_names(tmp_path):
+  from conftest import run_config  # pylint: disable=g-import-not-at-top
+  from growlm.config.typed import resolve  # pylint: disable=g-import-not-at-top
+  from growlm.train import trainer  # pylint: disable=g-import-not-at-top
+  texts = [_text(i, 3) for i in range(200)]
+  (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts),
+                                    encoding="utf-8")
+  source, tok = f"jsonl:{tmp_path}/a.jsonl", data.make_tokenizer("bytes")
+  fields = {"data.train": source, "data.eval_fraction": 0.2, "data.max_bytes": 0}
+  _, evals, _ = trainer.load_data(resolve(run_config(**fields, **{"data.text_field": "body"})),
+                                  tok)
+  docs = [t for _, t in data.load_documents(source, "eval", eval_fraction=0.2, text_field="body")]
+  want = data.tokenize_corpus(data.Corpus(source, "eval", docs, 0, {}), tok).tokens
+  got = np.asarray(evals["heldout"].tokens)
+  assert 0 < len(got) <= len(want) and (got == want[:len(got)]).all()
+  with pytest.raises(GrowlmError, match="no field 'text' .*it has: body.*data.text_field"):
+    trainer.load_data(resolve(run_config(**fields)), tok)
+
+
 def test_a_missing_text_field_is_one_line_and_writes_nothing(tmp_path):
   (tmp_path / "a.jsonl").write_text('{"content": "x"}\n')
   out = tmp_path / "out"
   with pytest.raises(GrowlmError, match="no field 'text' .*it has: content.*--text_field"):
     data.prepare_tokens(f"jsonl:{tmp_path}/a.jsonl", "bytes", str(out), progress=False)
   assert not out.exists()
+
+
+@pytest.mark.parametrize("bad, says", [(b"caf\xe9 au lait\n" * 50, "not UTF-8"),
+                                       (b"", "no train text")])
+def test_bad_text_found_while_tokenizing_leaves_out_as_it_was(tmp_path, bad, says):
+  """The error comes from the tokenizing workers, after the plan is written: a fresh --out is
+  removed again (an empty one kept empty), so the same command runs once the file is fixed."""
+  for name, made in (("new", False), ("empty", True)):
+    src, out = tmp_path / f"{name}.txt", tmp_path / f"out-{name}"
+    src.write_bytes(bad)
+    if made:
+      out.mkdir()
+    with pytest.raises(GrowlmError, match=says):
+      data.prepare_tokens(f"file:{src}", "bytes", str(out), progress=False, workers=1)
+    assert (os.listdir(out) == []) if made else not out.exists()
+    src.write_text("fixed text\n" * 50)
+    manifest = data.prepare_tokens(f"file:{src}", "bytes", str(out), progress=False, workers=1)
+    assert manifest["splits"]["train"]["n_tokens"] > 0
 
 
 def test_tfds_source_with_a_text_field(tmp_path):

@@ -314,6 +314,39 @@ def test_quickstart_sweep_end_to_end_and_skip(quick_sweep):
   launcher.launch(QUICK + ":runlocal", str(quick_sweep), echo=lines.append,
                run_fn=lambda *a: called.append(a))
   assert not called and sum("finished, skipped" in l for l in lines) == 4
+  # Changed flags: refused before anything runs, not the old results under the new settings.
+  manifest = (quick_sweep / "sweep.json").read_text()
+  for flag, field in (("train.lr", "train.lr"), ("model.n_layers", "model.n_layers")):
+    with pytest.raises(GrowlmError, match=f"sweep run 'source': .*differs in {field}"):
+      launcher.launch(QUICK + ":runlocal", str(quick_sweep), echo=lines.append,
+                      run_fn=lambda *a: called.append(a), overrides={flag: "3"})
+  assert not called and (quick_sweep / "sweep.json").read_text() == manifest
+
+
+def test_an_error_in_a_run_names_the_run(tmp_path):
+  cfg = tmp_path / "two.py"
+  cfg.write_text("from growlm.config import defaults\n"
+                 "def get_config(arg=None):\n  return defaults.base_config('nano')\n"
+                 "def sweep(add):\n  add(name='a')\n  add(name='b')\n")
+  started = []
+
+  def run_fn(config, workdir):
+    started.append(config.name)
+    if config.name == "b":
+      raise GrowlmError("file source pattern '/missing.txt' matches no file")
+
+  with pytest.raises(GrowlmError, match="^sweep run 'b': file source pattern"):
+    launcher.launch(str(cfg), str(tmp_path / "s"), echo=lambda _: None, run_fn=run_fn)
+  assert started == ["a", "b"]
+
+
+def test_sweep_json_is_written_before_the_first_run(tmp_path):
+  """So that `launch.py status` follows a local sweep while it runs, or after a signal."""
+  d, seen = tmp_path / "sweep", []
+  launcher.launch(QUICK + ":runlocal", str(d), echo=lambda _: None,
+                  run_fn=lambda cfg, workdir: seen.append(json.loads(
+                      (d / "sweep.json").read_text())["runs"][0]["name"]))
+  assert seen == ["source", "source", "source", "source"]
 
 
 @pytest.mark.slow

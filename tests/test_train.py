@@ -150,9 +150,12 @@ def test_run_dir_contents_and_flops(tmp_path):
 def test_resume_gives_the_same_losses(tmp_path):
   """Stopped at step 10 and relaunched, a run logs what an uninterrupted run logs."""
   c = _config(**{"log.every_steps": 1})
-  commands.train(c, str(tmp_path / "full"))
+  assert "eval_step" not in commands.train(c, str(tmp_path / "full"))
   stop = _config(**{"log.every_steps": 1, "train.stop_at": 10})
-  commands.train(stop, str(tmp_path / "resumed"))
+  assert "eval_step" not in commands.train(stop, str(tmp_path / "resumed"))   # evals every 10
+  # Stopped between evals: the summary's eval is step 0's, and says so.
+  early = commands.train(_config(**{"train.stop_at": 7}), str(tmp_path / "early"))
+  assert (early["step"], early["eval_step"]) == (7, 0)
   assert max(r["step"] for r in _train_lines(str(tmp_path / "resumed" / "metrics.jsonl"))) == 10
   commands.train(c, str(tmp_path / "resumed"))
   full = _train_lines(str(tmp_path / "full" / "metrics.jsonl"))

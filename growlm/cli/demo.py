@@ -62,7 +62,7 @@ def main(argv):
 
 def run() -> None:
   """The console entry point."""
-  app.run(main)
+  app.run(main, flags_parser=cli_flags.flags_only(cli_flags.plain_flags_parser))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The absl side of config files: `--config=PATH[:ARG]` and `--config.FIELD=VALUE`.
 
-Use `app.run(main, flags_parser=config_flags_parser)` and read the config with `config()`.
+Use `app.run(main, flags_parser=config_flags_parser)` and read the config with `config()`;
+a command without a config uses `plain_flags_parser`, and `flags_only(parser)` refuses positional
+arguments for a command that takes none.
 The parser takes the --config arguments out of argv before absl sees them, so that a bad
 config file, an unknown field or a bad value is one `growlm: error:` line with exit status 2
 (not an absl traceback), and so that free-form sections (data.eval) accept new names.
@@ -155,10 +157,7 @@ def config_flags_parser(argv: list[str]) -> list[str]:
   if "config" not in flags.FLAGS:
     # Listed by --help only: the value never reaches absl (the config comes from config()).
     flags.DEFINE_string("config", None, _HELP_TEXT)
-  try:
-    argv = [argv[0]] + flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
-  except flags.Error as e:  # a --flagfile that cannot be read
-    fail(GrowlmError(str(e).strip().removeprefix("ERROR::").strip()))
+  argv = _read_flagfiles(argv)
   try:
     if any(a.split("=", 1)[0] in _HELP for a in argv[1:]):
       _parse_absl(_split(argv, None)[1])  # prints help and exits, even if the config is broken
@@ -175,3 +174,29 @@ def config_flags_parser(argv: list[str]) -> list[str]:
     fail(e)
   _LOADED["config"] = cfg
   return positional
+
+
+def _read_flagfiles(argv: list[str]) -> list[str]:
+  """argv with each --flagfile=PATH replaced by its flags; one error line if one cannot be read."""
+  try:
+    return [argv[0]] + flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+  except flags.Error as e:
+    fail(GrowlmError(str(e).strip().removeprefix("ERROR::").strip()))
+
+
+def plain_flags_parser(argv: list[str]) -> list[str]:
+  """absl `flags_parser` for a command with no --config: an unknown flag or a bad value is one
+  `growlm: error:` line and exit status 2, as under config_flags_parser (absl: 'FATAL ...')."""
+  return _parse_absl(_read_flagfiles(argv))
+
+
+def flags_only(parser: Callable[[list[str]], list[str]]) -> Callable[[list[str]], list[str]]:
+  """`parser`, refusing positional arguments: a command that takes flags only would otherwise
+  ignore a word that was meant as a flag's value (`--out DIR` typed as `--out= DIR`)."""
+  def parse(argv: list[str]) -> list[str]:
+    rest = parser(argv)
+    if len(rest) > 1:
+      fail(GrowlmError(f"unexpected arguments {rest[1:]}; accepted: flags only, as --name=value "
+                       f"(--helpfull lists them)"))
+    return rest
+  return parse

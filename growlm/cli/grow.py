@@ -42,7 +42,7 @@ def main(argv):
 
 def run() -> None:
   """The console entry point."""
-  app.run(main, flags_parser=cli_flags.config_flags_parser)
+  app.run(main, flags_parser=cli_flags.flags_only(cli_flags.config_flags_parser))
 
 
 if __name__ == "__main__":

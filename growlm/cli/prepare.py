@@ -34,8 +34,7 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar on stderr."
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli_flags.fail(GrowlmError(f"unexpected arguments {argv[1:]}; accepted: flags only"))
+  del argv  # flags only (cli_flags.flags_only)
   cli_flags.setup_logging()
 
   def go():
@@ -57,7 +56,7 @@ def main(argv):
 
 def run() -> None:
   """The console entry point."""
-  app.run(main)
+  app.run(main, flags_parser=cli_flags.flags_only(cli_flags.plain_flags_parser))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 from absl import app, flags
 
 from growlm.cli import flags as cli_flags
-from growlm.errors import GrowlmError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A growlm run directory (newest checkpoint).")
 _HF = flags.DEFINE_string("hf", None, "A Hugging Face model directory (with tokenizer.json).")
@@ -29,8 +28,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the draws.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli_flags.fail(GrowlmError(f"unexpected arguments {argv[1:]}; accepted: flags only"))
+  del argv  # flags only (cli_flags.flags_only)
   cli_flags.setup_logging()
 
   def go():
@@ -50,7 +48,7 @@ def main(argv):
 
 def run() -> None:
   """The console entry point."""
-  app.run(main)
+  app.run(main, flags_parser=cli_flags.flags_only(cli_flags.plain_flags_parser))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ def base_config(size: str = "tiny", style: str = "gpt2") -> ml_collections.Confi
   c.data.eval_fraction = 0.05      # share of each source held out as its eval split
   c.data.max_bytes = 0             # cap on each source's bytes (0: no cap)
   c.data.data_dir = ""             # tensorflow-datasets data_dir for tfds: sources
+  c.data.text_field = "text"       # the jsonl: field, parquet: column or tfds: feature of the text
   c.data.seq_len = 128             # tokens per training sequence
   c.data.batch_size = 16           # global batch in sequences (all processes together)
   c.data.seed = 0                  # seed of the training order

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from growlm import trees
-from growlm.config.typed import InitConfig
+from growlm.config.typed import DataConfig, InitConfig
 from growlm.grow.plan import GrowthPlan
 from growlm.model.config import ModelConfig
 
@@ -26,9 +26,10 @@ RESUMABLE_FIELDS = ("name", "sweep_name", "train.num_steps", "train.stop_at", "e
 
 
 def _added_field_default(key: str) -> Any:
-  """The JSON value a model, growth-plan or init field added since a run dir was written stood
+  """The JSON value a model, growth-plan, init or data field added since a run dir was written stood
   for then (its dataclass default); a sentinel for any other key."""
-  for prefix, cls in (("model.", ModelConfig), ("init.plan.", GrowthPlan), ("init.", InitConfig)):
+  for prefix, cls in (("model.", ModelConfig), ("init.plan.", GrowthPlan), ("init.", InitConfig),
+                      ("data.", DataConfig)):
     for f in dataclasses.fields(cls) if key.startswith(prefix) else ():
       if f.name == key[len(prefix):] and f.default is not dataclasses.MISSING:
         return json.loads(json.dumps(f.default))

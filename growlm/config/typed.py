@@ -109,6 +109,7 @@ class DataConfig:
   eval_fraction: float = 0.05
   max_bytes: int = 0
   data_dir: str = ""
+  text_field: str = "text"
   seq_len: int = 128
   batch_size: int = 16
   seed: int = 0
@@ -117,6 +118,8 @@ class DataConfig:
     _str("data.tokenizer", self.tokenizer)
     _str("data.train", self.train)
     _str("data.data_dir", self.data_dir)
+    if not _str("data.text_field", self.text_field):
+      raise GrowlmError("config data.text_field=''; accepted: a field name (e.g. 'text')")
     _float("data.eval_fraction", self.eval_fraction, lo=0.0, lo_open=True, hi=1.0, hi_open=True)
     for p in ("seq_len", "batch_size"):
       _int(f"data.{p}", getattr(self, p))

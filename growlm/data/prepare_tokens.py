@@ -16,6 +16,7 @@ import concurrent.futures
 import hashlib
 import multiprocessing
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -189,7 +190,27 @@ def prepare_tokens(source: str, tokenizer: str, out: str, *, eval_fraction: floa
   done = _check_out(out, plan)
   if done is not None:
     return done
+  existed = os.path.isdir(out)
+  fresh = not existed or not os.listdir(out)
   os.makedirs(out, exist_ok=True)
+  try:
+    return _prepare_into(out, plan, groups, unit_list, source, tokenizer, eval_fraction,
+                         text_field, data_dir, record_tokens, workers, progress)
+  except GrowlmError:
+    # Bad input found while tokenizing (a file that is not text, no train text): a fresh --out
+    # is left as it was, so that the same command runs once the input is fixed. (An interrupted
+    # prepare, a full disk: what was written stays, and the same command resumes.)
+    if fresh:
+      shutil.rmtree(out, ignore_errors=True)
+      if existed:
+        os.makedirs(out, exist_ok=True)
+    raise
+
+
+def _prepare_into(out: str, plan: dict, groups: list, unit_list: list, source: str,
+                  tokenizer: str, eval_fraction: float, text_field: str, data_dir: str | None,
+                  record_tokens: int, workers: int, progress: bool) -> dict:
+  """prepare_tokens' writing half: the plan, each unfinished part, the manifest."""
   write_json_atomic(os.path.join(out, shards.PLAN), plan)
   for name in os.listdir(out):   # leftovers of an interrupted run are never complete shards
     if name.endswith(".tmp"):
@@ -216,7 +237,7 @@ def prepare_tokens(source: str, tokenizer: str, out: str, *, eval_fraction: floa
 
 
 def _prepare_to_url(source: str, tokenizer: str, out: str, **kwargs) -> dict:
-  fs.check_bucket(out, "--out")
+  fs.check_writable(out, "--out")
   remote = fs.file_sizes(out) if fs.isdir(out) else {}
   if remote and shards.PLAN not in remote:
     raise GrowlmError(f"--out={out} holds objects but no prepare; accepted: a new gs:// prefix, "

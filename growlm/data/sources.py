@@ -75,7 +75,7 @@ def load_documents(spec: str, split: str, *, eval_fraction: float = 0.1, max_byt
 
 
 def load_corpus(spec: str, split: str, *, eval_fraction: float = 0.1, max_bytes: int = 0,
-                data_dir: str | None = None) -> documents.Corpus:
+                data_dir: str | None = None, text_field: str = "text") -> documents.Corpus:
   """Loads one split ("train", "eval" or "all") of a source spec as documents.
 
   Args:
@@ -89,12 +89,13 @@ def load_corpus(spec: str, split: str, *, eval_fraction: float = 0.1, max_bytes:
       train + eval == all); other sources: applied to the chosen split, the
       document crossing the cap is cut.
     data_dir: tensorflow-datasets data dir for "tfds:" specs.
+    text_field: the JSONL field, Parquet column or tfds feature holding the text.
 
   Returns:
     A Corpus whose manifest["sha256"] hashes the ordered (id, content sha) list.
   """
   docs = load_documents(spec, split, eval_fraction=eval_fraction, max_bytes=max_bytes,
-                        data_dir=data_dir)
+                        data_dir=data_dir, text_field=text_field)
   if not docs:
     raise GrowlmError(f"source {spec!r} split {split!r} is empty (eval_fraction={eval_fraction}, "
                       f"max_bytes={max_bytes})")

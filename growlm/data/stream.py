@@ -144,7 +144,7 @@ class PreparedIterator:
 
 def train_iterator(spec: str, tokenizer, *, seq_len: int, global_batch: int, seed: int,
                    process_index: int, process_count: int, eval_fraction: float, max_bytes: int,
-                   data_dir: str | None):
+                   data_dir: str | None, text_field: str = "text"):
   """The training iterator of a source: streamed for "prepared:DIR", else in memory."""
   if prepared_dir(spec) is not None:
     if max_bytes:
@@ -153,18 +153,20 @@ def train_iterator(spec: str, tokenizer, *, seq_len: int, global_batch: int, see
     return PreparedIterator(open_split(spec, "train", tokenizer), seq_len, global_batch, seed,
                             process_index=process_index, process_count=process_count, spec=spec)
   stream = token_stream(spec, "train", tokenizer, eval_fraction=eval_fraction,
-                        max_bytes=max_bytes, data_dir=data_dir)
+                        max_bytes=max_bytes, data_dir=data_dir, text_field=text_field)
   return pipeline.DataIterator(stream, seq_len, global_batch, seed, process_index=process_index,
                                process_count=process_count)
 
 
 def token_stream(spec: str, split: str, tokenizer, *, eval_fraction: float, max_bytes: int,
-                 data_dir: str | None, max_tokens: int = 0) -> pipeline.TokenStream:
+                 data_dir: str | None, max_tokens: int = 0,
+                 text_field: str = "text") -> pipeline.TokenStream:
   """A split as an in-memory TokenStream. A prepared split gives its first `max_tokens` tokens
   (all with 0): what evaluation reads, since eval takes consecutive windows from the start."""
   if prepared_dir(spec) is None:
     return pipeline.tokenize_corpus(sources.load_corpus(
-        spec, split, eval_fraction=eval_fraction, max_bytes=max_bytes, data_dir=data_dir),
+        spec, split, eval_fraction=eval_fraction, max_bytes=max_bytes, data_dir=data_dir,
+        text_field=text_field),
         tokenizer)
   if split == "all":
     raise GrowlmError(f"source {spec!r}: split 'all' not accepted for prepared data (accepted: "

@@ -64,7 +64,8 @@ def _text(record, text_field: str, where: str) -> str:
   """A record's text feature as str; a missing feature is a GrowlmError."""
   if text_field not in record:
     raise GrowlmError(f"tfds dataset {where} has no feature {text_field!r} (features: "
-                      f"{', '.join(map(str, record))}); set --text_field")
+                      f"{', '.join(map(str, record))}); accepted: another feature named by "
+                      "data.text_field (growlm.main) or --text_field (growlm.prepare)")
   text = record[text_field]
   return text.decode("utf-8") if isinstance(text, bytes) else str(text)
 

@@ -174,7 +174,8 @@ def _rows(unit: Unit, text_field: str) -> Iterator[tuple[int, str]]:
     raise GrowlmError(f"{unit.path} is not a readable Parquet file ({type(e).__name__})") from e
   if text_field not in names:
     raise GrowlmError(f"Parquet file {unit.path} has no column {text_field!r} (columns: "
-                      f"{', '.join(names)}); set --text_field")
+                      f"{', '.join(names)}); accepted: files with that column, or another named by "
+                      "data.text_field (growlm.main) or --text_field (growlm.prepare)")
   row = 0
   for batch in table.iter_batches(columns=[text_field], batch_size=4096):
     for value in batch.column(0).to_pylist():
@@ -186,7 +187,9 @@ def _field(row, text_field: str, where: str) -> str:
   """The text field of one row; a missing or non-text field is a GrowlmError."""
   if not isinstance(row, dict) or text_field not in row:
     keys = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
-    raise GrowlmError(f"{where} has no field {text_field!r} (it has: {keys}); set --text_field")
+    raise GrowlmError(f"{where} has no field {text_field!r} (it has: {keys}); accepted: rows "
+                      "with that field, or another named by data.text_field (growlm.main) or "
+                      "--text_field (growlm.prepare)")
   value = row[text_field]
   if value is None:
     return ""

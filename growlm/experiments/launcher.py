@@ -4,7 +4,6 @@ sits above sweep, remote and the backends, so none of them imports another's cal
 
 from __future__ import annotations
 
-from growlm import fs
 from growlm.errors import GrowlmError
 from growlm.experiments import gcloud, remote, skypilot, sweep
 
@@ -15,7 +14,7 @@ def launch(config: str, sweep_dir: str, *, backend: str = "local", **kwargs) -> 
     raise GrowlmError(f"--backend={backend}; accepted: {', '.join(sweep.BACKENDS)}")
   if backend == "local":
     return sweep.launch(config, sweep_dir, **kwargs)
-  fs.check(sweep_dir, "--sweep_dir")
+  sweep.check_sweep_dir(sweep_dir)
   kwargs.pop("run_fn", None)
   return remote.launch(config, sweep_dir, backend,
                        backend_module=gcloud if backend == "gcloud" else skypilot, **kwargs)

@@ -268,6 +268,7 @@ def launch(config: str, sweep_dir: str, backend: str, *, backend_module, overrid
   if dry_run:
     job.submit([r["name"] for r in plan["runs"]])
     return runs
+  sweep_lib.check_run_dirs(runs)
   job.submit_ready(status.read(manifest["runs"]), explicit=set(only))
   if wait:
     names = {r.name for r in runs}

@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable
 
 from growlm import fs, rundir
+from growlm import lock as lock_lib
 from growlm.errors import EXIT_PREEMPTED, GrowlmError
 from growlm.experiments import sweep
 
@@ -119,6 +120,21 @@ def classify(num_steps: int, steps: list[int], launch: dict | None,
   return "failed", "every worker exited 0 before the last step"
 
 
+def _local(run: dict[str, Any], finished: set[str], now: float) -> tuple[str, str]:
+  """(state, detail) of a run no remote backend was handed (the local backend, or not yet):
+  running while a launch holds its lease, else pending, stopped at its last checkpoint or
+  waiting for the runs it grows from."""
+  lease = lock_lib.holder(run["workdir"])
+  if lease is not None:
+    return "running", (f"pid {lease['pid']} on {lease['host']}, last heartbeat "
+                       f"{age(now - lease['heartbeat'])} ago")
+  steps = rundir.checkpoint_steps(run["workdir"])
+  if steps:
+    return "pending", f"stopped at checkpoint {max(steps)}; relaunch to resume"
+  waiting = [d for d in run.get("depends", []) if d not in finished]
+  return "pending", f"waits for {', '.join(waiting)}" if waiting else "not submitted"
+
+
 def read(runs: list[dict[str, Any]], now: float | None = None) -> list[RunState]:
   """The state of each run ({'name', 'workdir', 'num_steps', 'depends'}), from its dir."""
   now = time.time() if now is None else now
@@ -128,9 +144,7 @@ def read(runs: list[dict[str, Any]], now: float | None = None) -> list[RunState]
                              _read_json(launch_path(r["workdir"])),
                              _heartbeats(r["workdir"]), now)
     if state == "pending" and detail == "not submitted":
-      waiting = [d for d in r.get("depends", []) if d not in finished]
-      if waiting:
-        detail = f"waits for {', '.join(waiting)}"
+      state, detail = _local(r, finished, now)
     if state == "finished":
       finished.add(r["name"])
     step, loss = _progress(r["workdir"])

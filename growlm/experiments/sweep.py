@@ -106,6 +106,9 @@ def expand(config: str, sweep_dir: str, overrides: dict[str, str | bool] | None 
     first = (str(e).strip().splitlines() or [""])[0]
     raise GrowlmError(f"--config={path}: sweep(add) raised {type(e).__name__}"
                       + (f": {first}" if first else "")) from None
+  if not specs:
+    raise GrowlmError(f"--config={config}: sweep(add) added no runs; accepted: a sweep() that "
+                      "calls add(name, **fields) once per run")
   if seeds > 1:
     base = files.load(config)
     files.apply_overrides(base, overrides or {})
@@ -164,6 +167,28 @@ def is_done(run: Run) -> bool:
   return run.config.train.num_steps in rundir.checkpoint_steps(run.workdir)
 
 
+def check_sweep_dir(sweep_dir: str) -> None:
+  """--sweep_dir: a scheme growlm reads, and not a local file (no network here: a remote
+  launch checks its flags first)."""
+  fs.check(sweep_dir, "--sweep_dir")
+  if not fs.is_url(sweep_dir) and fs.isfile(sweep_dir):
+    raise GrowlmError(f"--sweep_dir={sweep_dir} is a file; accepted: a new directory or the "
+                      "directory of a launched sweep")
+
+
+def check_run_dirs(runs: list[Run]) -> None:
+  """Refuses, before any run starts, a run dir that holds a run of another config than the
+  sweep now gives it (growlm.main's own refusal, growlm.commands.check_relaunch): a relaunch
+  with changed flags would otherwise skip the finished runs and report their old results
+  under the new settings."""
+  from growlm import commands  # pylint: disable=g-import-not-at-top  (jax)
+  for run in runs:
+    try:
+      commands.check_relaunch(run.config, run.workdir)
+    except GrowlmError as e:
+      raise GrowlmError(f"sweep run {run.name!r}: {e}") from None
+
+
 def _flag_value(v: Any) -> str:
   if isinstance(v, (tuple, list)):
     return "(" + ",".join(str(x) for x in v) + ("," if len(v) == 1 else "") + ")"
@@ -204,7 +229,7 @@ def launch(config: str, sweep_dir: str, *, backend: str = "local",
     raise GrowlmError(f"--backend={backend}; accepted: {', '.join(BACKENDS)}")
   if backend != "local":
     raise ValueError("remote backends go through growlm.experiments.launcher.launch")
-  fs.check(sweep_dir, "--sweep_dir")
+  check_sweep_dir(sweep_dir)
   given = [k for k, v in remote_flags.items() if v not in (None, False, "", 0, ())]
   if given:
     raise GrowlmError(f"--{given[0]} is a flag of a remote backend; accepted: --backend=gcloud "
@@ -212,6 +237,11 @@ def launch(config: str, sweep_dir: str, *, backend: str = "local",
                       "(--accelerators, --num_nodes, --spot, ...)")
   every = expand(config, sweep_dir, overrides, seeds)
   runs = select(every, only)
+  check_run_dirs(runs)
+  if not dry_run and runs:   # first, so that `status` can follow the runs as they go
+    fs.makedirs(sweep_dir)
+    fs.write_json_atomic(fs.join(sweep_dir, MANIFEST),
+                         manifest(config, every, overrides, backend, {}, seeds))
   for run in runs:
     line = " ".join(shlex.quote(a) for a in command(config, run, overrides=overrides))
     if dry_run:
@@ -224,11 +254,10 @@ def launch(config: str, sweep_dir: str, *, backend: str = "local",
     if run_fn is None:
       from growlm import commands  # pylint: disable=g-import-not-at-top
       run_fn = commands.train
-    fs.makedirs(sweep_dir)
-    run_fn(run.config, run.workdir)
-  if not dry_run and runs and fs.isdir(sweep_dir):   # for `status`, once a run went through
-    fs.write_json_atomic(fs.join(sweep_dir, MANIFEST),
-                         manifest(config, every, overrides, backend, {}, seeds))
+    try:
+      run_fn(run.config, run.workdir)
+    except GrowlmError as e:   # which run (a data error is found only when it starts)
+      raise GrowlmError(f"sweep run {run.name!r}: {e}") from None
   return runs
 
 

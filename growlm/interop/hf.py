@@ -35,6 +35,7 @@ from growlm.interop import hf_families as families
 from growlm.interop import hf_layout as layout
 from growlm.model import decoder as model_lib
 from growlm import fs, transfer, trees
+from growlm import lock as lock_lib
 from growlm.errors import GrowlmError, first_line
 from growlm.interop.hf_families import hf_architecture, hf_config  # noqa: F401  (public API)
 from growlm.model.config import DTYPES, ModelConfig
@@ -360,11 +361,12 @@ def export_hf(params, cfg: ModelConfig, out: str, *, tokenizer_from: str | None 
 
 def _write_hf_dir(out: str, conf: dict, tensors: dict, tokenizer_from: str | None,
                   extra_json: dict | None, max_shard_bytes: int) -> None:
-  """Builds `out` under OUT.partial and renames it."""
+  """Builds `out` under OUT.partial, held by a lease (growlm.lock) while it is written, so a
+  second export to the same `out` is refused rather than let to delete this one's; renames it."""
   partial = out.rstrip("/") + ".partial"
-  shutil.rmtree(partial, ignore_errors=True)
+  lock_lib.clear_leftover(partial, f"out={out}")
+  lease = lock_lib.RunLock(partial).acquire()   # creates the directory
   try:
-    os.makedirs(partial)
     with open(os.path.join(partial, "config.json"), "w") as f:
       json.dump(conf, f, indent=2, sort_keys=True)
     _write_tensors(tensors, partial, max_shard_bytes)
@@ -373,7 +375,13 @@ def _write_hf_dir(out: str, conf: dict, tensors: dict, tokenizer_from: str | Non
     for name, obj in (extra_json or {}).items():
       with open(os.path.join(partial, name), "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
+    lease.release()
+    if os.path.exists(out):
+      raise GrowlmError(f"HF export: out={out} was written by another launch while this one ran; "
+                        f"this one's result is discarded")
     os.rename(partial, out)
   except BaseException:
+    if lease.held:
+      lease.release()
     shutil.rmtree(partial, ignore_errors=True)
     raise

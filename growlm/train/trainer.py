@@ -118,7 +118,8 @@ def load_data(config: RunConfig, tokenizer) -> tuple[Any, dict, dict]:
   only the tokens its batches need, from the start of each eval split.
   """
   d = config.data
-  kw = dict(eval_fraction=d.eval_fraction, max_bytes=d.max_bytes, data_dir=d.data_dir or None)
+  kw = dict(eval_fraction=d.eval_fraction, max_bytes=d.max_bytes, data_dir=d.data_dir or None,
+            text_field=d.text_field)
   iterator = data_lib.train_iterator(d.train, tokenizer, seq_len=d.seq_len,
                                      global_batch=d.batch_size, seed=d.seed,
                                      process_index=jax.process_index(),
@@ -135,7 +136,7 @@ def require_config(workdir: str) -> dict | None:
   """The run dir's saved config.json (None for a new run dir). A run dir that holds checkpoints
   must hold a readable config.json: without it a relaunch could not be checked against the run,
   so it is refused rather than resumed with whatever the new command says."""
-  fs.check_bucket(workdir, "--workdir")
+  fs.check_writable(workdir, "--workdir")
   if fs.isfile(workdir):
     raise GrowlmError(f"--workdir={workdir} is not a directory; accepted: a new path or a run dir")
   saved = rundir.read_config(workdir)
@@ -307,6 +308,7 @@ def _loop(config: RunConfig, workdir: str, start: Start, state: TrainState, iter
             "stage": kit.index}
 
   last_eval: dict[str, float] = {}
+  eval_step = first
   if not start.resumed:
     if growth_report is not None:
       record({**counters(first), "event": "growth",
@@ -363,7 +365,7 @@ def _loop(config: RunConfig, workdir: str, start: Start, state: TrainState, iter
       if not stopping and (step % config.eval.every_steps == 0 or step == t.num_steps):
         read_back(pending)
         pending = None
-        last_eval = kit.evaluator(state.params)
+        last_eval, eval_step = kit.evaluator(state.params), step
         record({**counters(step), **last_eval})
       if stopping or step % config.checkpoint.every_steps == 0 or step == end:
         if pending is not None:
@@ -384,4 +386,7 @@ def _loop(config: RunConfig, workdir: str, start: Start, state: TrainState, iter
     ckpt.close()
     writer.close()
     tracker.log_loss_curve(workdir)
-  return {**counters(int(jax.device_get(state.step))), **last_train, **last_eval}
+  final = int(jax.device_get(state.step))
+  # An eval older than the last step (train.stop_at between evals) says which step it is of.
+  stale = {"eval_step": eval_step} if last_eval and eval_step != final else {}
+  return {**counters(final), **last_train, **last_eval, **stale}
