@@ -470,13 +470,16 @@ CASES += [
 ]
 
 
-def _sweep_case(id_, says, body: str, only=()) -> Case:
-  """A sweep config file whose sweep(add) is `body` (None: no sweep function)."""
+def _sweep_case(id_, says, body: str, only=(), files=()) -> Case:
+  """A sweep config file whose sweep(add) is `body` (None: no sweep function), and `files`
+  ((name, text), written beside it)."""
   head = ("from growlm.config import defaults\n"
           "def get_config(arg=None):\n"
           "  return defaults.base_config('nano')\n")
 
   def make(ctx):
+    for name, text in files:
+      ctx.write(name, text)
     path = ctx.write("sweep_cfg.py", head + ("" if body is None else
                                              "def sweep(add):\n" + body))
     return lambda: sweep.launch(path, ctx.path("sweep"), only=only, run_fn=_no_run,
@@ -504,6 +507,11 @@ CASES += [
     _sweep_case("sweep-bad-run-value", ["sweep run 'a'", "train.lr"],
                 "  add(name='a', **{'train.lr': -1.0})\n"),
     _sweep_case("sweep-adds-no-runs", ["added no runs"], "  pass\n"),
+    _sweep_case("sweep-later-run-data-missing", ["sweep run 'b'", "matches no file"],
+                "  add(name='a')\n  add(name='b', **{'data.train': 'file:/nonexistent/x.txt'})\n"),
+    _sweep_case("sweep-later-run-eval-field", ["sweep run 'b'", "no field 'text'", "body"],
+                "  add(name='a')\n  add(name='b', **{'data.eval.rows': 'jsonl:' + __file__[:-3] "
+                "+ '.jsonl@all'})\n", files=(("sweep_cfg.jsonl", '{"body": "x"}\n'),)),
     Case("sweep-dir-is-a-file", ("--sweep_dir", "is a file"), lambda ctx: (
         lambda d=ctx.write("afile", "x"): sweep.launch(
             str(REPO / "configs" / "quickstart.py"), d, run_fn=_no_run, echo=lambda _: None))),

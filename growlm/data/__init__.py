@@ -25,7 +25,7 @@ from growlm.data.prepare_tokens import prepare_tokens
 from growlm.data.shards import PreparedSplit, read_manifest
 from growlm.data.sources import SOURCE_FORMS, load_corpus, load_documents
 from growlm.data.stream import PreparedIterator, open_split, prepared_dir, token_stream
-from growlm.data.stream import train_iterator
+from growlm.data.stream import check_source, train_iterator
 from growlm.data.tfds_prepare import prepare_text_dataset
 from growlm.data.tokenizers import ByteTokenizer, HFTokenizer, SentencePieceTokenizer
 from growlm.data.tokenizers import make_tokenizer, train_byte_level_bpe
@@ -35,7 +35,7 @@ from growlm.data.units import stdlib_files
 __all__ = [
     "SOURCE_FORMS", "SPLITS", "ByteTokenizer", "Corpus", "DataIterator", "HFTokenizer",
     "PreparedIterator", "PreparedSplit", "SentencePieceTokenizer", "TokenStream",
-    "documents_sha256", "eval_batches", "eval_tokens", "list_units", "load_corpus",
+    "check_source", "documents_sha256", "eval_batches", "eval_tokens", "list_units", "load_corpus",
     "load_documents", "make_tokenizer", "num_windows", "open_split", "prepare_text_dataset",
     "prepare_tokens", "prepared_dir", "read_manifest", "resolve_file_patterns",
     "site_packages_files", "stdlib_files", "token_stream", "tokenize_corpus", "train_iterator",

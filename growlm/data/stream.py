@@ -22,6 +22,7 @@ from growlm import fs, transfer
 from growlm.data import pipeline
 from growlm.data import shards
 from growlm.data import sources
+from growlm.data import units
 from growlm.errors import GrowlmError
 
 _MAX_STEPS = 1 << 40          # the grain dataset's length: steps, not data
@@ -60,6 +61,22 @@ def open_split(spec: str, split: str, tokenizer=None) -> shards.PreparedSplit:
         f"{tok.get('vocab_size')}), not data.tokenizer={tokenizer.name!r} (vocab "
         f"{tokenizer.vocab_size}); accepted: the tokenizer it was prepared with")
   return shards.PreparedSplit(directory, split, manifest).open()
+
+
+def check_source(spec: str, *, data_dir: str | None, text_field: str = "text") -> None:
+  """The cheap half of reading a source, for a launcher that starts its run later: the files or
+  dataset exist and the first row has the text field; prepared data has its manifest. Reads no
+  corpus (a gs:// prepared directory is not mirrored)."""
+  directory = prepared_dir(spec)
+  if directory is None:
+    found = units.list_units(spec, data_dir=data_dir)
+    if found:
+      units.check_text_field(found[0], text_field, data_dir)
+  elif not fs.is_url(directory):
+    shards.read_manifest(directory)
+  elif not fs.isfile(fs.join(fs.check(directory, "prepared data"), shards.MANIFEST)):
+    raise GrowlmError(f"prepared data {directory} has no {shards.MANIFEST}; accepted: a "
+                      "directory written by python -m growlm.prepare (to the end)")
 
 
 def _manifest(part: shards.PreparedSplit, spec: str) -> dict:

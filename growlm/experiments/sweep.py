@@ -176,6 +176,27 @@ def check_sweep_dir(sweep_dir: str) -> None:
                       "directory of a launched sweep")
 
 
+def check_data(runs: list[Run]) -> None:
+  """Refuses, before any run starts, a run whose data cannot be read here (a missing file, a
+  wrong text field), which would otherwise stop the sweep only when that run's turn comes.
+  Finished runs are skipped; each distinct source is checked once (growlm.data.check_source)."""
+  from growlm import data  # pylint: disable=g-import-not-at-top
+  seen = set()
+  for run in runs:
+    if is_done(run):
+      continue
+    d = resolve(run.config).data
+    for spec in [d.train] + [source for _, source, _ in d.eval_sources()]:
+      key = (spec, d.data_dir, d.text_field)
+      if key in seen:
+        continue
+      seen.add(key)
+      try:
+        data.check_source(spec, data_dir=d.data_dir or None, text_field=d.text_field)
+      except GrowlmError as e:
+        raise GrowlmError(f"sweep run {run.name!r}: {e}") from None
+
+
 def check_run_dirs(runs: list[Run]) -> None:
   """Refuses, before any run starts, a run dir that holds a run of another config than the
   sweep now gives it (growlm.main's own refusal, growlm.commands.check_relaunch): a relaunch
@@ -238,6 +259,7 @@ def launch(config: str, sweep_dir: str, *, backend: str = "local",
   every = expand(config, sweep_dir, overrides, seeds)
   runs = select(every, only)
   check_run_dirs(runs)
+  check_data(runs)   # here only: a remote run's files are its hosts', not this machine's
   if not dry_run and runs:   # first, so that `status` can follow the runs as they go
     fs.makedirs(sweep_dir)
     fs.write_json_atomic(fs.join(sweep_dir, MANIFEST),
