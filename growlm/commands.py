@@ -193,7 +193,7 @@ def _tokenizer_source(run_cfg: dict) -> str | None:
 def export_run(run: str, out: str, *, tokenizer_from: str | None = None,
                dtype: str | None = None) -> str:
   """`export`: the run's newest checkpoint -> HF directory `out`; returns the architecture
-  written (gpt2 | llama)."""
+  written (gpt2 | qwen2 | llama)."""
   if hf_lib.is_hf_dir(run):
     raise GrowlmError(f"--run={run} is a Hugging Face directory; accepted: a growlm run dir")
   _check_out(out)

@@ -61,7 +61,8 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[Any] | No
   if -1 in sizes:
     known = math.prod(s for s in sizes if s != -1)
     if n % known:
-      raise GrowlmError(f"mesh: {n} devices not divisible by fixed axes product {known}")
+      raise GrowlmError(f"mesh: {n} devices not divisible by fixed axes product {known}; "
+                        f"accepted: fixed axes whose product divides {n}")
     sizes[sizes.index(-1)] = n // known
   if math.prod(sizes) > n or (-1 not in shape_list and n % math.prod(sizes)):
     raise GrowlmError(f"mesh: shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "

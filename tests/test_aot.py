@@ -182,6 +182,13 @@ def test_a_cpu_step_profiled_after_libtpu_loads_still_has_its_events(tmp_path):
   assert sum(got.values()) > 0, got   # (a bare product is "other": no project scope)
 
 
+@pytest.mark.parametrize("name, kind", [("v5litepod-1", "TPU v5 lite"), ("v6e:1x1", "TPU v6 lite")])
+def test_one_chip_slices_are_described(name, kind):
+  """Smaller than a host's default 2x2 chips: libtpu needs the host's bounds said."""
+  devices = aot.topology_devices(name)
+  assert len(devices) == 1 and devices[0].device_kind == kind
+
+
 def test_environment_is_restored_after_the_topology_loads(monkeypatch):
   for key in ("TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "TPU_LIBRARY_PATH"):
     monkeypatch.delenv(key, raising=False)

@@ -134,6 +134,8 @@ def test_one_schedule_with_rewarm():
     ({"step": AT, "model": GROW, "optimizer": "adam"}, ("stages[0].optimizer", "fresh")),
     ({"step": AT, "model": GROW, "rewarm": 3}, ("stages[0]", "rewarm_steps")),
     ({"model": GROW}, ("stages[0]", "'step'")),
+    ({"step": AT, "model": GROW, "plan": {"depht": "identity"}}, ("stages[0].plan", "'depht'")),
+    ({"step": AT, "model": GROW, "plan": {"width": "tyle"}}, ("stages[0].plan", "tyle")),
 ])
 def test_bad_stages_are_one_line(stage, says):
   c = _config()

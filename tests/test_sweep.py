@@ -201,8 +201,9 @@ def _write_run(d, name, flops, losses, source=None, source_flops=0.0, d_model=12
          "train": {"num_steps": num_steps}, "init": {"source": source or ""}}
   (run / "config.json").write_text(json.dumps(cfg))
   rows = []
-  for i, (f, l) in enumerate(zip(flops, losses)):
-    row = {"step": 10 * i, "tokens": 100 * i, "flops": f, "eval_loss/heldout": l}
+  for i, (f, l) in enumerate(zip(flops, losses)):   # evenly to the last step: a finished run
+    row = {"step": num_steps * i // (len(flops) - 1), "tokens": 100 * i, "flops": f,
+           "eval_loss/heldout": l}
     if wall is not None:
       row["wall_seconds"] = wall[i]
     if source:
@@ -240,6 +241,34 @@ def test_analysis_numbers_on_known_curves(tmp_path):
   assert "not reached" in md and f"{1 - reach / 200:.1%}" in md
   assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
   assert json.loads((tmp_path / "results.json").read_text())["grown"][0]["run"] == "grown"
+
+
+def test_unfinished_runs_are_listed_not_compared(tmp_path):
+  """A grown run, or the scratch run it would be compared with, short of its last step (still
+  training, or stopped) gives no savings: its loss is not final. A sweep dir moved after launch
+  still knows its source (by name: the grown runs' init.source names the old place)."""
+  _write_run(tmp_path, "scratch", [0, 100, 200], [5.0, 4.0, 3.0])
+  _write_run(tmp_path, "source", [0, 40], [5.0, 3.6], d_model=64)
+  _write_run(tmp_path, "grown", [0, 50, 100], [3.5, 3.2, 2.9], source="/moved/away/source",
+             source_flops=40.0)
+  full = analysis.analyze(str(tmp_path), plot=False)
+  assert full["grown"][0]["baseline"] == "scratch" and full["runs"]["scratch"]["finished"]
+  assert full["runs"]["source"]["kind"] == "source"
+  rows = (tmp_path / "scratch" / "metrics.jsonl").read_text().splitlines()
+  (tmp_path / "scratch" / "metrics.jsonl").write_text("\n".join(rows[:2]) + "\n")   # at step 10
+  part = analysis.analyze(str(tmp_path), plot=False)
+  assert part["grown"] == [{"run": "grown", "baseline": None,
+                            "unfinished": ["scratch at step 10 of 20"]}]
+  assert part["pooled"] == [] and not part["runs"]["scratch"]["finished"]
+  md = (tmp_path / "results.md").read_text()
+  assert "| grown | unfinished: scratch at step 10 of 20 |" in md and "| 10 of 20 |" in md
+  with pytest.raises(GrowlmError, match="holds no run dirs"):   # a run dir, not a sweep's
+    analysis.analyze(str(tmp_path / "scratch"))
+  assert sorted(os.listdir(tmp_path / "scratch")) == ["config.json", "metrics.jsonl"]
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(GrowlmError, match="holds no run dirs"):
+    analysis.analyze(str(tmp_path / "empty"))
+  assert os.listdir(tmp_path / "empty") == []
 
 
 def test_frontier_wall_clock_and_growth_that_already_reached_the_target(tmp_path):

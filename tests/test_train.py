@@ -162,6 +162,10 @@ def test_resume_gives_the_same_losses(tmp_path):
   resumed = _train_lines(str(tmp_path / "resumed" / "metrics.jsonl"))
   assert [r["step"] for r in resumed] == list(range(1, 21))
   assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in full]
+  # Each line's throughput counts the steps finished since the line before: one per line here,
+  # the eval steps (10, 20) included, where a step dispatched but not yet read was counted.
+  assert all(r["tokens_per_sec"] > 0 for r in full + resumed), [
+      (r["step"], r["tokens_per_sec"]) for r in full + resumed if not r["tokens_per_sec"] > 0]
   # Wall-clock carries on across the relaunch (the second launch starts from the first's).
   wall = [r["wall_seconds"] for r in resumed]
   assert all(w > 0 for w in wall) and wall == sorted(wall)

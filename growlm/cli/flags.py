@@ -145,6 +145,8 @@ def _parse_absl(rest: list[str]) -> list[str]:
   """flags.FLAGS(rest), an absl flag error as one `growlm: error:` line (absl: 'FATAL ...')."""
   try:
     return flags.FLAGS(rest)
+  except flags.IllegalFlagValueError as e:   # absl names the flag and the value
+    fail(GrowlmError(f"{str(e).strip()}; accepted: a value of that flag's type (--helpfull)"))
   except flags.Error as e:
     fail(GrowlmError(f"{str(e).strip()}; accepted: the flags that --helpfull lists"))
 

@@ -29,9 +29,13 @@ _TRUE = ("true", "t", "yes", "y", "1")
 _FALSE = ("false", "f", "no", "n", "0")
 
 
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+def _first_line(e: BaseException, limit: int = 400) -> str:
+  """An error raised by a user's config code, as one line: its lines joined (ml_collections'
+  type errors say what is wrong at the end), cut at `limit` characters."""
+  text = " ".join(str(e).split())
+  if len(text) > limit:
+    text = text[:limit - 4] + " ..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:

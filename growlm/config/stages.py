@@ -88,10 +88,13 @@ def parse(value: Any) -> tuple[Stage, ...]:
     optimizer = fields.get("optimizer", "grow")
     if optimizer not in STAGE_OPTIMIZER:
       raise GrowlmError(f"config {what}.optimizer={optimizer!r}; accepted: {STAGE_OPTIMIZER}")
+    try:
+      plan = GrowthPlan.from_dict(_as_mapping(fields.get("plan", {}), f"{what}.plan"))
+    except GrowlmError as e:   # which stage: a config may have several
+      raise GrowlmError(f"config {what}.plan: {e}") from None
     out.append(Stage(step=_count(f"{what}.step", fields["step"], 1),
                      model=tuple(sorted(changes.items())),
-                     plan=GrowthPlan.from_dict(_as_mapping(fields.get("plan", {}),
-                                                           f"{what}.plan")),
+                     plan=plan,
                      optimizer=optimizer,
                      rewarm_steps=_count(f"{what}.rewarm_steps", fields.get("rewarm_steps", 0),
                                          0)))

@@ -229,18 +229,51 @@ def pool(grown: list[dict], seeds: int) -> list[dict[str, Any]]:
   return out
 
 
+def _last_step(run: dict) -> int:
+  return max((r["step"] for r in run["rows"] if isinstance(r.get("step"), int)), default=0)
+
+
+def is_finished(run: dict) -> bool:
+  """Whether the run reached its last step (train.num_steps): a run still training, or stopped,
+  has no final loss yet, and a comparison with it would be read as a result."""
+  return _last_step(run) >= run["config"]["train"]["num_steps"]
+
+
+def _unfinished(run: dict) -> str:
+  return f"{run['name']} at step {_last_step(run)} of {run['config']['train']['num_steps']}"
+
+
+def _comparison(run: dict, runs: list[dict], seeds: int) -> dict[str, Any]:
+  """compare() of a finished grown run with its finished baseline; while the run or the scratch
+  run it would be compared with is unfinished, an entry that says so and compares nothing."""
+  done = [r for r in runs if is_finished(r)]
+  base = find_baseline(run, done, seeds)
+  wanted = find_baseline(run, runs, seeds)   # the baseline once every run has finished
+  waiting = [r for r in (run, wanted) if r is not None and not is_finished(r)]
+  if waiting or base is None:
+    return {"run": run["name"], "baseline": None,
+            "unfinished": [_unfinished(r) for r in waiting]}
+  return compare(run, base, scratch_runs(run, done, seeds))
+
+
 def analyze(sweep_dir: str, plot: bool = True) -> dict[str, Any]:
-  """Writes results.json, results.md (and loss_curves.png) in `sweep_dir`; returns results."""
+  """Writes results.json, results.md (and loss_curves.png) in `sweep_dir`; returns results.
+  Only finished runs are compared; an unfinished one is listed with its step."""
   runs = load_sweep(sweep_dir)
+  if not runs:
+    raise GrowlmError(f"sweep dir {sweep_dir} holds no run dirs (config.json and metrics.jsonl); "
+                      "accepted: the --sweep_dir of a launched sweep")
   seeds = sweep_seeds(sweep_dir)
   results: dict[str, Any] = {"sweep_dir": fs.absolute(sweep_dir), "seeds": seeds, "runs": {},
                              "grown": []}
-  sources = {fs.absolute(r["config"]["init"]["source"]) for r in runs
+  # By path, or by name when the sweep dir was moved after launch (the paths name the old place).
+  sources = {r["config"]["init"]["source"].rstrip("/") for r in runs
              if r["config"]["init"].get("source")}
+  sources = {fs.absolute(s) for s in sources} | {fs.basename(s) for s in sources}
   for run in runs:
     final = {ds: _final(run, ds)[0] for ds in eval_datasets(run)}
     kind = ("grown" if is_grown(run) else
-            "source" if fs.absolute(run["dir"]) in sources else "scratch")
+            "source" if {fs.absolute(run["dir"]), run["name"]} & sources else "scratch")
     f = [r["flops"] for r in run["rows"] if "flops" in r]
     wall = [r["wall_seconds"] for r in run["rows"] if "wall_seconds" in r]
     model = final_model(run["config"])
@@ -248,14 +281,12 @@ def analyze(sweep_dir: str, plot: bool = True) -> dict[str, Any]:
         "kind": kind,
         "model": {k: model[k] for k in ("d_model", "n_layers", "n_heads", "mlp_dim")},
         "steps": max((r["step"] for r in run["rows"]), default=0),
+        "num_steps": run["config"]["train"]["num_steps"], "finished": is_finished(run),
         "flops": max(f, default=0.0), "wall_seconds": max(wall, default=None),
         "final_eval_loss": final, "final_train_loss": _last_train(run)}
   for run in runs:
-    if not is_grown(run):
-      continue
-    base = find_baseline(run, runs, seeds)
-    results["grown"].append(compare(run, base, scratch_runs(run, runs, seeds)) if base else
-                            {"run": run["name"], "baseline": None})
+    if is_grown(run):
+      results["grown"].append(_comparison(run, runs, seeds))
   results["pooled"] = pool(results["grown"], seeds)
   fs.write_json_atomic(fs.join(sweep_dir, "results.json"), results)
   fs.write_text_atomic(fs.join(sweep_dir, "results.md"), results_markdown(results))
@@ -317,6 +348,9 @@ def results_markdown(results: dict[str, Any]) -> str:
            "final - frontier +src |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for g in results["grown"]:
+    if g.get("unfinished"):
+      lines.append(f"| {g['run']} | unfinished: {', '.join(g['unfinished'])} |" + " |" * 15)
+      continue
     if not g.get("baseline"):
       lines.append(f"| {g['run']} | no scratch baseline of this size |" + " |" * 15)
       continue
@@ -348,7 +382,8 @@ def results_markdown(results: dict[str, Any]) -> str:
   lines += ["", "| run | kind | d_model | layers | steps | FLOPs | wall s | train loss |",
             "|---|---|---|---|---|---|---|---|"]
   for name, r in results["runs"].items():
+    steps = r["steps"] if r.get("finished", True) else f"{r['steps']} of {r['num_steps']}"
     lines.append(f"| {name} | {r['kind']} | {r['model']['d_model']} | {r['model']['n_layers']} "
-                 f"| {r['steps']} | {r['flops']:.3e} | {_fmt(r['wall_seconds'], '.1f')} | "
+                 f"| {steps} | {r['flops']:.3e} | {_fmt(r['wall_seconds'], '.1f')} | "
                  f"{_fmt(r['final_train_loss'])} |")
   return "\n".join(lines) + "\n"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import sys
@@ -125,15 +126,19 @@ def topology_devices(name: str) -> list:
          # description uses none, so other compiles (and TPU runs) may load it too.
          "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  error = None
+  error, kw = None, {}
+  dims = re.fullmatch(r"[^:]+:(\d+(?:x\d+)*)", name)
+  dims = [int(d) for d in dims.group(1).split("x")] if dims else []
+  if dims and 0 < math.prod(dims) < 4:   # fewer chips than a host's default 2x2: one host holds
+    kw["chips_per_host_bounds"] = tuple(dims + [1] * (3 - len(dims)))   # them (v5e-1, v6e-1)
   with _environ(env):
     _load_libtpu(path)
     # One device per chip, as jax has on a slice: "megacore" where the generation has it (v4,
     # v5p: two cores act as one device), else the chip's default configuration.
     for chip_config in ("megacore", "default"):
       try:
-        return list(topologies.get_topology_desc(name, "tpu",
-                                                 chip_config_name=chip_config).devices)
+        return list(topologies.get_topology_desc(name, "tpu", chip_config_name=chip_config,
+                                                 **kw).devices)
       except Exception as e:  # pylint: disable=broad-except  (libtpu's runtime errors)
         error = e
   raise GrowlmError(f"--compile_for={name}: libtpu refused it ({first_line(error)[:160]}); "

@@ -330,6 +330,7 @@ def _loop(config: RunConfig, workdir: str, start: Start, state: TrainState, iter
     nonlocal window_t, window_steps, last_train
     s, m = item
     m = {k: float(v) for k, v in jax.device_get(m).items()}
+    window_steps += 1   # steps finished since the last train line (not dispatched: one more)
     if not all(math.isfinite(v) for v in m.values()):
       raise FloatingPointError(f"non-finite metrics at step {s}: {m}; no checkpoint written "
                                "for this step (lower train.lr or raise train.warmup_steps)")
@@ -357,7 +358,6 @@ def _loop(config: RunConfig, workdir: str, start: Start, state: TrainState, iter
         tracker.log_report(report)
       batch = sharding.global_batch_from_local(next(iterator), batch_shard)
       state, metrics = kit.step_fn(state, batch)
-      window_steps += 1
       if pending is not None:
         read_back(pending)   # the step just dispatched runs while we read the previous one
       pending = (step, metrics)
