@@ -184,21 +184,21 @@ def clear_leftover(partial: str, out: str) -> None:
   Such a leftover holds the command's stale lease (or nothing). Refuses in one line, removing
   nothing, when a live launch holds the lease (the same command running twice) or when
   `partial` holds files and no lease: that is not a leftover, so it may be someone's own work."""
-  if fs.exists(partial):
-    check_leftover(partial, out)
-    fs.rmtree(partial)
+  check_leftover(partial, out)
+  fs.rmtree(partial)   # a no-op when there is nothing
 
 
 def check_leftover(partial: str, out: str) -> None:
   """clear_leftover's refusals, removing nothing: the early check, before any work."""
   if not fs.exists(partial):
     return
-  if not fs.isfile(partial):
-    check_free(partial)
-  if fs.isfile(partial) or (fs.listdir(partial) and _read(lease_path(partial)) is None):
-    raise GrowlmError(f"{partial} exists and is not what an interrupted growlm command leaves "
-                      f"(that holds a lease file, {LEASE}); it is left as it is; accepted: move "
-                      f"it away, or choose another output than {out}")
+  if fs.isdir(partial):
+    check_free(partial)   # a live launch's work in progress
+    if not fs.listdir(partial) or _read(lease_path(partial)) is not None:
+      return   # empty, or a stale lease: what an interrupted launch leaves
+  raise GrowlmError(f"{partial} exists and is not what an interrupted growlm command leaves "
+                    f"(that holds a lease file, {LEASE}); it is left as it is; accepted: move it "
+                    f"away, or choose another output than {out}")
 
 
 def remove_unless_live(partial: str) -> None:

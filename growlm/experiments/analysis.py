@@ -246,14 +246,12 @@ def _unfinished(run: dict) -> str:
 def _comparison(run: dict, runs: list[dict], seeds: int) -> dict[str, Any]:
   """compare() of a finished grown run with its finished baseline; while the run or the scratch
   run it would be compared with is unfinished, an entry that says so and compares nothing."""
-  done = [r for r in runs if is_finished(r)]
-  base = find_baseline(run, done, seeds)
-  wanted = find_baseline(run, runs, seeds)   # the baseline once every run has finished
-  waiting = [r for r in (run, wanted) if r is not None and not is_finished(r)]
+  base = find_baseline(run, runs, seeds)
+  waiting = [r for r in (run, base) if r is not None and not is_finished(r)]
   if waiting or base is None:
     return {"run": run["name"], "baseline": None,
             "unfinished": [_unfinished(r) for r in waiting]}
-  return compare(run, base, scratch_runs(run, done, seeds))
+  return compare(run, base, scratch_runs(run, [r for r in runs if is_finished(r)], seeds))
 
 
 def analyze(sweep_dir: str, plot: bool = True) -> dict[str, Any]:
@@ -280,7 +278,7 @@ def analyze(sweep_dir: str, plot: bool = True) -> dict[str, Any]:
     results["runs"][run["name"]] = {
         "kind": kind,
         "model": {k: model[k] for k in ("d_model", "n_layers", "n_heads", "mlp_dim")},
-        "steps": max((r["step"] for r in run["rows"]), default=0),
+        "steps": _last_step(run),
         "num_steps": run["config"]["train"]["num_steps"], "finished": is_finished(run),
         "flops": max(f, default=0.0), "wall_seconds": max(wall, default=None),
         "final_eval_loss": final, "final_train_loss": _last_train(run)}

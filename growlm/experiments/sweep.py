@@ -13,6 +13,7 @@ is finished when its run dir holds a checkpoint at its last step, read from the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import shlex
@@ -131,10 +132,8 @@ def expand(config: str, sweep_dir: str, overrides: dict[str, str | bool] | None 
     with cfg.unlocked():
       cfg.name = name
       cfg.sweep_name = sweep_name
-    try:
+    with naming(name):
       resolve(cfg)   # every run's values are checked before the first run starts
-    except GrowlmError as e:
-      raise GrowlmError(f"sweep run {name!r}: {e}") from None
     runs.append(Run(name, run_overrides, cfg, depends, fs.join(sweep_dir, name)))
   return order(runs)
 
@@ -167,6 +166,15 @@ def is_done(run: Run) -> bool:
   return run.config.train.num_steps in rundir.checkpoint_steps(run.workdir)
 
 
+@contextlib.contextmanager
+def naming(name: str):
+  """A GrowlmError inside the block, as one line that names the sweep run it is about."""
+  try:
+    yield
+  except GrowlmError as e:
+    raise GrowlmError(f"sweep run {name!r}: {e}") from None
+
+
 def check_sweep_dir(sweep_dir: str) -> None:
   """--sweep_dir: a scheme growlm reads, and not a local file (no network here: a remote
   launch checks its flags first)."""
@@ -191,10 +199,8 @@ def check_data(runs: list[Run]) -> None:
       if key in seen:
         continue
       seen.add(key)
-      try:
+      with naming(run.name):
         data.check_source(spec, data_dir=d.data_dir or None, text_field=d.text_field)
-      except GrowlmError as e:
-        raise GrowlmError(f"sweep run {run.name!r}: {e}") from None
 
 
 def check_run_dirs(runs: list[Run]) -> None:
@@ -204,10 +210,8 @@ def check_run_dirs(runs: list[Run]) -> None:
   under the new settings."""
   from growlm import commands  # pylint: disable=g-import-not-at-top  (jax)
   for run in runs:
-    try:
+    with naming(run.name):
       commands.check_relaunch(run.config, run.workdir)
-    except GrowlmError as e:
-      raise GrowlmError(f"sweep run {run.name!r}: {e}") from None
 
 
 def _flag_value(v: Any) -> str:
@@ -276,10 +280,8 @@ def launch(config: str, sweep_dir: str, *, backend: str = "local",
     if run_fn is None:
       from growlm import commands  # pylint: disable=g-import-not-at-top
       run_fn = commands.train
-    try:
+    with naming(run.name):   # which run (a data error is found only when it starts)
       run_fn(run.config, run.workdir)
-    except GrowlmError as e:   # which run (a data error is found only when it starts)
-      raise GrowlmError(f"sweep run {run.name!r}: {e}") from None
   return runs
 
 
@@ -302,10 +304,8 @@ def compile_for(config: str, sweep_dir: str, topology: str, *,
       reports[run.name] = reports[first[key]]
       echo(f"[{run.name}] the same step as [{first[key]}]")
       continue
-    try:
+    with naming(run.name):
       reports[run.name] = commands.compile_for(c, topology)
-    except GrowlmError as e:
-      raise GrowlmError(f"sweep run {run.name!r}: {e}") from None
     first[key] = run.name
     lines = aot.format_report(reports[run.name])
     if len(first) == 1:
