@@ -165,9 +165,16 @@ def test_sharded_bfloat16_checkpoint_round_trips(tt, hf_models, tmp_path):
   ref = hf.import_hf(hf_models["llama_gqa"][0])
   np.testing.assert_array_equal(h.params["embed"],
                                 ref.params["embed"].astype(jnp.bfloat16).astype(np.float32))
-  hf.export_hf(h.params, h.config, str(tmp_path / "out"), dtype="bfloat16",
-               max_shard_bytes=40_000)
+  old_umask = os.umask(0o027)
+  try:
+    hf.export_hf(h.params, h.config, str(tmp_path / "out"), dtype="bfloat16",
+                 max_shard_bytes=40_000)
+  finally:
+    os.umask(old_umask)
   assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+  # every file as open() makes it under the umask (safetensors alone makes its files 0600)
+  modes = {f.name: oct(f.stat().st_mode & 0o777) for f in (tmp_path / "out").iterdir()}
+  assert len(modes) > 3 and set(modes.values()) == {"0o640"}, modes
   a, b = tensors(src), tensors(tmp_path / "out")
   assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
   loaded = _load(tt, tmp_path / "out")

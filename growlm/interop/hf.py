@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from typing import Any
 
@@ -284,7 +285,18 @@ def to_hf_tensors(params, cfg: ModelConfig, arch: str | None = None,
   return out
 
 
-def _write_tensors(tensors: dict[str, np.ndarray], directory: str, max_shard_bytes: int):
+def _write_tensors(tensors: dict[str, np.ndarray], directory: str, max_shard_bytes: int,
+                   mode: int):
+  """Writes the safetensors file(s) (and their index when sharded) with permission bits `mode`:
+  safetensors creates its files owner-only (0600), which a group sharing the directory, or a
+  server reading it as another user, could not read."""
+  meta = {"format": "pt"}   # transformers refuses safetensors files without a known format
+
+  def save(names, fname):
+    path = os.path.join(directory, fname)
+    save_file({n: tensors[n] for n in names}, path, metadata=meta)
+    os.chmod(path, mode)
+
   shards, size = [[]], 0
   for name, x in tensors.items():
     if shards[-1] and size + x.nbytes > max_shard_bytes:
@@ -292,14 +304,13 @@ def _write_tensors(tensors: dict[str, np.ndarray], directory: str, max_shard_byt
       size = 0
     shards[-1].append(name)
     size += x.nbytes
-  meta = {"format": "pt"}   # transformers refuses safetensors files without a known format
   if len(shards) == 1:
-    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata=meta)
+    save(shards[0], "model.safetensors")
     return
   weight_map = {}
   for k, names in enumerate(shards):
     fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file({n: tensors[n] for n in names}, os.path.join(directory, fname), metadata=meta)
+    save(names, fname)
     weight_map.update({n: fname for n in names})
   index = {"metadata": {"total_size": int(sum(x.nbytes for x in tensors.values()))},
            "weight_map": weight_map}
@@ -369,7 +380,9 @@ def _write_hf_dir(out: str, conf: dict, tensors: dict, tokenizer_from: str | Non
   try:
     with open(os.path.join(partial, "config.json"), "w") as f:
       json.dump(conf, f, indent=2, sort_keys=True)
-    _write_tensors(tensors, partial, max_shard_bytes)
+    # the mode open() gave config.json (0666 less the umask) for the weights too
+    mode = stat.S_IMODE(os.stat(os.path.join(partial, "config.json")).st_mode)
+    _write_tensors(tensors, partial, max_shard_bytes, mode)
     if tokenizer_from:
       copy_tokenizer_files(tokenizer_from, partial)
     for name, obj in (extra_json or {}).items():
