@@ -1,10 +1,26 @@
-"""Test setup: 8 fake CPU devices for sharding tests (must be set before JAX is imported)."""
+"""Test setup: 8 fake CPU devices for sharding tests and fast XLA compiles (must be set before
+JAX is imported)."""
 
 import os
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
+# The tests check numbers and behaviour, not the speed of the compiled code, and most of their
+# time is XLA compiling small programs: LLVM without its optimisation passes and XLA's loop
+# emitters for fusions compile about twice as fast (docs/design.md, section 8, has the
+# measurement). Every process of the suite, and every process it starts, compiles this way (see
+# user_env), so results compared across processes come from the same kind of code. A value the
+# environment already gives either flag is kept.
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+# XLA's own defaults for those two, as compiler_options: for a test whose claim is about the code
+# a user's compile gives (two programs agreeing bit for bit), not only about values.
+XLA_DEFAULT_COMPILE = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": True}
+
+
+_given = os.environ.get("XLA_FLAGS", "").split()
+_named = {g.split("=")[0] for g in _given}
+os.environ["XLA_FLAGS"] = " ".join(
+    _given + [f for f in FAST_COMPILE_FLAGS if f.split("=")[0] not in _named] + [DEVICES_FLAG])
 os.environ.setdefault("WANDB_MODE", "offline")
 # One JAX compilation cache for the suite and every process it starts: the same tiny configs
 # compile in dozens of tests and subprocesses; the first compile fills it, later ones read it
@@ -21,6 +37,17 @@ from pathlib import Path  # noqa: E402  pylint: disable=wrong-import-position
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
+
+
+def user_env(**extra: str) -> dict[str, str]:
+  """The environment for a command run as a user would: this process's, less the suite's 8 fake
+  CPU devices (one CPU device, or what the command's own flags ask for), with `extra`. The fast
+  compile flags stay."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if not f.startswith("--xla_force_host_platform_device_count"))
+  env.update(extra)
+  return env
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,9 @@ def ssh(name: str, command: str) -> int:
   homes, port = _homes(name), _port()
   procs = []
   for i, home in enumerate(homes):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ)   # each host one CPU device (the tests' fast-compile flags kept)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count"))
     env.update(HOME=home, TPU_WORKER_ID=str(i), PATH=os.path.join(ROOT, "bin") + ":" + env["PATH"],
                GROWLM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                GROWLM_NUM_PROCESSES=str(len(homes)), GROWLM_PROCESS_ID=str(i))

@@ -37,7 +37,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from conftest import REPO, run_config
+from conftest import REPO, run_config, user_env
 from growlm import commands
 from growlm.cli import flags as cli_flags
 from growlm.errors import GrowlmError
@@ -615,8 +615,8 @@ _LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ ")   # absl / glog pre
 
 
 def _env() -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("XLA_FLAGS", "PYTHONDONTWRITEBYTECODE")}
+  env = user_env()
+  env.pop("PYTHONDONTWRITEBYTECODE", None)
   env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
   return env
 

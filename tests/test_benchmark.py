@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from conftest import load_benchmark, positive_finite
+from conftest import load_benchmark, positive_finite, user_env
 
 from growlm.errors import EXIT_USER_ERROR
 from growlm.model import flops
@@ -154,11 +154,7 @@ def test_quick_in_process_uses_one_device(tmp_path):
 def test_quick_command_line(tmp_path):
   """`throughput.py --quick --out PATH` as `make bench` runs it, both styles, one real device."""
   out = tmp_path / "sub" / "bench.json"
-  env = dict(os.environ)
-  # conftest forces 8 fake CPU devices; the benchmark's own process should see the machine as is.
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(flags)
+  env = user_env()   # not the suite's 8 fake CPU devices: the machine as it is
   proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stdout + proc.stderr

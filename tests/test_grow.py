@@ -80,18 +80,8 @@ def _tokens(cfg, seed=0, shape=(B, L)):
   return jnp.asarray(np.random.default_rng(seed).integers(0, cfg.vocab_size, shape), jnp.int32)
 
 
-# These tests check the parameter map, not code speed, and compiling is most of their run
-# time: on CPU, LLVM optimisation off and the classic fusion path about halve XLA compile time.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-
-
-def _compile_options():
-  return FAST_COMPILE if jax.default_backend() == "cpu" else {}
-
-
-def _fast_call(fn, *args, **jit_kw):
-  """Runs jit(fn, **jit_kw) on args, compiled with FAST_COMPILE (on CPU)."""
-  return jax.jit(fn, **jit_kw).lower(*args).compile(compiler_options=_compile_options())(*args)
+def _jit_call(fn, *args, **jit_kw):
+  return jax.jit(fn, **jit_kw)(*args)
 
 
 def _grow_and_compare(src, dst, plans, params, seed=0):
@@ -109,7 +99,7 @@ def _grow_and_compare(src, dst, plans, params, seed=0):
     devs = jnp.abs(logits - model.apply(src, p, tokens)[None]).max(axis=(1, 2, 3))
     return devs, [g.params for g in grown]
 
-  devs, grown = _fast_call(fn, params, jax.random.key(seed), _tokens(src, seed))
+  devs, grown = _jit_call(fn, params, jax.random.key(seed), _tokens(src, seed))
   return [(float(d), _np(p), m) for d, p, m in zip(devs, grown, layer_maps)]
 
 
@@ -229,7 +219,7 @@ def test_zeros_and_noise_deviation_is_measured(style):
     outs = jax.vmap(lambda q: model.apply(grown[0].config, q, tokens))(stacked)
     return model.apply(src, p, tokens), outs
 
-  ref, outs = map(np.asarray, _fast_call(fn, _random_params(src), jax.random.key(0),
+  ref, outs = map(np.asarray, _jit_call(fn, _random_params(src), jax.random.key(0),
                                          _tokens(src)))
   devs = np.abs(outs - ref[None]).max(axis=(1, 2, 3))
   dev_zeros, dev_noise = devs[0], devs[1:]
@@ -266,7 +256,7 @@ def _tiled_gpt2():
       a, b = grow(p, src, dst, plain, rng), grow(p, src, dst, noisy, rng)
       return a.params, a.value_scale, a.grad_scale, b.params
 
-    out = _np(_fast_call(fn, params, jax.random.key(3)))
+    out = _np(_jit_call(fn, params, jax.random.key(3)))
     _, axes = model.abstract_params(src)
   return src, grown_config(src, dst, plain), axes, _np(params), *out
 
@@ -301,8 +291,7 @@ def _grad(cfg, params, tokens):
   """Gradient of the mean next-token cross-entropy (one compile per config and batch shape)."""
   key = (cfg, tokens.shape)
   if key not in _GRAD_FNS:
-    _GRAD_FNS[key] = jax.jit(functools.partial(jax.grad(_loss, argnums=1), cfg)).lower(
-        params, tokens).compile(compiler_options=_compile_options())
+    _GRAD_FNS[key] = jax.jit(functools.partial(jax.grad(_loss, argnums=1), cfg))
   return _np(_GRAD_FNS[key](params, tokens))
 
 
@@ -318,7 +307,7 @@ def test_zero_sum_noise_is_exact_and_breaks_copies():
     return (jnp.abs(model.apply(cfg, q1, tokens) - ref).max(),
             jnp.abs(model.apply(cfg, q2, tokens) - ref).max())
 
-  devs = _fast_call(fn, params, grown, noisy)
+  devs = _jit_call(fn, params, grown, noisy)
   assert max(map(float, devs)) <= EXACT_F64, devs
   names = ("layers", "embed", "heads", "head_dim")
   q_src = params["layers"]["attn"]["query"]
@@ -515,7 +504,7 @@ def _rope_growths():
         out.append((jnp.abs(model.apply(g.config, g.params, tokens) - ref).max(), g.params))
       return out
 
-    out = _fast_call(fn, params, jax.random.key(0), _tokens(src))
+    out = _jit_call(fn, params, jax.random.key(0), _tokens(src))
   return src, _np(params), [(float(d), _np(p)) for d, p in out]
 
 
@@ -652,7 +641,7 @@ def _llama_growth():
     g = grow(p, src, dst, plan, rng)
     return g.params, g.value_scale, g.grad_scale
 
-  return src, dst, plan, params, _np(_fast_call(fn, params, jax.random.key(5)))
+  return src, dst, plan, params, _np(_jit_call(fn, params, jax.random.key(5)))
 
 
 @pytest.mark.slow
@@ -677,7 +666,7 @@ def test_sharded_growth_equals_unsharded_and_is_sharded(n_devices):
   shapes, axes = model.abstract_params(grown_config(src, dst, plan))
   shardings = sharding.tree_shardings(axes, shapes, mesh, sharding.DEFAULT_RULES)
   with jax.set_mesh(mesh):
-    out = _fast_call(lambda p, r: grow(p, src, dst, plan, r).params, params,
+    out = _jit_call(lambda p, r: grow(p, src, dst, plan, r).params, params,
                      jax.random.key(5), out_shardings=shardings)
   for (path, a), b, s in zip(_leaves(out).items(), jax.tree.leaves(unsharded),
                              jax.tree.leaves(shardings)):
@@ -876,7 +865,7 @@ def test_scales_built_apart_equal_growths():
   """scale_trees (what the optimizer state reads when growth skips the scales) gives grow's
   value and gradient scales bit for bit, and grow(scales=False) the same params."""
   src, dst, plan, params, (grown, value_scale, grad_scale) = _llama_growth()
-  out = _np(_fast_call(lambda p, r: (grow(p, src, dst, plan, r, scales=False).params,
+  out = _np(_jit_call(lambda p, r: (grow(p, src, dst, plan, r, scales=False).params,
                                      grow_core.scale_trees(src, dst, plan)),
                        params, jax.random.key(5)))
   for x, y in zip(jax.tree.leaves(out), jax.tree.leaves((grown, (value_scale, grad_scale)))):

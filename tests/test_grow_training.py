@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import REPO, run_config
+from conftest import REPO, run_config, user_env
 from growlm.model import decoder as model
 from growlm import optim
 from growlm import commands
@@ -135,7 +135,7 @@ def test_training_config_grows_from_source(source_run, tmp_path):
 
 
 def _grow_cli(args):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = user_env()
   return subprocess.run([sys.executable, "-m", "growlm.grow_main", *args], capture_output=True,
                         text=True, cwd=REPO, env=env, timeout=300)
 
@@ -152,7 +152,7 @@ def test_grow_command_writes_a_run_dir_that_trains_on(source_run, tmp_path):
   assert report["method"] == "mean_fill" and report["max_abs_logit_diff"] < 1e-4
   assert sorted(os.listdir(out / "checkpoints")) == ["0"]
   assert not (tmp_path / "grown.partial").exists()
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = user_env()
   cont = subprocess.run([sys.executable, "-m", "growlm.main", *target, f"--workdir={out}",
                          "--config.train.num_steps=10"], capture_output=True, text=True,
                         cwd=REPO, env=env, timeout=300)

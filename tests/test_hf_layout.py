@@ -17,7 +17,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from conftest import REPO, run_config
+from conftest import REPO, run_config, user_env
 from growlm.config.typed import resolve
 from growlm.interop import hf
 from growlm.model import decoder as model
@@ -45,7 +45,7 @@ def tensors(directory):
 
 def cli(*args):
   """Runs `python -m growlm.hf_main ARGS` (one CPU device, as a user would)."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = user_env()
   return subprocess.run([sys.executable, "-m", "growlm.hf_main", *args], capture_output=True,
                         text=True, cwd=REPO, env=env, timeout=300)
 
@@ -95,7 +95,7 @@ def test_import_needs_no_torch(tmp_path):
   code = ("import sys; sys.modules['torch'] = None; from growlm.interop import hf; "
           f"h = hf.import_hf({d!r}); hf.export_hf(h.params, h.config, {str(tmp_path / 'o')!r}); "
           "print(h.arch)")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = user_env()
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                      cwd=REPO, timeout=120)
   assert r.returncode == 0 and r.stdout.strip() == "llama", r.stderr[-2000:]

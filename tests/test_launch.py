@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, user_env
 from growlm import fs
 from growlm.errors import GrowlmError
 from growlm import lock as lock_lib
@@ -315,7 +315,7 @@ def test_command_line_fields_apply_to_every_run_before_its_own(tmp_path):
 
 
 def _cli(*args, cwd):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = user_env()
   return subprocess.run([sys.executable, str(REPO / "experiments" / "launch.py"), *args],
                         capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
 

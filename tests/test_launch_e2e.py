@@ -12,7 +12,7 @@ import time
 import pytest
 
 import fake_gcloud
-from conftest import REPO
+from conftest import REPO, user_env
 from growlm import fs, rundir
 from growlm.experiments import status
 
@@ -24,7 +24,7 @@ def _setup(tmp_path, gcs, tpus=None):
   root = tmp_path / "fake"
   fake_gcloud.install(str(root), str(tmp_path / "bin"),
                       {TPU: {"state": "READY", "workers": 2}} if tpus is None else tpus)
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = user_env()
   env.update(PATH=f"{tmp_path / 'bin'}:{env['PATH']}", FAKE_TPU_ROOT=str(root),
              WANDB_API_KEY=KEY, WANDB_MODE="offline")
   work = tmp_path / "cwd"   # the launcher's working directory: nothing may appear in it

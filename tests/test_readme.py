@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from conftest import REPO, byte_level_bpe
+from conftest import REPO, byte_level_bpe, user_env
 
 README = REPO / "README.md"
 MAKEFILE = REPO / "Makefile"
@@ -698,9 +698,9 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def _env(ws: Path) -> dict[str, str]:
-  """The user's environment: one CPU device (no test XLA_FLAGS), this checkout's growlm; and a
+  """The user's environment: one CPU device (conftest.user_env), this checkout's growlm; and a
   JAX compilation cache shared by these commands only (runs of the same shapes compile once)."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = user_env()
   env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
   env.setdefault("WANDB_MODE", "offline")
   env["JAX_COMPILATION_CACHE_DIR"] = str(ws.parent / "jax_cache")

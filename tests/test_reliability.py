@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_config
+from conftest import REPO, run_config, user_env
 from growlm import commands
 from growlm.errors import EXIT_PREEMPTED, GrowlmError
 from growlm.rundir import read_metrics
@@ -27,7 +27,7 @@ EXIT_BOUND_S = 60   # from the signal to the process's exit, checkpoint written 
 
 
 def _env():
-  return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return user_env()
 
 
 def _start(args):

@@ -7,7 +7,7 @@ import shlex
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, user_env
 from growlm.experiments import analysis
 from growlm.experiments import launcher, sweep
 from growlm.errors import GrowlmError
@@ -383,7 +383,7 @@ def test_notebook_executes_headless(quick_sweep, monkeypatch):
   import nbformat  # pylint: disable=g-import-not-at-top
   from nbclient import NotebookClient  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("GROWLM_SWEEP_DIR", str(quick_sweep))
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", user_env()["XLA_FLAGS"])   # the kernel: one CPU device
   nb = nbformat.read(str(REPO / "notebooks" / "loss_curves.ipynb"), as_version=4)
   NotebookClient(nb, timeout=300, kernel_name="python3",
                  resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import DATASETS, REPO, run_config
+from conftest import DATASETS, REPO, run_config, user_env
 from growlm import commands, fs, rundir
 from growlm.config.typed import resolve
 from growlm.model import flops
@@ -233,7 +233,7 @@ def test_divergence_stops_without_checkpoint(tmp_path):
 
 
 def _cli(args, env_extra=None, timeout=300):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = user_env()
   env.update(env_extra or {})
   return subprocess.run([sys.executable, "-m", "growlm.main", *args], capture_output=True,
                         text=True, cwd=REPO, env=env, timeout=timeout)
@@ -285,7 +285,7 @@ def _two_processes(workdir, extra):
       [sys.executable, "-m", "growlm.main", *extra, f"--workdir={workdir}",
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
        "--cpu_devices=2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}) for i in range(2)]
+      env=user_env()) for i in range(2)]
   outs = [p.communicate(timeout=400) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
