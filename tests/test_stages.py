@@ -134,6 +134,9 @@ def test_one_schedule_with_rewarm():
     ({"step": AT, "model": GROW, "optimizer": "adam"}, ("stages[0].optimizer", "fresh")),
     ({"step": AT, "model": GROW, "rewarm": 3}, ("stages[0]", "rewarm_steps")),
     ({"model": GROW}, ("stages[0]", "'step'")),
+    (5, ("stages[0]=5", "such as {'step': 250")),
+    ({"step": AT, "model": 128}, ("stages[0].model=128", "such as {'d_model': 128, 'n_layers'")),
+    ({"step": AT, "model": GROW, "plan": "tile"}, ("stages[0].plan='tile'", "such as {'width'")),
     ({"step": AT, "model": GROW, "plan": {"depht": "identity"}}, ("stages[0].plan", "'depht'")),
     ({"step": AT, "model": GROW, "plan": {"width": "tyle"}}, ("stages[0].plan", "tyle")),
 ])

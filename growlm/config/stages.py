@@ -44,12 +44,14 @@ class Stage:
             "optimizer": self.optimizer, "rewarm_steps": self.rewarm_steps}
 
 
-def _as_mapping(x: Any, what: str) -> Mapping[str, Any]:
+_EXAMPLE = "{'step': 250, 'model': {'d_model': 128}, 'plan': {'width': 'tile'}}"
+
+
+def _as_mapping(x: Any, what: str, example: str = _EXAMPLE) -> Mapping[str, Any]:
   if hasattr(x, "to_dict"):
     x = x.to_dict()
   if not isinstance(x, Mapping):
-    raise GrowlmError(f"config {what}={x!r}; accepted: a mapping such as {{'step': 250, "
-                      "'model': {'d_model': 128}, 'plan': {'width': 'tile'}}")
+    raise GrowlmError(f"config {what}={x!r}; accepted: a mapping such as {example}")
   return x
 
 
@@ -80,7 +82,7 @@ def parse(value: Any) -> tuple[Stage, ...]:
       raise GrowlmError(f"config {what} lacks 'step' or 'model'; accepted: a mapping with step "
                         "(int > 0), model (the model fields that change), and optional plan, "
                         f"optimizer {STAGE_OPTIMIZER}, rewarm_steps")
-    changes = dict(_as_mapping(fields["model"], f"{what}.model"))
+    changes = dict(_as_mapping(fields["model"], f"{what}.model", "{'d_model': 128, 'n_layers': 8}"))
     unknown = sorted(set(changes) - model_fields)
     if unknown:
       raise GrowlmError(f"config {what}.model names unknown field {unknown[0]!r}; accepted: "
@@ -88,8 +90,10 @@ def parse(value: Any) -> tuple[Stage, ...]:
     optimizer = fields.get("optimizer", "grow")
     if optimizer not in STAGE_OPTIMIZER:
       raise GrowlmError(f"config {what}.optimizer={optimizer!r}; accepted: {STAGE_OPTIMIZER}")
+    plan = _as_mapping(fields.get("plan", {}), f"{what}.plan",
+                       "{'width': 'tile', 'depth': 'identity'}")
     try:
-      plan = GrowthPlan.from_dict(_as_mapping(fields.get("plan", {}), f"{what}.plan"))
+      plan = GrowthPlan.from_dict(plan)
     except GrowlmError as e:   # which stage: a config may have several
       raise GrowlmError(f"config {what}.plan: {e}") from None
     out.append(Stage(step=_count(f"{what}.step", fields["step"], 1),
