@@ -103,10 +103,13 @@ def positive_finite(x) -> bool:
   return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-# The longest files first: `make test` gives each of its two workers one file at a time, and a
-# long file started last would leave the other worker idle at the end.
-_LONG_FILES = ("test_train.py", "test_readme.py", "test_launch_e2e.py", "test_gcs_runs.py", "test_reliability.py", "test_grow_training.py",
-               "test_sweep.py", "test_grow.py", "test_hf.py")
+# The longest files first (by their time in a whole run, 2026-11-29): `make test` gives each of
+# its two workers one file at a time, and a long file started last would leave the other worker
+# idle at the end.
+_LONG_FILES = ("test_train.py", "test_aot.py", "test_readme.py", "test_reliability.py",
+               "test_grow.py", "test_launch_e2e.py", "test_model.py", "test_grow_training.py",
+               "test_stages.py", "test_hf.py", "test_sweep.py", "test_attention.py",
+               "test_grow_assemble.py", "test_gcs_runs.py")
 
 
 def pytest_collection_modifyitems(items):
