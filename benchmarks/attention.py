@@ -56,7 +56,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   args.preset = args.preset or throughput.default_preset()
   for k in ("size", "batch", "seq_len", "dtype"):
     setattr(args, k, throughput.PRESETS[args.preset][k])
-  common.apply_quick(args, QUICK)
+  common.apply_quick(args, QUICK, p, argv)
   if args.steps <= 0 or args.warmup < 0:
     p.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
   return args

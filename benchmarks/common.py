@@ -8,6 +8,7 @@ imports `common` before growlm."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -70,11 +71,34 @@ def add_output_flags(p, default_out: str, quick: dict, what: str = "tiny sizes f
   p.add_argument("--quick", action="store_true", help=f"{what}: sets {sets}")
 
 
-def apply_quick(args, quick: dict) -> None:
-  """Applies the --quick overrides when --quick was given."""
-  if args.quick:
-    for k, v in quick.items():
+def apply_quick(args, quick: dict, parser: argparse.ArgumentParser,
+                argv: Sequence[str] | None) -> None:
+  """Applies the --quick overrides when --quick was given, except to the flags `argv` gives
+  itself: `--quick --steps 5` takes 5 steps (and `--quick --steps -3` is refused as -3 is)."""
+  if not args.quick:
+    return
+  unset = object()
+  given = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(quick, unset)))
+  for k, v in quick.items():
+    if getattr(given, k) is unset:
       setattr(args, k, v)
+
+
+def _check_out(path: str) -> None:
+  """--out, before any work: a file path in a directory this user can write."""
+  from growlm import fs  # pylint: disable=g-import-not-at-top
+  if fs.is_url(path):
+    raise GrowlmError(f"--out={path}: the benchmarks write local files; accepted: a local path")
+  if os.path.isdir(path):
+    raise GrowlmError(f"--out={path} is a directory; accepted: the path of the JSON file to "
+                      "write")
+  above = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(above):
+    above = os.path.dirname(above)
+  if not os.path.isdir(above):
+    raise GrowlmError(f"--out={path}: {above} is not a directory; accepted: a file path whose "
+                      "parent is (or can be made) a directory")
+  fs.check_writable(path, "--out")
 
 
 def cli(script: str, argv: Sequence[str] | None, parse_args: Callable, run: Callable,
@@ -86,17 +110,25 @@ def cli(script: str, argv: Sequence[str] | None, parse_args: Callable, run: Call
   args = parse_args(argv)
   rel = os.path.relpath(os.path.abspath(script))
   try:
+    _check_out(args.out)
     result = run(args, command=" ".join([os.path.relpath(sys.executable), rel] + argv))
   except GrowlmError as e:
     print(f"growlm: error: {e}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
   print(summary(result))
-  out_dir = os.path.dirname(args.out)
-  if out_dir:
-    os.makedirs(out_dir, exist_ok=True)
   tmp = args.out + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=2, sort_keys=True)
-  os.replace(tmp, args.out)
+  try:
+    out_dir = os.path.dirname(args.out)
+    if out_dir:
+      os.makedirs(out_dir, exist_ok=True)
+    with open(tmp, "w") as f:
+      json.dump(result, f, indent=2, sort_keys=True)
+    os.replace(tmp, args.out)
+  except OSError as e:   # the disk filled, or --out changed under the run
+    if os.path.isfile(tmp):
+      os.remove(tmp)
+    print(f"growlm: error: --out={args.out}: cannot write the result ({e.strerror or e}); "
+          "accepted: a file path in a directory this user can write", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
   print(f"wrote {args.out}")
   return result

@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from growlm import commands  # pylint: disable=wrong-import-position
 from growlm.config import defaults as config_lib  # pylint: disable=wrong-import-position
-from growlm.errors import GrowlmError  # pylint: disable=wrong-import-position
+from growlm.config import typed  # pylint: disable=wrong-import-position
+from growlm.errors import EXIT_USER_ERROR, GrowlmError  # pylint: disable=wrong-import-position
 from growlm.train import aot  # pylint: disable=wrong-import-position
 
 
@@ -36,6 +37,17 @@ def gpt2_124m(style: str, remat: str, per_chip: int, chips: int, mesh: dict[str,
 
 
 def main(argv=None) -> list[dict]:
+  """The table's rows (a step that does not fit is a row of its own); bad input, such as an
+  unknown topology or a knob value the config refuses, exits with one `growlm: error:` line
+  before any row."""
+  try:
+    return _main(argv)
+  except GrowlmError as e:
+    print(f"growlm: error: {e}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def _main(argv) -> list[dict]:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--topologies", default="v5e:2x2,v6e:2x2,v5p:2x2x1,v4:2x2x1")
   p.add_argument("--styles", default="gpt2,llama")
@@ -45,12 +57,21 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--n_layers", type=int, default=12, help="fewer layers for a quick look")
   p.add_argument("--out", default="runs/bench/compile_for.json")
   args = p.parse_args(argv)
-  mesh = {k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(",") if kv)}
+  if args.per_chip <= 0 or args.n_layers <= 0:
+    p.error(f"--per_chip and --n_layers must be positive, got {args.per_chip}, {args.n_layers}")
+  try:
+    mesh = {k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(",") if kv)}
+  except ValueError:
+    p.error(f"--mesh={args.mesh!r}; accepted: AXIS=N pairs such as fsdp=4,tensor=2")
+  slices = {topo: len(aot.topology_devices(topo)) for topo in args.topologies.split(",")}
+  for chips in sorted(set(slices.values())):   # every knob's value, before the first compile
+    for style in args.styles.split(","):
+      for remat in args.remats.split(","):
+        typed.resolve(gpt2_124m(style, remat, args.per_chip, chips, mesh, args.n_layers))
   rows = []
   print("| slice | style | remat | attention | GiB per chip (state+batch, temps) | HBM | "
         "compile s |\n| --- | --- | --- | --- | --- | --- | --- |")
-  for topo in args.topologies.split(","):
-    chips = len(aot.topology_devices(topo))
+  for topo, chips in slices.items():
     for style in args.styles.split(","):
       for remat in args.remats.split(","):
         config = gpt2_124m(style, remat, args.per_chip, chips, mesh, args.n_layers)

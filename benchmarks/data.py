@@ -83,7 +83,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  "trainer (skipped when missing)")
   common.add_output_flags(p, DEFAULT_OUT, QUICK)
   args = p.parse_args(argv)
-  common.apply_quick(args, QUICK)
+  common.apply_quick(args, QUICK, p, argv)
   if args.batches <= 0 or args.warmup < 0 or args.workers < 0 or args.source_mb < 0:
     p.error("--batches must be > 0; --warmup, --workers and --source_mb >= 0")
   if args.batch % args.hosts:

@@ -92,7 +92,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   common.add_output_flags(p, DEFAULT_OUT, QUICK, "tiny sizes for tests (nano -> tiny)")
   args = p.parse_args(argv)
-  common.apply_quick(args, QUICK)
+  common.apply_quick(args, QUICK, p, argv)
   if args.runs <= 0 or args.warmup < 0:
     p.error(f"--runs must be > 0 and --warmup >= 0, got {args.runs} and {args.warmup}")
   if args.width is None:

@@ -71,10 +71,22 @@ def _choice(knob: str, accepted: tuple[str, ...]):
   return parse
 
 
+def _count(knob: str, minimum: int):
+  def parse(value: str) -> int:
+    try:
+      n = int(value)
+    except ValueError:
+      n = None
+    if n is None or n < minimum:
+      raise ValueError(f"{knob}={value!r}; accepted: an integer >= {minimum}")
+    return n
+  return parse
+
+
 # param_dtype=bfloat16 stores parameters (and so AdamW's moments) in bf16 with no float32 master
 # copy: not a training setting to use, but the most that bf16 storage could gain in speed.
-KNOBS = {"attention": str, "remat": str, "scan_unroll": int, "loss_chunk": int,
-         "logits_dtype": str, "batch": int,
+KNOBS = {"attention": str, "remat": str, "scan_unroll": _count("scan_unroll", 0),
+         "loss_chunk": _count("loss_chunk", 0), "logits_dtype": str, "batch": _count("batch", 1),
          "param_dtype": str, "projections": _choice("projections", PROJECTIONS),
          "kernel_forward": _choice("kernel_forward", KERNEL_FORWARD)}
 DEFAULT_VARIANTS = ("default; projections=einsum; loss_chunk=128; loss_chunk=256; "
@@ -126,7 +138,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   for k in ("attention", "remat", "logits_dtype"):
     setattr(args, k, "auto")
   args.scan_unroll, args.loss_chunk = 0, 0
-  common.apply_quick(args, QUICK)
+  common.apply_quick(args, QUICK, p, argv)
   if args.variants is None:
     args.variants = QUICK_VARIANTS if args.quick else DEFAULT_VARIANTS
   try:

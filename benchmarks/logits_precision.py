@@ -67,7 +67,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help="bytes of the stdlib corpus read (train and eval)")
   common.add_output_flags(p, DEFAULT_OUT, QUICK)
   args = p.parse_args(argv)
-  common.apply_quick(args, QUICK)
+  common.apply_quick(args, QUICK, p, argv)
   for name in ("vocab", "batch", "seq_len", "steps", "batches", "corpus_bytes"):
     if getattr(args, name) <= 0:
       p.error(f"--{name} must be a positive integer, got {getattr(args, name)}")

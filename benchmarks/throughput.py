@@ -62,7 +62,8 @@ from growlm.train import trainer as train_lib
 from growlm.train import evaluate as eval_lib
 from growlm.train import stages as run_stages
 from growlm.train import state as state_lib
-from growlm.model.config import ATTENTIONS, DTYPES, LOGITS_DTYPES, REMATS, make_model_config
+from growlm.model.config import (ATTENTIONS, DTYPES, LOGITS_DTYPES, REMATS, check_dtype_runs_on,
+                                 make_model_config)
 
 import parts  # pylint: disable=wrong-import-position  # benchmarks/parts.py
 import torch_reference  # pylint: disable=wrong-import-position  # benchmarks/, imports sans torch
@@ -138,7 +139,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   for k, v in PRESETS[args.preset].items():
     if getattr(args, k, None) is None:
       setattr(args, k, v)
-  common.apply_quick(args, QUICK)
+  common.apply_quick(args, QUICK, p, argv)
   if args.scan_unroll < 0 or args.loss_chunk < 0:
     p.error(f"--scan_unroll and --loss_chunk must be >= 0 (0: auto), got {args.scan_unroll}, "
             f"{args.loss_chunk}")
@@ -430,6 +431,7 @@ def bench_style(style: str, args: argparse.Namespace, mesh, reference: MatmulRef
 def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
   """Runs the whole benchmark and returns the result dict (also what is written as JSON)."""
   device = jax.devices()[0]
+  check_dtype_runs_on(args.dtype, device.platform, "--dtype")
   # One-device mesh over the first device: a process with several (fake) devices still
   # measures one device, and the train step is jitted exactly as the trainer does it.
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])

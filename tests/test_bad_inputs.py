@@ -214,6 +214,8 @@ CASES += [
     cfg_case("cfg-d-model-zero", ["d_model"], **{"model.d_model": 0}),
     cfg_case("cfg-init-optimizer", ["init.optimizer", "fresh"], **{"init.optimizer": "adam"}),
     cfg_case("cfg-model-norm", ["norm", "layernorm"], **{"model.norm": "batchnorm"}),
+    cfg_case("cfg-float16-on-a-cpu", ["model.dtype='float16'", "CPU", "bfloat16"],
+             **{"model.dtype": "float16"}),
     raw_case("cfg-unknown-section-field", ["train.learning_rate", "'lr'"],
              **{"train.learning_rate": 0.1}),
     raw_case("cfg-num-steps-string", ["train.num_steps"], **{"train.num_steps": "100"}),

@@ -150,6 +150,64 @@ def test_quick_in_process_uses_one_device(tmp_path):
   assert json.loads(out.read_text()) == json.loads(json.dumps(result))
 
 
+def test_quick_keeps_the_flags_given_with_it():
+  """--quick sets what the command line leaves unset; a flag given beside it wins, and is
+  checked as it would be without --quick."""
+  throughput = load_benchmark("throughput")
+  args = throughput.parse_args(["--quick", "--steps", "3", "--styles", "gpt2"])
+  assert (args.steps, args.batch, args.size, args.warmup) == (3, 2, "nano", 1)
+  with pytest.raises(SystemExit) as e:
+    throughput.parse_args(["--quick", "--steps", "-3"])
+  assert e.value.code == 2
+  growth = load_benchmark("growth")
+  assert (growth.parse_args(["--quick", "--runs", "5"]).runs,
+          growth.parse_args(["--quick"]).runs) == (5, 2)
+
+
+@pytest.mark.parametrize("out, says", [
+    ("a_dir", "is a directory; accepted: the path of the JSON file"),
+    ("gs://bucket/r.json", "the benchmarks write local files"),
+    ("a_file/sub/r.json", "a_file is not a directory"),
+])
+def test_an_out_that_cannot_be_written_is_refused_before_the_run(tmp_path, capsys, out, says):
+  common = load_benchmark("common")
+  (tmp_path / "a_dir").mkdir()
+  (tmp_path / "a_file").write_text("x")
+  ran = []
+  path = out if out.startswith("gs:") else str(tmp_path / out)
+  with pytest.raises(SystemExit) as e:
+    common.cli("x.py", ["--out", path], lambda argv: type("A", (), {"out": path})(),
+               lambda args, command: ran.append(1), str)
+  assert e.value.code == EXIT_USER_ERROR and not ran
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("growlm: error: --out") and says in err and "\n" not in err, err
+  assert sorted(os.listdir(tmp_path)) == ["a_dir", "a_file"]   # nothing written beside them
+
+
+def test_an_out_that_fails_after_the_run_is_one_line_and_leaves_no_tmp(tmp_path, capsys):
+  """The result cannot be written (here its directory became a file while the run went on):
+  one line, and no half-written .tmp beside --out."""
+  common = load_benchmark("common")
+  path = str(tmp_path / "sub" / "r.json")
+  with pytest.raises(SystemExit) as e:
+    common.cli("x.py", ["--out", path], lambda argv: type("A", (), {"out": path})(),
+               lambda args, command: (tmp_path / "sub").write_text("x") or {"a": 1}, str)
+  assert e.value.code == EXIT_USER_ERROR
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith(f"growlm: error: --out={path}: cannot write the result"), err
+  assert sorted(os.listdir(tmp_path)) == ["sub"] and (tmp_path / "sub").read_text() == "x"
+
+
+def test_float16_on_a_cpu_is_one_line(capsys, tmp_path):
+  with pytest.raises(SystemExit) as e:
+    load_benchmark("throughput").main(["--quick", "--dtype", "float16", "--torch", "off",
+                                       "--out", str(tmp_path / "t.json")])
+  assert e.value.code == EXIT_USER_ERROR
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("growlm: error: --dtype='float16' does not run on a CPU"), err
+  assert not (tmp_path / "t.json").exists()
+
+
 @pytest.mark.slow
 def test_quick_command_line(tmp_path):
   """`throughput.py --quick --out PATH` as `make bench` runs it, both styles, one real device."""
@@ -243,3 +301,18 @@ def test_every_benchmark_imports_the_growlm_beside_it(tmp_path):
   got = dict(line.split() for line in proc.stdout.splitlines())
   assert set(got) == {Path(p).name for p in scripts}
   assert all(f == str(REPO / "growlm" / "__init__.py") for f in got.values()), got
+
+
+def test_compile_for_refuses_a_bad_knob_before_any_row(tmp_path, capsys):
+  """A value the config refuses is bad input (one line, exit 2, no JSON), where a step that does
+  not fit the chip is a row of the table (tests/test_aot.py)."""
+  bench = load_benchmark("compile_for")
+  for flags, says in ((["--remats", "everything"], "remat='everything'; accepted"),
+                      (["--styles", "gpt3"], "model style 'gpt3' unknown")):
+    with pytest.raises(SystemExit) as e:
+      bench.main(["--topologies", "v5e:2x2", "--n_layers", "1", *flags,
+                  "--out", str(tmp_path / "c.json")])
+    out, err = capsys.readouterr()
+    assert e.value.code == EXIT_USER_ERROR and not out
+    assert err.startswith("growlm: error: ") and says in err and err.count("\n") == 1, err
+  assert not (tmp_path / "c.json").exists()

@@ -15,7 +15,9 @@ def test_variants_parse_and_bad_ones_are_named():
   knobs = load_benchmark("knobs")
   assert knobs.parse_variants("default; remat=full,loss_chunk=64 ;batch=8") == [
       {}, {"remat": "full", "loss_chunk": 64}, {"batch": 8}]
-  for bad, says in (("remat", "KNOB=VALUE"), ("depth=3", "KNOB=VALUE"), (" ; ", "no variant")):
+  for bad, says in (("remat", "KNOB=VALUE"), ("depth=3", "KNOB=VALUE"), (" ; ", "no variant"),
+                    ("batch=-2", "batch='-2'; accepted: an integer >= 1"),
+                    ("loss_chunk=x", "loss_chunk='x'; accepted: an integer >= 0")):
     with pytest.raises(ValueError, match=says):
       knobs.parse_variants(bad)
 

@@ -398,3 +398,21 @@ def test_notebook_executes_headless(quick_sweep, monkeypatch):
   rows = {line.split(" | ")[0].strip("| ") for line in samples[0].splitlines()[4:]}
   assert rows == {"source", "grown_tile", "grown_zeros", "scratch"}
   assert os.environ.get("GROWLM_SWEEP_DIR") == str(quick_sweep)
+
+
+def test_notebook_on_an_empty_sweep_dir_stops_at_its_first_cell(tmp_path, monkeypatch):
+  """A sweep dir with no run dirs is refused by the first code cell, by the checkout's own
+  growlm (the notebook puts its checkout first on sys.path), before any plot is written."""
+  import nbformat  # pylint: disable=g-import-not-at-top
+  from nbclient import NotebookClient  # pylint: disable=g-import-not-at-top
+  from nbclient.exceptions import CellExecutionError  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("GROWLM_SWEEP_DIR", str(tmp_path))
+  monkeypatch.setenv("XLA_FLAGS", user_env()["XLA_FLAGS"])
+  nb = nbformat.read(str(REPO / "notebooks" / "loss_curves.ipynb"), as_version=4)
+  with pytest.raises(CellExecutionError) as e:
+    NotebookClient(nb, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+  assert "holds no run dirs" in str(e.value)
+  assert str(REPO / "growlm" / "experiments" / "analysis.py") in str(e.value)
+  ran = [c for c in nb.cells if c.cell_type == "code" and c.get("execution_count")]
+  assert len(ran) == 1 and os.listdir(tmp_path) == []

@@ -28,6 +28,8 @@ _IGNORED_MODEL_FIELDS = ("norm_eps",)  # growth may rescale it; the architecture
 
 
 def load_sweep(sweep_dir: str) -> list[dict[str, Any]]:
+  """Every run dir in `sweep_dir`, loaded; GrowlmError when there is none (a mistyped sweep dir
+  is refused before anything reads it: the notebook's first cell, analyze)."""
   runs = []
   try:
     names = fs.listdir(sweep_dir)
@@ -40,6 +42,9 @@ def load_sweep(sweep_dir: str) -> list[dict[str, Any]]:
       run = load_run(d)
       if run is not None:
         runs.append(run)
+  if not runs:
+    raise GrowlmError(f"sweep dir {sweep_dir} holds no run dirs (config.json and metrics.jsonl); "
+                      "accepted: the --sweep_dir of a launched sweep")
   return runs
 
 
@@ -258,9 +263,6 @@ def analyze(sweep_dir: str, plot: bool = True) -> dict[str, Any]:
   """Writes results.json, results.md (and loss_curves.png) in `sweep_dir`; returns results.
   Only finished runs are compared; an unfinished one is listed with its step."""
   runs = load_sweep(sweep_dir)
-  if not runs:
-    raise GrowlmError(f"sweep dir {sweep_dir} holds no run dirs (config.json and metrics.jsonl); "
-                      "accepted: the --sweep_dir of a launched sweep")
   seeds = sweep_seeds(sweep_dir)
   results: dict[str, Any] = {"sweep_dir": fs.absolute(sweep_dir), "seeds": seeds, "runs": {},
                              "grown": []}

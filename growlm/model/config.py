@@ -138,6 +138,15 @@ SIZES: dict[str, dict[str, int]] = {
 }
 
 
+def check_dtype_runs_on(dtype: str, platform: str, what: str = "model.dtype") -> None:
+  """GrowlmError unless the compute dtype `dtype` can run on `platform` (jax's name: cpu, gpu,
+  tpu): XLA's CPU backend has no float16 matrix product accumulating in float32."""
+  if dtype == "float16" and platform == "cpu":
+    raise GrowlmError(f"{what}='float16' does not run on a CPU (XLA's CPU backend has no float16 "
+                      "matrix product accumulating in float32); accepted here: float32, "
+                      "bfloat16, float64 (float16 runs on a GPU or TPU)")
+
+
 def make_model_config(size: str = "tiny", style: str = "gpt2", **overrides: Any) -> ModelConfig:
   """The named `size` in the named `style`, with field overrides applied last."""
   if size not in SIZES:

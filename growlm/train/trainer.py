@@ -27,6 +27,7 @@ from growlm import fs, rundir, sharding
 from growlm.config.resume import resume_conflicts
 from growlm.config.typed import RunConfig
 from growlm.errors import GrowlmError, Preempted
+from growlm.model import config as model_config
 from growlm import optim
 from growlm.train import stages as stages_lib
 from growlm.train import tracking
@@ -181,6 +182,7 @@ def train(config: RunConfig, workdir: str, initialize: Initializer, *,
   if tokenizer.vocab_size > cfg.vocab_size:
     raise GrowlmError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
                       f"vocabulary ({tokenizer.vocab_size}); accepted: >= {tokenizer.vocab_size}")
+  model_config.check_dtype_runs_on(cfg.dtype, sharding.platform())
   rules = config.sharding_rules
   mesh = sharding.make_mesh(config.mesh.to_dict())
   if d.batch_size % sharding.batch_shards(mesh, rules):
