@@ -291,6 +291,29 @@ def _two_processes(workdir, extra):
     assert p.returncode == 0, err[-3000:]
 
 
+def test_two_processes_given_different_flags_both_refuse_before_any_work(tmp_path):
+  """A flag given to one process only (here train.num_steps) is found by the first collective:
+  each process exits 2 with one line naming the field, and no run dir is written. (Before, the
+  two trained apart until one waited forever in a collective the other never reached.)"""
+  port = _free_port()
+  base = ["--config=configs/default.py:size=nano,runlocal", "--config.log.progress_bar=False",
+          "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=1",
+          f"--workdir={tmp_path / 'run'}", f"--coordinator_address=127.0.0.1:{port}",
+          "--num_processes=2", "--cpu_devices=2"]
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "growlm.main", *base, f"--process_id={i}",
+       f"--config.train.num_steps={steps}"], cwd=REPO, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True, env=user_env()) for i, steps in enumerate((6, 10))]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+    lines = [l for l in err.splitlines() if l.startswith("growlm:")]
+    assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert lines == [f"growlm: error: the 2 processes were given different values of "
+                     f"train.num_steps (process {i}: train.num_steps={(6, 10)[i]}); accepted: "
+                     "the same config and flags on every process"], err[-3000:]
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["in-memory", "prepared"])
 def test_two_processes_train_checkpoint_resume(tmp_path, source, request):

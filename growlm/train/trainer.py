@@ -29,6 +29,7 @@ from growlm.config.typed import RunConfig
 from growlm.errors import GrowlmError, Preempted
 from growlm.model import config as model_config
 from growlm import optim
+from growlm.train import agree
 from growlm.train import stages as stages_lib
 from growlm.train import tracking
 from growlm.train.checkpoint import Checkpoints
@@ -170,9 +171,10 @@ def train(config: RunConfig, workdir: str, initialize: Initializer, *,
   `stop_after_init` the run dir is written at the start state's step (step-0 eval, checkpoint)
   and nothing is trained: the grow command.
   """
-  tracking.check_wandb(config)
   cfg, d, t = config.model, config.data, config.train
   config_json = config.to_json()
+  agree.check_same_run(config_json, workdir)   # first: every process reaches this collective
+  tracking.check_wandb(config)
   is_main = jax.process_index() == 0
 
   # Everything that can fail on bad input happens before any file is written.
