@@ -82,13 +82,14 @@ def _budgets(arg) -> list[int]:
   return out
 
 
-def sweep(add, arg=None):
+def sweep(add, arg=None, base=None):
   """The runs; `budgets=1+2+4` adds scratch runs of the `both` target at 2x and 4x the token
   budget, each with its own full schedule (warmup, cosine decay, evals and checkpoints scaled),
   so the analysis can compare growth with the best scratch run of any budget (the frontier);
   `mup` adds the width-grown tile and zeros runs again with init.lr_rescale='fan_in'; `staged`
-  adds both_staged (source then `both` target in one run of twice the steps)."""
-  base = get_config(arg)
+  adds both_staged (source then `both` target in one run of twice the steps). `base`: the config
+  with the command line's fields (growlm.experiments.sweep.expand), whose steps these scale."""
+  base = base if base is not None else get_config(arg)
   wide = {"model.d_model": 128, "model.n_heads": 4, "model.mlp_dim": 512}
   deep = {"model.n_layers": 4}
   add(name="source")

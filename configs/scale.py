@@ -78,8 +78,10 @@ def get_config(arg: str | None = None):
   return c
 
 
-def sweep(add, arg=None):
-  base = get_config(arg)
+def sweep(add, arg=None, base=None):
+  """`base`: the config with the command line's fields (growlm.experiments.sweep.expand), which
+  the budget runs scale."""
+  base = base if base is not None else get_config(arg)
   add(name="source")
   for width in ("tile", "mean_fill", "zeros"):
     add(name=f"grown_{width}", **TARGET, **{"init.source": "@source", "init.plan.width": width,

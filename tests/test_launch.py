@@ -335,3 +335,24 @@ def test_launcher_command_line_errors_are_one_line(tmp_path):
     assert res.returncode == 2 and len(lines) == 1 and match in lines[0], (args, res.stderr)
     assert "Traceback" not in res.stderr
   assert os.listdir(tmp_path) == []
+
+
+def test_budget_runs_scale_the_steps_the_command_line_gives(tmp_path):
+  """configs/paper.py's 2x/4x scratch runs and its staged run (and scale.py's) scale the
+  schedule in use: --config.train.num_steps=100 makes them 200 and 400 steps (they took twice
+  and four times the file's default, whatever the command line said)."""
+  flags = {"train.num_steps": "100", "train.warmup_steps": "10", "checkpoint.every_steps": "50",
+           "eval.every_steps": "10"}
+  runs = sweep.expand(str(REPO / "configs" / "paper.py") + ":budgets=1+2+4,staged",
+                      str(tmp_path / "p"), flags)
+  by = {r.name: r.config for r in runs}
+  assert by["source"].train.num_steps == by["both_scratch"].train.num_steps == 100
+  for name, factor in (("both_scratch_2x", 2), ("both_scratch_4x", 4)):
+    c = by[name]
+    assert (c.train.num_steps, c.train.warmup_steps, c.checkpoint.every_steps,
+            c.eval.every_steps) == (100 * factor, 10 * factor, 50 * factor, 10 * factor), name
+  assert by["both_staged"].train.num_steps == 200
+  assert by["both_staged"].stages[0]["step"] == 100
+  scale = {r.name: r.config for r in sweep.expand(str(REPO / "configs" / "scale.py"),
+                                                  str(tmp_path / "s"), flags)}
+  assert [scale[f"scratch_{b}x"].train.num_steps for b in (2, 4)] == [200, 400]

@@ -95,9 +95,16 @@ def expand(config: str, sweep_dir: str, overrides: dict[str, str | bool] | None 
     specs.append((name, run_overrides))
 
   try:
-    # sweep(add) or sweep(add, arg): the second form reads the config argument (configs/
-    # paper.py takes its scratch budgets from it).
-    if len(inspect.signature(mod.sweep).parameters) >= 2:
+    # sweep(add), sweep(add, arg) or sweep(add, arg, base): the second form reads the config
+    # argument (configs/paper.py takes its scratch budgets from it), the third also gets the
+    # config with the command line's fields, so that a budget run scales the values in use
+    # (--config.train.num_steps=100 makes a 2x run 200 steps, not twice the file's default).
+    n_params = len(inspect.signature(mod.sweep).parameters)
+    if n_params >= 3:
+      given = files.load(config)
+      files.apply_overrides(given, overrides or {})
+      mod.sweep(add, files.split_spec(config)[1], given)
+    elif n_params == 2:
       mod.sweep(add, files.split_spec(config)[1])
     else:
       mod.sweep(add)
