@@ -75,15 +75,21 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[Any] | No
 
 def normalize_rules(rules: Iterable[Sequence[Any]]) -> tuple[tuple[str, tuple[str, ...]], ...]:
   """Rules as (logical name, tuple of mesh axes); validates the mesh axis names."""
+  if isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):
+    raise GrowlmError(f"sharding_rules={rules!r}; accepted: a sequence of (logical_axis, "
+                      "mesh_axes or None) pairs")
   out = []
   for rule in rules:
-    if len(rule) != 2:
+    if (isinstance(rule, (str, bytes)) or not isinstance(rule, Sequence) or len(rule) != 2
+        or not isinstance(rule[0], str)):
       raise GrowlmError(f"sharding rule {rule!r}; accepted: (logical_axis, mesh_axes or None)")
     name, axes = rule
     if axes is None:
       axes = ()
     elif isinstance(axes, str):
       axes = (axes,)
+    elif not isinstance(axes, Sequence):
+      raise GrowlmError(f"sharding rule {rule!r}; accepted: (logical_axis, mesh_axes or None)")
     axes = tuple(axes)
     bad = [a for a in axes if a not in MESH_AXES]
     if bad:

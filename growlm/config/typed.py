@@ -162,7 +162,7 @@ class TrainConfig:
     _float("train.final_lr_ratio", self.final_lr_ratio, lo=0.0, hi=1.0)
     _float("train.b1", self.b1, lo=0.0, hi=1.0, hi_open=True)
     _float("train.b2", self.b2, lo=0.0, hi=1.0, hi_open=True)
-    _float("train.eps", self.eps, lo=0.0)
+    _float("train.eps", self.eps, lo=0.0, lo_open=True)   # 0: 0/0 where a gradient is 0
     _float("train.weight_decay", self.weight_decay, lo=0.0)
     _float("train.grad_clip", self.grad_clip, lo=0.0)
 

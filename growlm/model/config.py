@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
+
 from growlm.errors import GrowlmError, strict_fields
 
 NORMS = ("layernorm", "rmsnorm")
@@ -138,10 +141,17 @@ SIZES: dict[str, dict[str, int]] = {
 }
 
 
-def check_dtype_runs_on(dtype: str, platform: str, what: str = "model.dtype") -> None:
-  """GrowlmError unless the compute dtype `dtype` can run on `platform` (jax's name: cpu, gpu,
-  tpu): XLA's CPU backend has no float16 matrix product accumulating in float32."""
-  if dtype == "float16" and platform == "cpu":
+def check_dtype_runs_on(dtype: str, platform: str, what: str = "model.dtype",
+                        computes: bool = True) -> None:
+  """GrowlmError unless `dtype` can run here, on `platform` (jax's name: cpu, gpu, tpu): XLA's
+  CPU backend has no float16 matrix product accumulating in float32 (when `computes`: a storage
+  dtype is cast first), and without 64-bit jax (JAX_ENABLE_X64) a float64 array is silently a
+  float32 one."""
+  if dtype == "float64" and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
+    raise GrowlmError(f"{what}='float64' needs 64-bit jax (without it jax computes in float32); "
+                      "accepted: float32, bfloat16, float16, or float64 with JAX_ENABLE_X64=1 "
+                      "in the environment")
+  if computes and dtype == "float16" and platform == "cpu":
     raise GrowlmError(f"{what}='float16' does not run on a CPU (XLA's CPU backend has no float16 "
                       "matrix product accumulating in float32); accepted here: float32, "
                       "bfloat16, float64 (float16 runs on a GPU or TPU)")

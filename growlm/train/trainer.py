@@ -185,6 +185,8 @@ def train(config: RunConfig, workdir: str, initialize: Initializer, *,
     raise GrowlmError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
                       f"vocabulary ({tokenizer.vocab_size}); accepted: >= {tokenizer.vocab_size}")
   model_config.check_dtype_runs_on(cfg.dtype, sharding.platform())
+  model_config.check_dtype_runs_on(cfg.param_dtype, sharding.platform(), "model.param_dtype",
+                                   computes=False)
   rules = config.sharding_rules
   mesh = sharding.make_mesh(config.mesh.to_dict())
   if d.batch_size % sharding.batch_shards(mesh, rules):
