@@ -92,12 +92,6 @@ def _check_out(path: str) -> None:
   if os.path.isdir(path):
     raise GrowlmError(f"--out={path} is a directory; accepted: the path of the JSON file to "
                       "write")
-  above = os.path.dirname(os.path.abspath(path))
-  while not os.path.exists(above):
-    above = os.path.dirname(above)
-  if not os.path.isdir(above):
-    raise GrowlmError(f"--out={path}: {above} is not a directory; accepted: a file path whose "
-                      "parent is (or can be made) a directory")
   fs.check_writable(path, "--out")
 
 

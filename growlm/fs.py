@@ -54,12 +54,16 @@ def check(path: str, what: str = "path") -> str:
 def check_writable(path: str, what: str = "path") -> None:
   """The early check of a command that will write `path`, before any work: GrowlmError (one line)
   unless, for a URL, its bucket exists and can be seen, or, for a local path, the nearest
-  directory that exists at or above it can be written (not read-only, not another user's)."""
+  path that exists at or above it is `path` itself or a directory this user can write (not
+  read-only, not another user's)."""
   check(path, what)
   if not is_url(path):
     above = os.path.abspath(path)
     while not os.path.exists(above):
       above = os.path.dirname(above)
+    if not os.path.isdir(above) and above != os.path.abspath(path):
+      raise GrowlmError(f"{what} {path}: {above} is not a directory; accepted: a path whose "
+                        "parent is (or can be made) a directory")
     if os.path.isdir(above) and not os.access(above, os.W_OK | os.X_OK):
       raise GrowlmError(f"{what} {path}: cannot write in {above} (read-only file system or no "
                         f"permission); accepted: a path under a directory this user can write")

@@ -81,15 +81,13 @@ def normalize_rules(rules: Iterable[Sequence[Any]]) -> tuple[tuple[str, tuple[st
   out = []
   for rule in rules:
     if (isinstance(rule, (str, bytes)) or not isinstance(rule, Sequence) or len(rule) != 2
-        or not isinstance(rule[0], str)):
+        or not isinstance(rule[0], str) or not (rule[1] is None or isinstance(rule[1], Sequence))):
       raise GrowlmError(f"sharding rule {rule!r}; accepted: (logical_axis, mesh_axes or None)")
     name, axes = rule
     if axes is None:
       axes = ()
     elif isinstance(axes, str):
       axes = (axes,)
-    elif not isinstance(axes, Sequence):
-      raise GrowlmError(f"sharding rule {rule!r}; accepted: (logical_axis, mesh_axes or None)")
     axes = tuple(axes)
     bad = [a for a in axes if a not in MESH_AXES]
     if bad:

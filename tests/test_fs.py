@@ -50,6 +50,20 @@ def test_overwrite_leaves_no_temporary(root):
   assert fs.listdir(root) == ["c.json"]
 
 
+def test_a_local_path_under_a_file_is_refused_before_any_work(tmp_path):
+  """The nearest path that exists above an output is a file: nothing could be made there. The
+  output itself may be a file (the command decides what to do with it)."""
+  (tmp_path / "a_file").write_text("x")
+  with pytest.raises(GrowlmError) as e:
+    fs.check_writable(str(tmp_path / "a_file" / "run"), "--workdir")
+  assert str(e.value) == (f"--workdir {tmp_path / 'a_file' / 'run'}: {tmp_path / 'a_file'} is "
+                          "not a directory; accepted: a path whose parent is (or can be made) a "
+                          "directory")
+  fs.check_writable(str(tmp_path / "a_file"), "--out")
+  fs.check_writable(str(tmp_path / "new" / "run"), "--workdir")
+  assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
 def test_rename_and_copy_tree(root, tmp_path):
   src = fs.join(root, "src")
   fs.makedirs(fs.join(src, "d"))
