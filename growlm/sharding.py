@@ -34,6 +34,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("pos", None),
 )
 
+# Every logical axis a rule may name: the batch, and each axis a parameter declares
+# (growlm.model.AXES; tests/test_model.py keeps the two in step).
+LOGICAL_AXES = ("batch", "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "pos")
+
 
 def platform() -> str:
   """The platform the step being traced will run on: that of the devices of the mesh in
@@ -92,7 +96,15 @@ def normalize_rules(rules: Iterable[Sequence[Any]]) -> tuple[tuple[str, tuple[st
     bad = [a for a in axes if a not in MESH_AXES]
     if bad:
       raise GrowlmError(f"sharding rule for {name!r} names mesh axes {bad}; accepted: {MESH_AXES}")
-    out.append((str(name), axes))
+    if len(set(axes)) < len(axes):
+      raise GrowlmError(f"sharding rule for {name!r} names a mesh axis twice ({list(axes)}); "
+                        "accepted: each mesh axis at most once")
+    if name not in LOGICAL_AXES:   # a misspelt axis would leave the real one replicated
+      raise GrowlmError(f"sharding rule for {name!r}: no such logical axis; accepted: "
+                        f"{', '.join(LOGICAL_AXES)}")
+    if any(n == name for n, _ in out):   # the later one would silently win
+      raise GrowlmError(f"sharding rules name {name!r} twice; accepted: one rule per logical axis")
+    out.append((name, axes))
   return tuple(out)
 
 

@@ -209,3 +209,17 @@ def test_growth_that_rescales_norm_eps_says_so(source_run, tmp_path, capsys):
   c.init.plan.width = "tile"
   effective, _ = seam.prepare(resolve(c), str(tmp_path / "run"))
   assert effective.model.norm_eps == user_eps and "norm_eps" not in capsys.readouterr().out
+
+
+def test_init_fields_without_a_source_are_named_as_having_no_effect(tmp_path, capsys):
+  """A plan (a sweep-wide flag reaches the scratch run too) without init.source starts from a
+  random init: said in one line naming the fields, and nothing said for a plain config."""
+  from growlm.config.typed import resolve  # pylint: disable=g-import-not-at-top
+  from growlm.init import seam  # pylint: disable=g-import-not-at-top
+  _, src = seam.prepare(resolve(_config(**{"init.plan.width": "zeros", "init.optimizer": "grow",
+                                           "init.seed": 3})), str(tmp_path / "run"))
+  lines = [l for l in capsys.readouterr().out.splitlines() if "no effect" in l]
+  assert src is None and len(lines) == 1, lines
+  assert "init.plan, init.optimizer have no effect" in lines[0] and "seed" not in lines[0]
+  seam.prepare(resolve(_config()), str(tmp_path / "run"))
+  assert "no effect" not in capsys.readouterr().out

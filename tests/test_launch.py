@@ -304,12 +304,12 @@ def test_remote_sweeps_need_a_shared_dir_and_a_config_in_the_checkout(tmp_path):
 
 def test_command_line_fields_apply_to_every_run_before_its_own(tmp_path):
   runs = sweep.expand(QUICK, str(tmp_path / "s"),
-                      {"train.num_steps": "7", "train.warmup_steps": "1", "model.d_model": "96"})
+                      {"train.num_steps": "7", "train.warmup_steps": "1", "model.d_model": "32"})
   assert {r.config.train.num_steps for r in runs} == {7}
   by = {r.name: r for r in runs}
-  assert by["source"].config.model.d_model == 96 and by["scratch"].config.model.d_model == 128
-  cmd = sweep.command(QUICK, by["scratch"], overrides={"model.d_model": "96"})
-  assert cmd.index("--config.model.d_model=96") < cmd.index("--config.model.d_model=128")
+  assert by["source"].config.model.d_model == 32 and by["scratch"].config.model.d_model == 128
+  cmd = sweep.command(QUICK, by["scratch"], overrides={"model.d_model": "32"})
+  assert cmd.index("--config.model.d_model=32") < cmd.index("--config.model.d_model=128")
   with pytest.raises(GrowlmError, match="num_step"):
     sweep.expand(QUICK, str(tmp_path / "s"), {"train.num_step": "7"})
 
@@ -356,3 +356,16 @@ def test_budget_runs_scale_the_steps_the_command_line_gives(tmp_path):
   scale = {r.name: r.config for r in sweep.expand(str(REPO / "configs" / "scale.py"),
                                                   str(tmp_path / "s"), flags)}
   assert [scale[f"scratch_{b}x"].train.num_steps for b in (2, 4)] == [200, 400]
+
+
+@pytest.mark.parametrize("overrides,words", [
+    # tile's width ratio 128/48 is no integer: refused at grown_tile, not after source trains.
+    ({"model.d_model": "48"}, ["'grown_tile'", "integer d_model ratio", "48 -> 128"]),
+    # the source gets 8 heads, the targets keep their 4: growth does not shrink.
+    ({"model.n_heads": "8"}, ["'grown_tile'", "n_heads 8 -> 4", "shrinking"]),
+])
+def test_a_growth_between_runs_is_checked_before_the_first_run(tmp_path, overrides, words):
+  with pytest.raises(GrowlmError) as e:
+    sweep.expand(QUICK, str(tmp_path / "s"), overrides)
+  assert all(w in str(e.value) for w in words), e.value
+  assert not (tmp_path / "s").exists()

@@ -590,3 +590,13 @@ def test_layer_weights_cast_once_per_stack_same_bits(style, monkeypatch):
   per_layer = run()
   for a, b in zip(once, per_layer, strict=True):
     np.testing.assert_array_equal(_bits(a), _bits(b))
+
+
+def test_sharding_rules_accept_every_logical_axis_the_model_names():
+  """A rule for an axis the model declares must not be refused as unknown, and the vocabulary
+  the rules check holds nothing else but the batch."""
+  assert set(sharding.LOGICAL_AXES) == set(model.AXES) | {"batch"}
+  _, axes = model.abstract_params(make_model_config("nano", "llama"))
+  named = {a for names in jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+           for a in names if a is not None}
+  assert named <= set(model.AXES)

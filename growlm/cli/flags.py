@@ -41,6 +41,8 @@ def setup_logging(level: int = logging.INFO) -> None:
   are kept out."""
   logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
+  # jax's "Unable to initialize backend 'tpu'" INFO line, on every machine without a TPU
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 def guarded(fn: Callable[[], Any]) -> Any:

@@ -142,7 +142,33 @@ def expand(config: str, sweep_dir: str, overrides: dict[str, str | bool] | None 
     with naming(name):
       resolve(cfg)   # every run's values are checked before the first run starts
     runs.append(Run(name, run_overrides, cfg, depends, fs.join(sweep_dir, name)))
+  check_growths(runs)
   return order(runs)
+
+
+def check_growths(runs: list[Run]) -> None:
+  """Refuses, before the first run starts, a growth from another run of the sweep that the
+  grown run would refuse only once its source had trained: a plan the two models cannot take
+  (tile's integer width ratio, a field that shrinks or changes), a seq_len beyond the source's
+  learned positions, init.continue_schedule with no steps left after the source's."""
+  # pylint: disable=g-import-not-at-top  (jax, for the growth's checks)
+  from growlm.config import stages as stages_lib
+  from growlm.grow import core as grow_core
+  from growlm.init import source as source_lib
+  resolved = {run.name: resolve(run.config) for run in runs}
+  for run in runs:
+    if not run.depends:
+      continue
+    c, src = resolved[run.name], resolved[run.depends[0]]
+    src_model = stages_lib.models(src.model, src.stages)[-1]   # the source's last stage
+    with naming(run.name):
+      grow_core.validate(src_model, c.model, c.init.plan)
+      source_lib.check_seq_len(src_model, c.data.seq_len)
+      if c.init.continue_schedule and src.train.num_steps >= c.train.num_steps:
+        raise GrowlmError(
+            f"init.continue_schedule=True: the source run {run.depends[0]!r} trains "
+            f"{src.train.num_steps} steps, so train.num_steps={c.train.num_steps} leaves "
+            f"nothing to train; accepted: num_steps > {src.train.num_steps}")
 
 
 def order(runs: list[Run]) -> list[Run]:

@@ -41,6 +41,9 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
+_NO_SOURCE = InitConfig().to_dict()   # init's fields as a run without a source leaves them
+
+
 def prepare(config: RunConfig, workdir: str) -> tuple[RunConfig, Source | None]:
   """(the run's effective config, the source to grow or None). Reads headers only.
 
@@ -53,6 +56,12 @@ def prepare(config: RunConfig, workdir: str) -> tuple[RunConfig, Source | None]:
   if saved and (saved.get("init") or {}).get("source") and not config.init.source:
     config = config.replace(init=resolve_section("init", saved["init"], InitConfig))
   if not config.init.source:
+    unused = [f"init.{k}" for k, v in config.init.to_dict().items()
+              if k not in ("source", "seed") and v != _NO_SOURCE[k]]
+    if unused:   # a sweep-wide flag reaches the source and scratch runs too: say, not refuse
+      _say(f"growlm: note: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no "
+           "effect: init.source is empty, so the model starts from a random init (growth "
+           "inside one run is config.stages)")
     return config, None
   src = source_lib.read_source(config.init.source)   # headers only, read once
   source_lib.check_init(config, src)

@@ -8,10 +8,9 @@ where named sizes and styles are defined.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
 
 from growlm.errors import GrowlmError, strict_fields
 
@@ -88,6 +87,10 @@ class ModelConfig:
     return self.n_heads // self.n_kv_heads
 
 
+def _real(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _check(cond: bool, msg: str):
   if not cond:
     raise GrowlmError(f"model config: {msg}")
@@ -98,8 +101,9 @@ def validate(cfg: ModelConfig):
   for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                "mlp_dim", "max_len"):
     v = getattr(cfg, name)
-    _check(isinstance(v, int) and not isinstance(v, bool) and v > 0,
-           f"{name}={v!r}; accepted: a positive integer")
+    # Token ids, positions and every dimension are int32 inside XLA's programs.
+    _check(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31,
+           f"{name}={v!r}; accepted: a positive integer below 2**31")
   _check(cfg.norm in NORMS, f"norm={cfg.norm!r}; accepted: {NORMS}")
   _check(cfg.positions in POSITIONS, f"positions={cfg.positions!r}; accepted: {POSITIONS}")
   _check(cfg.mlp in MLPS, f"mlp={cfg.mlp!r}; accepted: {MLPS}")
@@ -109,10 +113,14 @@ def validate(cfg: ModelConfig):
          f"n_kv_heads={cfg.n_kv_heads} must divide n_heads={cfg.n_heads}")
   _check(cfg.positions != "rope" or cfg.head_dim % 2 == 0,
          f"head_dim={cfg.head_dim} must be even with positions='rope'")
-  _check(isinstance(cfg.qkv_bias, bool), f"qkv_bias={cfg.qkv_bias!r}; accepted: true or false")
-  _check(cfg.norm_eps > 0, f"norm_eps={cfg.norm_eps!r}; accepted: a positive float")
-  _check(cfg.rope_theta > 0, f"rope_theta={cfg.rope_theta!r}; accepted: a positive float")
-  _check(0.0 <= cfg.dropout_rate < 1.0, f"dropout_rate={cfg.dropout_rate!r}; accepted: [0, 1)")
+  for name in ("use_bias", "qkv_bias", "tie_embeddings"):
+    v = getattr(cfg, name)
+    _check(isinstance(v, bool), f"{name}={v!r}; accepted: true or false")
+  for name in ("norm_eps", "rope_theta", "init_std"):
+    v = getattr(cfg, name)
+    _check(_real(v) and 0 < v < math.inf, f"{name}={v!r}; accepted: a positive finite number")
+  _check(_real(cfg.dropout_rate) and 0.0 <= cfg.dropout_rate < 1.0,
+         f"dropout_rate={cfg.dropout_rate!r}; accepted: a number in [0, 1)")
   _check(cfg.remat in REMATS, f"remat={cfg.remat!r}; accepted: {REMATS}")
   _check(cfg.attention in ATTENTIONS, f"attention={cfg.attention!r}; accepted: {ATTENTIONS}")
   _check(cfg.logits_dtype in LOGITS_DTYPES,
@@ -147,6 +155,8 @@ def check_dtype_runs_on(dtype: str, platform: str, what: str = "model.dtype",
   CPU backend has no float16 matrix product accumulating in float32 (when `computes`: a storage
   dtype is cast first), and without 64-bit jax (JAX_ENABLE_X64) a float64 array is silently a
   float32 one."""
+  import jax  # pylint: disable=g-import-not-at-top  (the dataclass above needs no JAX)
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   if dtype == "float64" and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
     raise GrowlmError(f"{what}='float64' needs 64-bit jax (without it jax computes in float32); "
                       "accepted: float32, bfloat16, float16, or float64 with JAX_ENABLE_X64=1 "

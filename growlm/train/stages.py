@@ -19,7 +19,7 @@ from growlm.config import stages as stages_lib
 from growlm.config.typed import RunConfig
 from growlm.model import flops as flops_lib
 from growlm.model.config import ModelConfig
-from growlm.train.state import TrainState, state_shardings
+from growlm.train.state import TrainState, check_state_fits, state_shardings
 
 
 def make_schedule(config: RunConfig) -> optax.Schedule:
@@ -92,6 +92,10 @@ class Stages:
     self._batch_shard, self._make_evaluator = batch_shard, make_evaluator
     self._kits: dict[int, Kit] = {}
     self._fpt = [flops_lib.flops_per_token(m, config.data.seq_len) for m in self.models]
+    # Before anything is built: the largest model's state must fit a device.
+    last = self.models[-1]
+    check_state_fits(last, state_shardings(last, optimizer, mesh, config.sharding_rules)[0],
+                     mesh, f"stage {len(self.models) - 1}'s model" if self.stages else "model")
 
   def index_at(self, step: int) -> int:
     return stages_lib.index_at(self.stages, step)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any
 
 import flax
@@ -9,8 +11,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from growlm.errors import GrowlmError
 from growlm.model import decoder as model_lib
 from growlm import sharding
+
+GIB = 1 << 30
 
 
 @flax.struct.dataclass
@@ -49,3 +54,43 @@ def init_state(cfg, optimizer, shard: TrainState, seed: int, params: Any = None)
   return jax.jit(init, out_shardings=shard)(jax.random.PRNGKey(seed))
 
 
+
+
+def bytes_per_device(abstract: Any) -> int:
+  """Bytes a device holds of `abstract` (ShapeDtypeStructs with NamedShardings: growlm's
+  shardings split only dimensions they divide, so every device holds the same shard shape)."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(abstract))
+
+
+def device_memory(mesh) -> tuple[int | None, str]:
+  """(bytes one device of `mesh` may hold, what that is) or (None, ''): a GPU's or TPU's
+  allocator limit; on a CPU, the machine's RAM shared by this process's devices of the mesh."""
+  device = mesh.devices.flat[0]
+  if device.platform == "cpu":
+    try:
+      ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+      return None, ""
+    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    return ram // max(local, 1), f"RAM {ram / GIB:.1f} GiB shared by {local} CPU device(s)"
+  try:
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+  except Exception:  # pylint: disable=broad-except  (a backend without memory statistics)
+    return None, ""
+  return limit, f"a {device.device_kind} holds {limit / GIB:.1f} GiB" if limit else ""
+
+
+def check_state_fits(cfg, abstract: TrainState, mesh, what: str = "model") -> None:
+  """Refuses a train state that alone exceeds a device's memory, before anything is allocated
+  (a lower bound: activations come on top). Without it a CPU, which overcommits memory, would
+  start to initialise a model of any size and page for hours."""
+  need = bytes_per_device(abstract)
+  have, where = device_memory(mesh)
+  if have is not None and need > have:
+    n = model_lib.count_params(abstract.params)
+    raise GrowlmError(
+        f"the train state of the {what} ({n:,} parameters, d_model={cfg.d_model}, n_layers="
+        f"{cfg.n_layers}, vocab_size={cfg.vocab_size}; parameters and Adam's moments) needs "
+        f"{need / GIB:.1f} GiB per device, more than a device has ({where}); accepted: a "
+        "smaller model, or mesh.fsdp / mesh.tensor splitting the state over more devices")
