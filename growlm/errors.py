@@ -9,6 +9,7 @@ accepted.
 # Exit codes of the command line (documented in README.md, "The run directory").
 EXIT_USER_ERROR = 2    # bad input: one `growlm: error:` line, nothing written
 EXIT_DIVERGED = 3      # training diverged; the last good checkpoint is kept
+EXIT_PEER_LOST = 4     # multi-process: a peer did not join, failed or was lost; relaunch them all
 EXIT_PREEMPTED = 75    # stopped by SIGTERM, SIGINT or SIGHUP after saving (EX_TEMPFAIL): relaunch
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import REPO, run_config, user_env
 from growlm import commands
-from growlm.errors import EXIT_PREEMPTED, GrowlmError
+from growlm.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, GrowlmError
 from growlm.rundir import read_metrics
 
 LONG = ["--config=configs/default.py:size=nano,runlocal", "--config.train.num_steps=5000",
@@ -132,6 +132,34 @@ def test_two_processes_agree_on_the_stop_step(tmp_path):
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-2000:]
   assert _steps(workdir, "train_loss") == list(range(1, saved[0] + 4))
+
+
+def test_a_process_killed_mid_run_ends_the_other_in_one_line_and_a_relaunch_resumes(tmp_path):
+  """SIGKILL to process 1 in its loop (async checkpoints every 5 steps): process 0's next
+  collective fails and it exits 4 with one line, abandoning the save in flight. (Before: it
+  waited in orbax's commit barrier until JAX's heartbeat timeout, about 100 s, then aborted
+  with a native stack dump, exit 134.) A 2-process relaunch resumes from the newest complete
+  step, the unfinished save is removed, and metrics.jsonl holds every step once."""
+  workdir = str(tmp_path / "run")
+  every = ["--config.checkpoint.every_steps=5"]
+  procs = _two(workdir, every)
+  _wait_for_steps(workdir, 12, procs)
+  procs[1].kill()
+  _, err = procs[0].communicate(timeout=300)
+  procs[1].communicate()
+  assert procs[0].returncode == EXIT_PEER_LOST, err[-3000:]
+  assert "Traceback" not in err and "Check failure" not in err, err[-3000:]
+  [line] = _growlm_lines(err)
+  assert line.startswith("growlm: error: process 0 of 2: a collective failed ("), line
+  assert line.endswith("relaunch every process to resume from the last complete checkpoint")
+  saved = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
+  last = max(saved)
+  procs = _two(workdir, [*every, f"--config.train.stop_at={last + 3}"])
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+  assert _no_leftovers(workdir)
+  assert _steps(workdir, "train_loss") == list(range(1, last + 4))
 
 
 DIVERGE = {"train.lr": 1e4, "train.warmup_steps": 0, "train.grad_clip": 0.0,

@@ -314,6 +314,61 @@ def test_two_processes_given_different_flags_both_refuse_before_any_work(tmp_pat
   assert not (tmp_path / "run").exists()
 
 
+def _two_with(tmp_path, flags_of, extra=()):
+  """Runs 2 processes on one run dir, process i with flags_of[i] added; (returncodes, stderrs)."""
+  port = _free_port()
+  base = ["--config=configs/default.py:size=nano,runlocal", "--config.log.progress_bar=False",
+          "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=1",
+          f"--workdir={tmp_path / 'run'}", f"--coordinator_address=127.0.0.1:{port}",
+          "--num_processes=2", "--cpu_devices=2", *extra]
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "growlm.main", *base, f"--process_id={i}", *flags_of[i]], cwd=REPO,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=user_env())
+           for i in range(2)]
+  errs = [p.communicate(timeout=200)[1] for p in procs]
+  return [p.returncode for p in procs], errs
+
+
+def _lines(err):
+  return [l for l in err.splitlines() if l.startswith("growlm:")]
+
+
+@pytest.mark.parametrize("bad", [0, 1])
+def test_a_bad_flag_on_one_process_ends_the_other_when_it_does_not_join(tmp_path, bad):
+  """A config error on one process only: that one exits 2 before joining, and the other, left
+  waiting for it, exits 4 after --join_timeout with one line naming the coordinator and the
+  process count. (Before: process 0 waited 120 s for JAX's timeout, then a traceback or a native
+  abort, exit 134; the bad process itself waited in JAX's shutdown barrier.)"""
+  flags_of = [[], []]
+  flags_of[bad] = ["--config.train.num_steps=-1"]
+  codes, errs = _two_with(tmp_path, flags_of, ["--join_timeout=8"])
+  good = 1 - bad
+  assert codes[bad] == 2 and _lines(errs[bad]) == [
+      "growlm: error: config train.num_steps=-1; accepted: a positive integer"], errs[bad][-2000:]
+  assert codes[good] == 4 and "Traceback" not in errs[good], errs[good][-3000:]
+  [line] = _lines(errs[good])
+  assert line.startswith(f"growlm: error: process {good} of 2: not every process joined the run "
+                         "within --join_timeout=8 s (coordinator 127.0.0.1:"), line
+  assert ", 2 processes); check that every process was started with the same" in line
+  assert "Check failure" not in errs[good] and not (tmp_path / "run").exists()
+
+
+def test_an_error_on_one_process_after_joining_ends_the_other_at_once(tmp_path):
+  """A failure on process 1 only, after both joined (its init.source is missing on its host):
+  it tells process 0, which stops too, exit 4, with one line quoting process 1's (before:
+  process 0 waited in its first collective until JAX aborted it natively)."""
+  codes, errs = _two_with(tmp_path, [[], ["--config.init.source=/nonexistent/run"]])
+  assert codes == [4, 2], [e[-2000:] for e in errs]
+  [mine] = _lines(errs[1])
+  assert mine.startswith("growlm: error: init.source='/nonexistent/run' does not exist"), mine
+  assert _lines(errs[0]) == [
+      f"growlm: error: process 0 of 2: process 1 stopped with '{mine[len('growlm: error: '):]}'"
+      "; this process stops too (nothing of it is lost that a relaunch of every process cannot "
+      "resume)"], errs[0][-2000:]
+  assert not any("Traceback" in e or "Check failure" in e for e in errs)
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["in-memory", "prepared"])
 def test_two_processes_train_checkpoint_resume(tmp_path, source, request):

@@ -21,6 +21,7 @@ import ml_collections
 from growlm.config import files
 from growlm import errors
 from growlm.errors import GrowlmError
+from growlm.train import peers
 
 _SPEC = re.compile(r"^--?config(?:=(.*))?$", re.S)
 _FIELD = re.compile(r"^--?(no)?config\.([^=]+)(?:=(.*))?$", re.S)
@@ -48,7 +49,9 @@ def setup_logging(level: int = logging.INFO) -> None:
 def guarded(fn: Callable[[], Any]) -> Any:
   """Runs `fn` and turns every expected way for a command to end early into one line and an exit
   code (growlm.errors): bad input (2), a file system error such as a full disk (2), divergence
-  (3), a stop signal after the checkpoint is saved (75)."""
+  (3), a peer of a multi-process run lost (4), a stop signal after the checkpoint is saved (75).
+  In a multi-process run, an error the others may not share is passed on to them
+  (growlm.train.peers); divergence and a stop signal come to all at the same step."""
   try:
     return fn()
   except GrowlmError as e:
@@ -63,12 +66,16 @@ def guarded(fn: Callable[[], Any]) -> Any:
     where = f" ({e.filename})" if getattr(e, "filename", None) else ""
     fail(GrowlmError(f"{type(e).__name__}: {e.strerror or e}{where}; nothing was changed that "
                      "a relaunch cannot resume from; fix the cause and relaunch"))
+  except Exception as e:  # pylint: disable=broad-except
+    if peers.lost(e):
+      peers.leave(peers.lost_line(e), errors.EXIT_PEER_LOST)
+    raise
 
 
 def fail(e: GrowlmError) -> NoReturn:
-  """Prints `growlm: error: MESSAGE` as one line on stderr and exits with status 2."""
-  print("growlm: error: " + " ".join(str(e).split("\n")), file=sys.stderr)
-  sys.exit(2)
+  """Prints `growlm: error: MESSAGE` as one line on stderr and exits with status 2 (telling the
+  other processes of a multi-process run, growlm.train.peers)."""
+  peers.leave("growlm: error: " + " ".join(str(e).split("\n")), errors.EXIT_USER_ERROR)
 
 
 def _find_spec(argv: list[str]) -> str | None:

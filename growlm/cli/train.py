@@ -15,6 +15,7 @@ from absl import app, flags
 
 from growlm.cli import flags as cli_flags
 from growlm.errors import GrowlmError
+from growlm.train import peers
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
 _COORDINATOR = flags.DEFINE_string(
@@ -24,6 +25,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a mul
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (0-based).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() with no arguments (TPU VMs).")
+_JOIN_TIMEOUT = flags.DEFINE_float(
+    "join_timeout", peers.DEFAULT_JOIN_TIMEOUT_S, "Multi-process runs: seconds for every process "
+    "to join before each one that is waiting stops with one error line (hosts of a pod or "
+    "cluster may start minutes apart).")
 _COMPILE_FOR = flags.DEFINE_string(
     "compile_for", None, "Compile the train step for this TPU slice (a topology, v5e:2x4, or "
     "an accelerator type, v4-32) "
@@ -39,6 +44,9 @@ def check_process_flags() -> None:
   if cpu is not None and cpu < 1:
     raise GrowlmError(f"--cpu_devices={cpu}; accepted: a positive integer (CPU devices per "
                       "process)")
+  if not _JOIN_TIMEOUT.value > 0:
+    raise GrowlmError(f"--join_timeout={_JOIN_TIMEOUT.value}; accepted: a positive number of "
+                      "seconds")
   if not _COORDINATOR.value:
     if n is not None or i is not None:
       raise GrowlmError("--num_processes and --process_id need --coordinator_address=HOST:PORT; "
@@ -58,11 +66,10 @@ def init_distributed() -> None:
   if _CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
   if _COORDINATOR.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value, initialization_timeout=120)
+    peers.initialize(_JOIN_TIMEOUT.value, coordinator_address=_COORDINATOR.value,
+                     num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   elif _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    peers.initialize(_JOIN_TIMEOUT.value)
 
 
 def main(argv):
@@ -86,9 +93,13 @@ def main(argv):
   def go():
     if cli_flags.config() is None or not _WORKDIR.value:
       raise GrowlmError("--config=configs/FILE.py[:ARG] and --workdir=DIR are both required")
+    from growlm.config.typed import resolve  # pylint: disable=g-import-not-at-top
+    # A bad config fails before this process joins the others (resolving starts no JAX backend):
+    # they are then told by the join timer, not left waiting for it in their first collective.
+    config = resolve(cli_flags.config())
     init_distributed()
     from growlm import commands  # pylint: disable=g-import-not-at-top  (after jax.distributed)
-    return commands.train(cli_flags.config(), _WORKDIR.value)
+    return commands.train(config, _WORKDIR.value)
 
   summary = cli_flags.guarded(go)
   print("growlm: done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

@@ -14,6 +14,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from growlm.errors import GrowlmError
+from growlm.train import peers
 
 ACCEPTED = "accepted: the same config and flags on every process"
 
@@ -41,6 +42,7 @@ def check_same_run(config_json: dict[str, Any], workdir: str) -> None:
   fields["--workdir"] = workdir
   names = sorted(fields)
   heads = np.asarray(multihost_utils.process_allgather(np.int32(_digest(names)))).ravel()
+  peers.joined()   # every process has met here: the join timer is done
   if len(set(heads.tolist())) > 1:
     raise GrowlmError(f"the {jax.process_count()} processes' configs have different fields; "
                       f"{ACCEPTED}")

@@ -142,21 +142,22 @@ class Checkpoints:
         f"{'; '.join(f'step {s} ({d})' for s, d in damaged)}; nothing was changed; accepted: a "
         "directory with one undamaged step (or remove it to start afresh)")
 
-  def close(self, abandon: bool = False) -> None:
+  def close(self, abandon: bool = False, wait: bool = True) -> None:
     """Waits for the save in flight, finalises and checksums it, and closes the manager.
 
     Normal close (every process calls it) raises GrowlmError if a save failed. `abandon=True` is
     for error paths: it never raises, makes no cross-process barrier, and waits at most
-    ABANDON_WAIT_S (then leaves that step's tmp dir: orbax ignores it, the next writer's first save
-    removes it). Safe to call twice, and after `manager.close()`. Without close, an async save in
-    flight dies at interpreter exit, leaving `N.orbax-checkpoint-tmp`.
+    ABANDON_WAIT_S, or not at all with `wait=False` (then leaves that step's tmp dir: orbax ignores
+    it, the next writer's first save removes it). Safe to call twice, and after `manager.close()`.
+    Without close, an async save in flight dies at interpreter exit, leaving
+    `N.orbax-checkpoint-tmp`.
     """
     if self._closed:
       return
     self._closed = True
     if abandon:
       try:
-        self._abandon()
+        self._abandon(ABANDON_WAIT_S if wait else 0.0)
       except Exception as e:  # pylint: disable=broad-except  (must not mask the error in flight)
         log.warning("closing checkpoints in %s: %s", self.directory, describe(e))
       return
@@ -196,8 +197,14 @@ class Checkpoints:
     raise GrowlmError(f"checkpoint step {steps[-1]} was not written to {self.directory} "
                       f"({detail}); fix the cause and relaunch") from error
 
-  def _abandon(self) -> None:
-    """close(abandon=True): bounded wait, no barriers, no raise."""
+  def _abandon(self, wait_s: float) -> None:
+    """close(abandon=True): a wait of at most `wait_s`, no barriers, no raise."""
+    if not wait_s:   # a peer is gone: orbax's commit, and so its close, would wait for it
+      if self._pending:
+        log.warning("checkpoint step(s) %s in %s abandoned (the next save here removes the tmp "
+                    "dir)", self._pending, self.directory)
+      self._pending = []
+      return
     if not self._pending:  # nothing in flight (a failed save already raised in save())
       self.manager.close()
       return
@@ -210,11 +217,11 @@ class Checkpoints:
         result["error"] = e
     waiter = threading.Thread(target=wait, daemon=True)  # daemon: never keeps the process up
     waiter.start()
-    waiter.join(ABANDON_WAIT_S)
+    waiter.join(wait_s)
     pending, self._pending = self._pending, []
     if waiter.is_alive():
       log.warning("checkpoint step(s) %s in %s still saving after %.0f s: abandoned (the next "
-                  "save here removes its tmp dir)", pending, self.directory, ABANDON_WAIT_S)
+                  "save here removes its tmp dir)", pending, self.directory, wait_s)
       return  # manager.close() would wait again
     if "error" in result:
       log.warning("checkpoint step(s) %s were not written to %s (%s)", pending, self.directory,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sys
 import time
 from typing import Any, Callable
 
@@ -29,7 +30,7 @@ from growlm.config.typed import RunConfig
 from growlm.errors import GrowlmError, Preempted
 from growlm.model import config as model_config
 from growlm import optim
-from growlm.train import agree
+from growlm.train import agree, peers
 from growlm.train import stages as stages_lib
 from growlm.train import tracking
 from growlm.train.checkpoint import Checkpoints
@@ -244,7 +245,8 @@ def train(config: RunConfig, workdir: str, initialize: Initializer, *,
       # checkpoint in flight and closes every writer, so the process ends and nothing is
       # left half-written; the run dir's lease goes last.
       stop.uninstall()
-      _close_quietly(lambda: ckpt.close(abandon=True), "checkpoints")   # no-op after a close
+      lost = peers.lost(sys.exc_info()[1])   # a save in flight then can never be committed
+      _close_quietly(lambda: ckpt.close(abandon=True, wait=not lost), "checkpoints")
       _close_quietly(writer.close, "metrics")
       _close_quietly(tracker.close, "tracker")
       if lease is not None:
