@@ -285,7 +285,8 @@ def report(gpu: str, style: str, remat: str, per_gpu: int, n_layers: int, top: i
   config.model.attention = attention
   files.apply_overrides(config, dict(item.partition("=")[::2] for item in overrides),
                         what="--set")
-  r = aot.compile_on(resolve(config), devices, gpu, gpu, TARGETS[gpu]["memory"], keep_hlo=True)
+  r = aot.compile_on(resolve(config), devices, gpu, gpu, TARGETS[gpu]["memory"], keep_hlo=True,
+                     train_only=True)   # the train step's kernels only
   stage = r["stages"][0]
   ks = kernels(stage.pop("hlo"))
   rate = COPY_RATE[gpu]

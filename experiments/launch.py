@@ -54,9 +54,9 @@ _WAIT = flags.DEFINE_bool("wait", False, "Remote: follow the sweep until it ends
 _POLL_S = flags.DEFINE_float("poll_s", 30.0, "Seconds between reads of the sweep dir (--wait).")
 _ANALYZE = flags.DEFINE_bool("analyze", True, "Write results.md/json and loss_curves.png after.")
 _COMPILE_FOR = flags.DEFINE_string(
-    "compile_for", None, "Compile every run's train step for this TPU slice (a topology, "
-    "v5e:2x4, or an accelerator type, v4-32) with no TPU, print its memory per chip, refuse a "
-    "sweep whose steps do not fit; launches nothing.")
+    "compile_for", None, "Compile every run's train and eval steps (and stage growths) for "
+    "this TPU slice (a topology, v5e:2x4, or an accelerator type, v4-32) with no TPU, print "
+    "their memory per chip, refuse a sweep whose programs do not fit; launches nothing.")
 _ANALYZE_ONLY = flags.DEFINE_bool("analyze_only", False,
                                   "Only write results.md/json and loss_curves.png of --sweep_dir.")
 

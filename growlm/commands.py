@@ -28,6 +28,7 @@ from growlm import lock as lock_lib
 from growlm.config.typed import RunConfig, resolve
 from growlm.errors import GrowlmError
 from growlm.grow import core as grow_core
+from growlm.grow import optimizer as grow_optimizer
 from growlm.grow import report as report_lib
 from growlm.init import seam
 from growlm.init import source as source_lib
@@ -66,10 +67,11 @@ def check_relaunch(config: Any, workdir: str) -> None:
 
 
 def compile_for(config: Any, topology: str) -> dict[str, Any]:
-  """Compiles the run's train step (each stage's) for the TPU slice `topology` without a TPU:
-  the attention kernel it uses and its memory per device against the chip's HBM
-  (growlm.train.aot). Nothing runs, nothing is written."""
-  return aot.compile_for(resolve(config), topology)
+  """Compiles the run's programs for the TPU slice `topology` without a TPU: each stage's train
+  and eval steps and each growth between stages (the seam's, growlm.grow.optimizer), with the
+  attention kernel and the memory per device against the chip's HBM (growlm.train.aot).
+  Nothing runs, nothing is written."""
+  return aot.compile_for(resolve(config), topology, state_growth=grow_optimizer.state_growth)
 
 
 def _check_out(out: str) -> None:

@@ -17,7 +17,9 @@ from packaging.requirements import Requirement
 
 from conftest import REPO, run_config
 from growlm import commands
+from growlm.config.typed import resolve
 from growlm.errors import GrowlmError
+from growlm.grow.optimizer import state_growth
 from growlm.experiments import sweep
 from growlm.train import aot
 
@@ -90,14 +92,63 @@ def test_fsdp_and_tensor_meshes_split_the_state_on_the_slice():
   assert fsdp["pallas_kernels"] == tensor["pallas_kernels"] == 3
 
 
-def test_every_stage_is_compiled():
-  """A staged run compiles each stage's model: the grown ones hold more state per chip."""
-  config = _config(**{"train.num_steps": 20})
+def _staged(**overrides):
+  """_config grown after step 5 from 2 to 4 layers (identity), Adam's moments grown."""
+  config = _config(**{"train.num_steps": 20, **overrides})
   config.stages = ({"step": 5, "model": {"n_layers": 4}, "plan": {"depth": "identity"}},)
-  stages = commands.compile_for(config, TOPOLOGY)["stages"]
+  return config
+
+
+@pytest.fixture(scope="module")
+def staged_report():
+  return commands.compile_for(_staged(), TOPOLOGY)
+
+
+def test_every_stage_is_compiled(staged_report):
+  """A staged run compiles each stage's model: the grown ones hold more state per chip."""
+  stages = staged_report["stages"]
   assert [s["stage"] for s in stages] == [0, 1]
   assert stages[1]["params"] > 1.5 * stages[0]["params"]
   assert stages[1]["argument_bytes"] > stages[0]["argument_bytes"]
+
+
+def test_eval_steps_and_growth_are_compiled_and_reported(staged_report):
+  """Each stage's eval step (params and a batch in; held beside the train state) and the growth
+  between them (the source state and the grown one at once) are compiled and counted."""
+  stages, (growth,) = staged_report["stages"], staged_report["growth"]
+  for s in stages:
+    e = s["eval"]
+    # Its arguments: the parameters and a batch, no Adam moments (two more copies of them).
+    assert s["params"] * 4 < e["argument_bytes"] < s["argument_bytes"] / 2, (s, e)
+    assert e["held_bytes"] == s["argument_bytes"]   # the train state stays on the device
+    assert e["bytes_per_device"] >= e["held_bytes"] and e["fits"] and e["compile_seconds"] > 0
+  assert (growth["stage"], growth["from_stage"], growth["step"]) == (1, 0, 5)
+  # Each state: float32 params and Adam's two moments, replicated (mesh.data=4): >= 12 B/param;
+  # the source's is stage 0's train-step arguments less its batch (8 x 128 int32, two of them).
+  assert growth["source_state_bytes"] >= 12 * stages[0]["params"]
+  assert growth["target_state_bytes"] >= 12 * stages[1]["params"]
+  assert 0 < stages[0]["argument_bytes"] - growth["source_state_bytes"] <= 2 * 8 * 128 * 4
+  assert growth["bytes_per_device"] >= growth["source_state_bytes"] + growth["target_state_bytes"]
+  assert growth["bytes_per_device"] > max(s["bytes_per_device"] for s in stages)
+  assert growth["fits"] and growth["compile_seconds"] > 0
+  lines = aot.format_report(staged_report)
+  assert [l.split(":")[1].strip() for l in lines[1:]] == [
+      "stage 0", "stage 0 eval step", "growth to stage 1 after step 5 (Adam grow)", "stage 1",
+      "stage 1 eval step"], lines
+  assert re.search(r"growth to .*: \d+\.\d\d GiB per device \(stage 0's state \d+\.\d\d, "
+                   r"stage 1's state \d+\.\d\d, temporaries .*\), fits; compiled in", lines[3])
+
+
+def test_a_growth_that_does_not_fit_is_refused_naming_it(staged_report):
+  """A device too small for both stages' states at once, though big enough for every train
+  and eval step: the growth is refused, named, with what it needs and what the chip has."""
+  hbm = max(p["bytes_per_device"] for s in staged_report["stages"] for p in (s, s["eval"]))
+  devices = aot.topology_devices(TOPOLOGY)
+  with pytest.raises(GrowlmError, match=r"^--compile_for=v5e:2x2: stage 1's growth \(from stage "
+                     r"0\) needs \d+\.\d\d GiB per device \(stage 0's state .*\) and a TPU v5 "
+                     r"lite device has 0\.00\d+ GiB; accepted: .*mesh\.fsdp > 1"):
+    aot.compile_on(resolve(_staged()), devices, TOPOLOGY, TOPOLOGY, hbm,
+                   state_growth=state_growth)
 
 
 def test_a_step_too_big_for_the_chip_is_refused():
@@ -105,6 +156,17 @@ def test_a_step_too_big_for_the_chip_is_refused():
                                         r"data.batch_size"):
     commands.compile_for(_config(**{"model.d_model": 1024, "model.mlp_dim": 8192,
                                     "model.n_layers": 8, "data.batch_size": 4096}), TOPOLOGY)
+
+
+def test_an_eval_step_bigger_than_the_train_step_is_refused_naming_it():
+  """Evaluation takes the whole global batch at once: under train.grad_accum=8 its step needs
+  more than the train step's (about 16 MB per chip against 10 MB here), and a device that holds
+  the train step but not it (train steps are checked first) refuses the eval step."""
+  config = resolve(_config(**{"data.batch_size": 256, "train.grad_accum": 8}))
+  devices = aot.topology_devices(TOPOLOGY)
+  with pytest.raises(GrowlmError, match=r"stage 0's eval step needs .* \(train state and batch "
+                                        r".*\) and a .* accepted: .*whatever train.grad_accum"):
+    aot.compile_on(config, devices, TOPOLOGY, TOPOLOGY, 12 << 20)
 
 
 def _cli(*flags: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
@@ -123,6 +185,7 @@ def test_command_line_prints_the_report_and_writes_nothing(tmp_path):
   lines = out.stdout.strip().splitlines()
   assert lines[0].startswith(f"growlm: compiled for {TOPOLOGY}: 4 x TPU v5 lite"), lines
   assert re.search(r"stage 0: .*attention splash \(3 Pallas kernels\).* fits;", lines[1]), lines
+  assert re.search(r"stage 0 eval step: .* GiB per device .* fits;", lines[2]), lines
   assert sorted(p.name for p in tmp_path.iterdir()) == before
   assert "Traceback" not in out.stderr
 
@@ -231,7 +294,8 @@ def test_a_sweep_compiles_each_distinct_step_once(tmp_path):
   assert reports["scratch-s1"] is reports["grown_tile-s0"]
   assert reports["grown_tile-s0"]["stages"][0]["params"] > reports["source-s0"]["stages"][0][
       "params"]
-  assert lines[0].startswith("growlm: compiled for v5litepod-4 (v5e:2x2)") and len(lines) == 9
+  # The slice, then each distinct step's train and eval lines, and each repetition's one line.
+  assert lines[0].startswith("growlm: compiled for v5litepod-4 (v5e:2x2)") and len(lines) == 11
   assert "[scratch-s1] the same step as [grown_tile-s0]" in lines
   assert not (tmp_path / "q").exists()
 

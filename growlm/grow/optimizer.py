@@ -16,7 +16,7 @@ Adam state is grown (so repeated growth composes).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -129,3 +129,47 @@ def with_lr_rescale(opt_state: Any, src: ModelConfig, dst: ModelConfig, params: 
     ratios = jax.tree_util.tree_map_with_path(
         lambda path, r: r * trees.get(base, tuple(k.key for k in path)), ratios)
   return optim.set_leaf_scales(opt_state, ratios)
+
+
+class StateGrowth(NamedTuple):
+  """The two programs that grow a train state into the target's shardings, jitted and not run
+  (init.source.grow_state runs them; `--compile_for` compiles them): `params(src_params, key)`
+  -> the grown parameters, then `opt_state(src_part, params)` -> the optimizer state, where
+  `src_part = opt_input(...)` is the source's optimizer state (Adam's moments grown) or only its
+  learning-rate factors (a fresh Adam state)."""
+  grown: Callable[[Any], core.Grown]   # params -> the Grown they are (config and layer map)
+  params: Callable
+  opt_state: Callable
+  grow_optimizer: bool
+
+  def opt_input(self, src_opt_state: Any, src_params: Any) -> Any:
+    """What `opt_state` takes of the source's state (abstract trees too, under eval_shape)."""
+    if self.grow_optimizer:
+      return src_opt_state
+    # A fresh Adam state still keeps the source's own learning-rate factors (the rescale is
+    # relative to the first model's width, whatever happened to Adam in between).
+    return None if src_opt_state is None else optim.leaf_scales(src_opt_state, src_params)
+
+
+def state_growth(src: ModelConfig, target: ModelConfig, plan: GrowthPlan, optimizer,
+                 param_shardings: Any, opt_shardings: Any, *, grow_optimizer: bool
+                 ) -> StateGrowth:
+  """The programs that grow a `src` state into `target` by `plan` (StateGrowth). The multiplier
+  trees are never materialised: each leaf of them is built inside the optimizer state's jit
+  where Adam's moments or the learning-rate multipliers read it, and not at all when neither
+  does. With init.lr_rescale the per-leaf learning-rate factors are the fan-in ratios times the
+  source's own factors (ones for a source without them)."""
+  cfg = core.grown_config(src, target, plan)
+  layer_map = tuple(core.layer_sources(src.n_layers, target.n_layers, plan))
+  grown = lambda p: core.Grown(p, cfg, None, None, layer_map)
+
+  def params(src_params, rng):
+    return core.grow(src_params, src, target, plan, rng, scales=False).params
+
+  if grow_optimizer:
+    opt = lambda s, p: grow_opt_state(s, grown(p), src, plan, optimizer)
+  else:
+    opt = lambda base, p: with_lr_rescale(with_multipliers(optimizer.init(p), grown(p), src,
+                                                           plan), src, cfg, p, base=base)
+  return StateGrowth(grown, jax.jit(params, out_shardings=param_shardings),
+                     jax.jit(opt, out_shardings=opt_shardings), grow_optimizer)

@@ -21,7 +21,7 @@ from growlm.config import stages as config_stages
 from growlm.config.typed import RunConfig, TrainConfig
 from growlm.errors import GrowlmError
 from growlm.grow import core as grow_core
-from growlm.grow.optimizer import grow_opt_state, with_lr_rescale, with_multipliers
+from growlm.grow.optimizer import state_growth
 from growlm.grow.plan import GrowthPlan
 from growlm.interop import hf as hf_lib
 from growlm.model import decoder as model_lib
@@ -147,33 +147,15 @@ def grow_state(src: Source, target: ModelConfig, plan: GrowthPlan, optimizer, sh
                ) -> tuple[TrainState, grow_core.Grown]:
   """The target's first TrainState from the restored source, built directly in `shard`.
 
-  Two jits with the target's shardings: the parameters, then the optimizer state (Adam's
-  moments grown from the source's, or fresh). The multiplier trees are never materialised:
-  each leaf of them is built inside the optimizer state's jit where Adam's moments or the
-  learning-rate multipliers read it, and not at all when neither does. With init.lr_rescale the
-  per-leaf learning-rate factors are the fan-in ratios times the source's own factors (ones
-  for a source without them). The returned Grown carries the params, config and layer map (its
-  scale trees are None)."""
-  cfg = grow_core.grown_config(src.model, target, plan)
-  layer_map = tuple(grow_core.layer_sources(src.model.n_layers, target.n_layers, plan))
-
-  def run(params, rng):
-    return grow_core.grow(params, src.model, target, plan, rng, scales=False).params
-
-  params = jax.jit(run, out_shardings=shard.params)(src.state.params, jax.random.PRNGKey(seed))
-  grown = lambda p: grow_core.Grown(p, cfg, None, None, layer_map)
-  if grow_optimizer:
-    opt_state = jax.jit(lambda s, p: grow_opt_state(s, grown(p), src.model, plan, optimizer),
-                        out_shardings=shard.opt_state)(src.state.opt_state, params)
-  else:
-    # A fresh Adam state still keeps the source's own learning-rate factors (the rescale is
-    # relative to the first model's width, whatever happened to Adam in between).
-    base = None if src.state.opt_state is None else optim.leaf_scales(src.state.opt_state,
-                                                                      src.state.params)
-    fresh = lambda p, b: with_lr_rescale(with_multipliers(optimizer.init(p), grown(p), src.model,
-                                                          plan), src.model, cfg, p, base=b)
-    opt_state = jax.jit(fresh, out_shardings=shard.opt_state)(params, base)
+  Two jits with the target's shardings (growlm.grow.optimizer.state_growth, which `--compile_for`
+  compiles too): the parameters, then the optimizer state (Adam's moments grown from the
+  source's, or fresh). The returned Grown carries the params, config and layer map (its scale
+  trees are None)."""
+  growth = state_growth(src.model, target, plan, optimizer, shard.params, shard.opt_state,
+                        grow_optimizer=grow_optimizer)
+  params = growth.params(src.state.params, jax.random.PRNGKey(seed))
+  opt_state = growth.opt_state(growth.opt_input(src.state.opt_state, src.state.params), params)
   rng = jax.random.split(jax.random.PRNGKey(train_seed))[1]
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                      rng=jax.device_put(rng, shard.rng))
-  return state, grown(params)
+  return state, growth.grown(params)

@@ -6,12 +6,16 @@ attention kernel it uses, and whether it fits each chip's memory. XLA's TPU comp
 three without a TPU: libtpu describes a slice by its topology name (`v5e:2x2`, `v5p:4x4x4`; an
 accelerator type such as `v4-32` is mapped to its topology), and the step is lowered and compiled
 for those devices as the trainer would jit it (same config, mesh, sharding rules, optimizer,
-donated state). Nothing runs and nothing is written.
+donated state). A run executes two more programs there, and they are compiled too
+(growlm/train/aot_programs.py): each stage's eval step, and for a staged run each growth of the
+train state between stages, which holds both stages' states at once. Nothing runs and nothing
+is written.
 
 Memory on a TPU is planned by the compiler, so its figure for a step is what the chip will hold:
 arguments (the state and the batch) + outputs not aliased to them + temporaries. It is compared
 with the chip's HBM (HBM_GIB, public specs; a device is a chip, or a core where the slice lists
-cores, as v2's and v3's do).
+cores, as v2's and v3's do). The first program, in the order the run executes them, that needs
+more is refused, named.
 
 libtpu is found at TPU_LIBRARY_PATH, else as the `libtpu` package, else under the environment's
 prefix at libtpu/libtpu/libtpu.so (where `make install` puts it, out of jax's sight, so that CPU
@@ -26,8 +30,6 @@ import math
 import os
 import re
 import sys
-import time
-import warnings
 from collections import Counter
 from typing import Any
 
@@ -43,7 +45,9 @@ from growlm.model import decoder as model_lib
 from growlm.model import flops as flops_lib
 from growlm.model import speed
 from growlm.train import loss as loss_lib
+from growlm.train import aot_programs as programs
 from growlm.train import stages as run_stages
+from growlm.train.aot_programs import GIB, SMALLER, SMALLER_EVAL, SMALLER_GROWTH
 from growlm.train.state import state_shardings
 from growlm.train.trainer import make_train_step
 
@@ -63,9 +67,6 @@ _ACCELERATORS = {"v5litepod": ("v5e", 1, _GRID_2D), "v5e": ("v5e", 1, _GRID_2D),
                  "v6e": ("v6e", 1, _GRID_2D), "v4": ("v4", 2, _GRID_3D),
                  "v5p": ("v5p", 2, _GRID_3D)}
 PALLAS_CALL = 'custom_call_target="tpu_custom_call"'   # a Pallas (Mosaic) kernel in TPU HLO
-GIB = 1 << 30
-SMALLER = ("a config that fits, e.g. a smaller data.batch_size, train.grad_accum > 1, "
-           "mesh.fsdp > 1 or model.remat=full")
 
 
 def libtpu_path() -> str | None:
@@ -181,19 +182,26 @@ def hbm_bytes(devices: list) -> int | None:
   return gib * GIB // max(per_chip.values())
 
 
-def compile_for(config: RunConfig, topology: str) -> dict[str, Any]:
-  """Compiles each stage's train step for the slice `topology`; returns the report (module
-  docstring). GrowlmError for a bad topology, a mesh or batch the slice cannot take, or a
-  step that does not fit a device's HBM."""
+def compile_for(config: RunConfig, topology: str,
+                state_growth: programs.StateGrowthFn | None = None) -> dict[str, Any]:
+  """Compiles each stage's train and eval steps, and each growth between stages (the programs
+  `state_growth` builds: growlm.grow.optimizer.state_growth, needed with config.stages), for
+  the slice `topology`; returns the report (module docstring). GrowlmError for a bad topology,
+  a mesh or batch the slice cannot take, or a program that does not fit a device's HBM."""
   devices = topology_devices(topology)
-  return compile_on(config, devices, topology, topology_name(topology), hbm_bytes(devices))
+  return compile_on(config, devices, topology, topology_name(topology), hbm_bytes(devices),
+                    state_growth=state_growth)
 
 
 def compile_on(config: RunConfig, devices: list, topology: str, name: str, hbm: int | None,
-               keep_hlo: bool = False) -> dict[str, Any]:
+               keep_hlo: bool = False, train_only: bool = False,
+               state_growth: programs.StateGrowthFn | None = None) -> dict[str, Any]:
   """compile_for on `devices` (any backend's, e.g. a deviceless GPU's: benchmarks/
   gpu_traffic.py), `topology` as asked for and `name` as resolved, each device `hbm` bytes;
-  with keep_hlo, each stage's compiled HLO text as "hlo"."""
+  with keep_hlo, each stage's compiled train-step HLO text as "hlo"; with train_only, the
+  train steps alone (no "eval" per stage, no "growth")."""
+  if config.stages and not train_only and state_growth is None:
+    raise ValueError("a config with stages needs a state_growth (growlm.grow.optimizer)")
   rules = config.sharding_rules
   mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   d, t = config.data, config.train
@@ -208,25 +216,52 @@ def compile_on(config: RunConfig, devices: list, topology: str, name: str, hbm: 
             "device_kind": devices[0].device_kind,
             "devices": len(devices), "hosts": len({x.process_index for x in devices}),
             "mesh": dict(mesh.shape), "hbm_bytes_per_device": hbm,
-            "global_batch": d.batch_size, "seq_len": d.seq_len, "stages": []}
-  for i, cfg in enumerate(stages_lib.models(config.model, config.stages)):
-    report["stages"].append(_stage(i, cfg, config, optimizer, schedule, mesh, rules, hbm,
-                                   keep_hlo))
-  too_big = [s for s in report["stages"] if not s["fits"]]
-  if too_big:
-    s = too_big[0]
-    raise GrowlmError(
-        f"--compile_for={topology}: stage {s['stage']}'s train step needs "
-        f"{s['bytes_per_device'] / GIB:.2f} GiB per device (state and batch "
-        f"{s['argument_bytes'] / GIB:.2f}, "
-        f"temporaries {s['temp_bytes'] / GIB:.2f}) and a {report['device_kind']} device has "
-        f"{hbm / GIB:.0f} GiB; accepted: {SMALLER}")
+            "global_batch": d.batch_size, "seq_len": d.seq_len, "stages": [], "growth": []}
+  models = stages_lib.models(config.model, config.stages)
+  abstracts = []
+  for i, cfg in enumerate(models):
+    stage, abstract = _stage(i, cfg, config, optimizer, schedule, mesh, rules, hbm, keep_hlo,
+                             train_only)
+    report["stages"].append(stage)
+    abstracts.append(abstract)
+    if i and not train_only:
+      prev = report["stages"][i - 1]
+      with jax.set_mesh(mesh):
+        report["growth"].append(programs.growth(
+            i, models[i - 1], cfg, config.stages[i - 1], optimizer, abstracts[i - 1], abstract,
+            prev["argument_bytes"], prev["eval"]["argument_bytes"], hbm, state_growth))
+  _refuse_what_does_not_fit(report, topology)
   return report
 
 
-def _stage(i: int, cfg, config: RunConfig, optimizer, schedule, mesh, rules,
-           hbm: int | None, keep_hlo: bool) -> dict[str, Any]:
-  """One stage's compiled train step and its figures."""
+def _refuse_what_does_not_fit(report: dict[str, Any], topology: str) -> None:
+  """GrowlmError naming the first program, in the order a run executes them, that needs more
+  than a device's HBM."""
+  for i, s in enumerate(report["stages"]):
+    checks = []
+    if i and report["growth"]:
+      g = report["growth"][i - 1]
+      checks.append((g, f"stage {i}'s growth (from stage {i - 1})",
+                     f"stage {i - 1}'s state {g['source_state_bytes'] / GIB:.2f}, stage {i}'s "
+                     f"state {g['target_state_bytes'] / GIB:.2f}", SMALLER_GROWTH))
+    checks.append((s, f"stage {i}'s train step",
+                   f"state and batch {s['argument_bytes'] / GIB:.2f}", SMALLER))
+    if "eval" in s:
+      checks.append((s["eval"], f"stage {i}'s eval step",
+                     f"train state and batch {s['eval']['held_bytes'] / GIB:.2f}", SMALLER_EVAL))
+    for p, what, held, hint in checks:
+      if not p["fits"]:
+        raise GrowlmError(
+            f"--compile_for={topology}: {what} needs {p['bytes_per_device'] / GIB:.2f} GiB per "
+            f"device ({held}, temporaries {p['temp_bytes'] / GIB:.2f}) and a "
+            f"{report['device_kind']} device has "
+            f"{report['hbm_bytes_per_device'] / GIB:.4g} GiB; accepted: {hint}")
+
+
+def _stage(i: int, cfg, config: RunConfig, optimizer, schedule, mesh, rules, hbm: int | None,
+           keep_hlo: bool, train_only: bool) -> tuple[dict[str, Any], Any]:
+  """One stage's compiled train step (and eval step) and their figures; the stage's abstract
+  sharded state."""
   d = config.data
   # Under the slice's abstract mesh (its platform, for the model's kernels) but not the mesh
   # itself, on whose devices nothing can run: optax builds the state's tree from real arrays.
@@ -238,31 +273,17 @@ def _stage(i: int, cfg, config: RunConfig, optimizer, schedule, mesh, rules,
              for k in ("inputs", "targets")}
     step = run_stages.jit_step(make_train_step(cfg, optimizer, schedule, config.train.grad_accum),
                                shard, batch_shard)
-    t0 = time.perf_counter()
-    try:
-      with warnings.catch_warnings():
-        # Where a persistent compilation cache is set, jax stores the slice's executable but
-        # cannot load one without the slice's devices; it warns and compiles again.
-        warnings.filterwarnings("ignore", "Error reading persistent compilation cache entry")
-        compiled = step.lower(abstract, batch).compile()
-    except GrowlmError:   # the model's own refusals (an attention that cannot run there, ...)
-      raise
-    except Exception as e:  # pylint: disable=broad-except  (XLA's compile errors)
-      first = first_line(e)
-      kind = mesh.devices.flat[0].device_kind
-      if "RESOURCE_EXHAUSTED" in first:
-        raise GrowlmError(f"stage {i}'s train step does not fit a {kind} device ({first[:200]}); "
-                          f"accepted: {SMALLER}") from None
-      raise GrowlmError(f"stage {i}'s train step does not compile for {kind} "
-                        f"({type(e).__name__}: {first[:200]}); accepted: a model and mesh "
-                        "XLA's compiler for it takes") from None
-    seconds = time.perf_counter() - t0
+    compiled, seconds = programs.compile_program(
+        step, (abstract, batch), f"stage {i}'s train step", mesh.devices.flat[0].device_kind,
+        SMALLER)
     micro = d.batch_size // config.train.grad_accum
     kernel = attention.choose(cfg.attention, cfg.dtype, cfg.head_dim, d.seq_len)
     unroll = speed.layers_per_iteration(cfg)
     logits = speed.stored_logits_dtype(cfg)
     chunk = loss_lib.model_chunk(cfg, micro // sharding.batch_shards(mesh, rules), d.seq_len)
-  m = compiled.memory_analysis()
+    m = compiled.memory_analysis()
+    evaluated = {} if train_only else {"eval": programs.eval_step(
+        i, cfg, abstract.params, batch, batch_shard, m.argument_size_in_bytes, hbm)}
   text = compiled.as_text()
   total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
            + m.temp_size_in_bytes)
@@ -274,7 +295,8 @@ def _stage(i: int, cfg, config: RunConfig, optimizer, schedule, mesh, rules,
           "flops_per_token": flops_lib.flops_per_token(cfg, d.seq_len),
           "compile_seconds": seconds, "argument_bytes": m.argument_size_in_bytes,
           "temp_bytes": m.temp_size_in_bytes, "bytes_per_device": total,
-          "fits": hbm is None or total <= hbm, **({"hlo": text} if keep_hlo else {})}
+          "fits": hbm is None or total <= hbm, **evaluated,
+          **({"hlo": text} if keep_hlo else {})}, abstract
 
 
 def format_report(report: dict[str, Any]) -> list[str]:
@@ -289,7 +311,17 @@ def format_report(report: dict[str, Any]) -> list[str]:
           + " ".join(f"{k}={v}" for k, v in report["mesh"].items())
           + f", global batch {report['global_batch']} x {report['seq_len']}")
   lines = [head]
+  fits = lambda p: "fits" if p["fits"] else "DOES NOT FIT"
   for s in report["stages"]:
+    g = report.get("growth") or []
+    if s["stage"] and len(g) >= s["stage"]:
+      g = g[s["stage"] - 1]
+      lines.append(
+          f"growlm: growth to stage {g['stage']} after step {g['step']} (Adam {g['optimizer']}): "
+          f"{g['bytes_per_device'] / GIB:.2f} GiB per device (stage {g['from_stage']}'s state "
+          f"{g['source_state_bytes'] / GIB:.2f}, stage {g['stage']}'s state "
+          f"{g['target_state_bytes'] / GIB:.2f}, temporaries {g['temp_bytes'] / GIB:.2f}), "
+          f"{fits(g)}; compiled in {g['compile_seconds']:.1f} s")
     lines.append(
         f"growlm: stage {s['stage']}: {s['params'] / 1e6:.1f}M params ({s['dtype']}), attention "
         f"{s['attention']} ({s['pallas_kernels']} Pallas kernels), remat {s['remat']}, "
@@ -297,5 +329,11 @@ def format_report(report: dict[str, Any]) -> list[str]:
         f"{s['loss_chunk']} ({s['logits']} logits): {s['bytes_per_device'] / GIB:.2f} GiB per "
         f"device (state and batch {s['argument_bytes'] / GIB:.2f}, temporaries "
         f"{s['temp_bytes'] / GIB:.2f}), "
-        f"{'fits' if s['fits'] else 'DOES NOT FIT'}; compiled in {s['compile_seconds']:.1f} s")
+        f"{fits(s)}; compiled in {s['compile_seconds']:.1f} s")
+    if "eval" in s:
+      e = s["eval"]
+      lines.append(
+          f"growlm: stage {s['stage']} eval step: {e['bytes_per_device'] / GIB:.2f} GiB per "
+          f"device (train state and batch {e['held_bytes'] / GIB:.2f}, temporaries "
+          f"{e['temp_bytes'] / GIB:.2f}), {fits(e)}; compiled in {e['compile_seconds']:.1f} s")
   return lines

@@ -23,6 +23,13 @@ def make_eval_step(cfg: ModelConfig) -> Callable:
   return step
 
 
+def jit_eval_step(cfg: ModelConfig, p_shard, batch_shard) -> Callable:
+  """The eval step as the trainer runs it (and `--compile_for` compiles it): the parameters in
+  their train shardings, not donated (training goes on with them), the batch split by
+  `batch_shard`."""
+  return jax.jit(make_eval_step(cfg), in_shardings=(p_shard, batch_shard))
+
+
 class Evaluator:
   """Held-out datasets, kept on device as global batches; reports loss and bits per byte."""
 
@@ -35,12 +42,12 @@ class Evaluator:
             process_count=jax.process_count())]
         for n, s in streams.items()}
     self._batch_shard = batch_shard
-    self._step = jax.jit(make_eval_step(cfg), in_shardings=(p_shard, batch_shard))
+    self._step = jit_eval_step(cfg, p_shard, batch_shard)
 
   def for_model(self, cfg: ModelConfig, p_shard) -> "Evaluator":
     """The same datasets and batches for another model (a run's next growth stage)."""
     other = copy.copy(self)
-    other._step = jax.jit(make_eval_step(cfg), in_shardings=(p_shard, self._batch_shard))
+    other._step = jit_eval_step(cfg, p_shard, self._batch_shard)
     return other
 
   def __call__(self, params) -> dict[str, float]:
