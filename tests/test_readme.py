@@ -412,11 +412,13 @@ def check_launch(r: Result, ws: Path):
 def check_compile_for(r: Result, ws: Path):
   """The step compiled for 8 v5e chips with splash attention; it fits (that it writes nothing
   is tests/test_aot.py's: this workspace is shared with the commands that write runs/)."""
-  head, stage = r.stdout.strip().splitlines()
+  head, stage, evaluation = r.stdout.strip().splitlines()
   assert head.startswith("growlm: compiled for v5e:2x4: 8 x TPU v5 lite (2 host(s), 16 GiB"), head
   assert "mesh data=1 fsdp=4 tensor=2" in head, head
   assert re.search(r"stage 0: .* \(bfloat16\), attention splash \(3 Pallas kernels\).* fits;",
                    stage), stage
+  assert re.match(r"growlm: stage 0 eval step: [\d.]+ GiB per device .* fits;", evaluation), \
+      evaluation
   del ws
 
 
