@@ -717,6 +717,31 @@ def test_preservation_report_products_run_at_highest_precision():
     assert (short.groups() if short else tuple(generic)) == ("HIGHEST", "HIGHEST"), line
 
 
+def test_preservation_report_holds_one_chunk_of_logits_and_sums_as_the_whole_batch(
+    monkeypatch):
+  """The report's logits come a chunk of positions at a time (never [B, L, V] at once, 3.3 GB
+  a tensor at GPT-2's shape), and chunking changes no figure: max |delta logits| is the same
+  bit for bit, the sums agree to float32 rounding."""
+  src = _cfg("gpt2", d_model=16, n_heads=2, n_kv_heads=2, head_dim=8, mlp_dim=32, n_layers=1,
+             vocab_size=40)   # no dimension of the models is 40: the shapes below are logits
+  plan = GrowthPlan("noise", depth="identity")     # not exact: figures well above zero
+  cfg = grown_config(src, src.replace(d_model=32, n_layers=2), plan)
+  params = _random_params(src)
+  grown = grow(params, src, cfg, plan, jax.random.key(1)).params
+  tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, src.vocab_size)
+  batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1)}
+  args = (src, cfg, params, grown, batch)
+  whole = jax.device_get(report_lib._stats(*args))   # pylint: disable=protected-access
+  monkeypatch.setattr(report_lib, "CHUNK_BYTES", 4 * 2 * 4 * src.vocab_size)   # 4 positions
+  assert report_lib.chunk_length(2, 16, src.vocab_size) == 4
+  text = jax.jit(report_lib._stats, static_argnums=(0, 1)).lower(*args).as_text()
+  assert f"2x4x{src.vocab_size}xf32" in text and f"2x16x{src.vocab_size}x" not in text
+  chunked = jax.device_get(report_lib._stats(*args))   # pylint: disable=protected-access
+  assert whole["max"] > 1e-3 and chunked["max"] == whole["max"]
+  for k in ("sum_abs", "kl", "nll_src", "nll_dst"):
+    assert chunked[k] == pytest.approx(whole[k], rel=1e-6), k
+
+
 def test_preservation_report_of_a_bfloat16_model_measures_in_float32_and_in_bfloat16(
     monkeypatch):
   """A model that trains in bfloat16: the report's main figures are float32, equal to those of

@@ -40,27 +40,64 @@ def _stats(src_cfg, dst_cfg, src_params, dst_params, batch):
     return _batch_stats(src_cfg, dst_cfg, src_params, dst_params, batch)
 
 
+# The report computes both models' logits a chunk of positions at a time, never the whole
+# batch's [B, L, V] (GPT-2's vocabulary on 16 x 1024 tokens: 3.3 GB a tensor in float32, and the
+# comparison needs several): at most this many bytes of float32 logits per chunk and model.
+CHUNK_BYTES = 64 << 20
+
+
+def chunk_length(batch: int, seq_len: int, vocab: int) -> int:
+  """Positions per chunk: the largest divisor of seq_len whose logits fit CHUNK_BYTES."""
+  c = max(1, min(seq_len, CHUNK_BYTES // (4 * batch * vocab)))
+  while seq_len % c:
+    c -= 1
+  return c
+
+
 def _batch_stats(src_cfg, dst_cfg, src_params, dst_params, batch):
-  ls = model_lib.apply(src_cfg, src_params, batch["inputs"])
-  ld = model_lib.apply(dst_cfg, dst_params, batch["inputs"])
-  diff = jnp.abs(ls - ld)
-  lps, lpd = jax.nn.log_softmax(ls, -1), jax.nn.log_softmax(ld, -1)
-  kl = jnp.sum(jnp.exp(lps) * (lps - lpd), -1)
-  tgt = batch["targets"][..., None]
-  nll_s = -jnp.take_along_axis(lps, tgt, -1)
-  nll_d = -jnp.take_along_axis(lpd, tgt, -1)
-  return {"max": diff.max(), "sum_abs": diff.sum(), "n_logits": diff.size, "kl": kl.sum(),
-          "nll_src": nll_s.sum(), "nll_dst": nll_d.sum(), "n_tokens": kl.size}
+  xs_BxLxD, ws_DxV = model_lib.hidden(src_cfg, src_params, batch["inputs"])
+  xd_BxLxE, wd_ExV = model_lib.hidden(dst_cfg, dst_params, batch["inputs"])
+  B, L = batch["targets"].shape
+  c = chunk_length(B, L, src_cfg.vocab_size)
+  chunks = lambda x: jnp.moveaxis(x.reshape(B, L // c, c, *x.shape[2:]), 1, 0)
+
+  def one(acc, xs_xd_t):
+    xs_BxCxD, xd_BxCxE, t_BxC = xs_xd_t
+    ls = model_lib.project(xs_BxCxD, ws_DxV, preferred_element_type=_acc(src_cfg))
+    ld = model_lib.project(xd_BxCxE, wd_ExV, preferred_element_type=_acc(dst_cfg))
+    diff = jnp.abs(ls - ld)
+    lps, lpd = jax.nn.log_softmax(ls, -1), jax.nn.log_softmax(ld, -1)
+    kl = jnp.sum(jnp.exp(lps) * (lps - lpd), -1)
+    tgt = t_BxC[..., None]
+    nll_s = -jnp.take_along_axis(lps, tgt, -1)
+    nll_d = -jnp.take_along_axis(lpd, tgt, -1)
+    part = {"max": diff.max(), "sum_abs": diff.sum(), "kl": kl.sum(), "nll_src": nll_s.sum(),
+            "nll_dst": nll_d.sum()}
+    return {k: jnp.maximum(acc[k], v) if k == "max" else acc[k] + v
+            for k, v in part.items()}, None
+
+  wide = jnp.promote_types(_acc(src_cfg), _acc(dst_cfg))
+  zero = {k: jnp.zeros((), wide) for k in ("max", "sum_abs", "kl", "nll_src", "nll_dst")}
+  totals, _ = jax.lax.scan(one, zero, (chunks(xs_BxLxD), chunks(xd_BxLxE),
+                                       chunks(batch["targets"])))
+  return totals
+
+
+def _acc(cfg: ModelConfig):
+  """The dtype a model's logits come out in (model.decoder.apply's): float32 or wider."""
+  return jnp.promote_types(cfg.dtype, jnp.float32)
 
 
 def _compare(src_cfg, dst_cfg, src_params, dst_params, batches) -> dict[str, float]:
-  """_stats summed over the batches (the max of 'max')."""
+  """_stats summed over the batches (the max of 'max'), and the counts of tokens and logits."""
   step = jax.jit(_stats, static_argnums=(0, 1))
-  totals: dict[str, float] = {}
+  totals: dict[str, float] = {"n_tokens": 0, "n_logits": 0}
   for b in batches:
     for k, v in jax.device_get(step(src_cfg, dst_cfg, src_params, dst_params, b)).items():
       v = float(v)
       totals[k] = max(totals.get(k, 0.0), v) if k == "max" else totals.get(k, 0.0) + v
+    totals["n_tokens"] += b["targets"].size   # Python ints: no int32 to overflow
+    totals["n_logits"] += b["targets"].size * src_cfg.vocab_size
   return totals
 
 
