@@ -66,12 +66,13 @@ def check_relaunch(config: Any, workdir: str) -> None:
     trainer.check_run_dir(workdir, config.to_json())
 
 
-def compile_for(config: Any, topology: str) -> dict[str, Any]:
+def compile_for(config: Any, topology: str, train_only: bool = False) -> dict[str, Any]:
   """Compiles the run's programs for the TPU slice `topology` without a TPU: each stage's train
   and eval steps and each growth between stages (the seam's, growlm.grow.optimizer), with the
-  attention kernel and the memory per device against the chip's HBM (growlm.train.aot).
-  Nothing runs, nothing is written."""
-  return aot.compile_for(resolve(config), topology, state_growth=grow_optimizer.state_growth)
+  attention kernel and the memory per device against the chip's HBM (growlm.train.aot); with
+  train_only, the train steps alone. Nothing runs, nothing is written."""
+  return aot.compile_for(resolve(config), topology, state_growth=grow_optimizer.state_growth,
+                         train_only=train_only)
 
 
 def _check_out(out: str) -> None:

@@ -183,14 +183,16 @@ def hbm_bytes(devices: list) -> int | None:
 
 
 def compile_for(config: RunConfig, topology: str,
-                state_growth: programs.StateGrowthFn | None = None) -> dict[str, Any]:
+                state_growth: programs.StateGrowthFn | None = None,
+                train_only: bool = False) -> dict[str, Any]:
   """Compiles each stage's train and eval steps, and each growth between stages (the programs
   `state_growth` builds: growlm.grow.optimizer.state_growth, needed with config.stages), for
-  the slice `topology`; returns the report (module docstring). GrowlmError for a bad topology,
-  a mesh or batch the slice cannot take, or a program that does not fit a device's HBM."""
+  the slice `topology` (with train_only, the train steps alone); returns the report (module
+  docstring). GrowlmError for a bad topology, a mesh or batch the slice cannot take, or a
+  program that does not fit a device's HBM."""
   devices = topology_devices(topology)
   return compile_on(config, devices, topology, topology_name(topology), hbm_bytes(devices),
-                    state_growth=state_growth)
+                    state_growth=state_growth, train_only=train_only)
 
 
 def compile_on(config: RunConfig, devices: list, topology: str, name: str, hbm: int | None,
