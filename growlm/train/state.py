@@ -66,14 +66,15 @@ def bytes_per_device(abstract: Any) -> int:
 def device_memory(mesh) -> tuple[int | None, str]:
   """(bytes one device of `mesh` may hold, what that is) or (None, ''): a GPU's or TPU's
   allocator limit; on a CPU, the machine's RAM shared by this process's devices of the mesh."""
-  device = mesh.devices.flat[0]
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  device = (local or list(mesh.devices.flat))[0]   # another host's device has no statistics here
   if device.platform == "cpu":
     try:
       ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
       return None, ""
-    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-    return ram // max(local, 1), f"RAM {ram / GIB:.1f} GiB shared by {local} CPU device(s)"
+    n = max(len(local), 1)
+    return ram // n, f"RAM {ram / GIB:.1f} GiB shared by {n} CPU device(s)"
   try:
     limit = (device.memory_stats() or {}).get("bytes_limit")
   except Exception:  # pylint: disable=broad-except  (a backend without memory statistics)
