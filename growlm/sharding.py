@@ -71,7 +71,14 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[Any] | No
   if math.prod(sizes) > n or (-1 not in shape_list and n % math.prod(sizes)):
     raise GrowlmError(f"mesh: shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
                       f"devices, have {n}; accepted: a shape whose product divides {n}")
-  # A smaller mesh takes the first devices (e.g. a 1-device baseline in a multi-device test).
+  # A smaller mesh takes the first devices (e.g. a 1-device baseline in a multi-device test),
+  # but never leaves a process out: it would have no share of the step to run.
+  left_out = sorted({d.process_index for d in devices}
+                    - {d.process_index for d in devices[:math.prod(sizes)]})
+  if left_out:
+    raise GrowlmError(f"mesh: shape {dict(zip(MESH_AXES, sizes))} takes {math.prod(sizes)} of "
+                      f"the {n} devices, none of process(es) {left_out}; accepted: a shape that "
+                      f"uses every process's devices (all {n}: a -1 axis takes the rest)")
   devices = devices[:math.prod(sizes)]
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                        devices=devices)

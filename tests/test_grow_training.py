@@ -223,3 +223,11 @@ def test_init_fields_without_a_source_are_named_as_having_no_effect(tmp_path, ca
   assert "init.plan, init.optimizer have no effect" in lines[0] and "seed" not in lines[0]
   seam.prepare(resolve(_config()), str(tmp_path / "run"))
   assert "no effect" not in capsys.readouterr().out
+  # Growth stages inside the run apply the learning-rate options (docs/design.md 5.11).
+  from growlm.config import files  # pylint: disable=g-import-not-at-top
+  staged = files.load(str(REPO / "configs" / "staged.py") + ":runlocal")
+  staged.init.lr_rescale, staged.init.lr_multipliers = "fan_in", True
+  staged.init.plan.width = "zeros"
+  seam.prepare(resolve(staged), str(tmp_path / "run"))
+  lines = [l for l in capsys.readouterr().out.splitlines() if "no effect" in l]
+  assert len(lines) == 1 and "init.plan has no effect" in lines[0], lines

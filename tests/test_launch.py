@@ -369,3 +369,23 @@ def test_a_growth_between_runs_is_checked_before_the_first_run(tmp_path, overrid
     sweep.expand(QUICK, str(tmp_path / "s"), overrides)
   assert all(w in str(e.value) for w in words), e.value
   assert not (tmp_path / "s").exists()
+
+
+def _stop_and_continue_config(tmp_path, stop_at: int) -> str:
+  path = tmp_path / f"stop{stop_at}.py"
+  path.write_text(
+      "from growlm.config import files\n"
+      f"get_config = files.load_module({str(REPO / 'configs' / 'quickstart.py')!r}).get_config\n"
+      "def sweep(add):\n"
+      f"  add(name='source', **{{'train.stop_at': {stop_at}}})\n"
+      "  add(name='grown', **{'init.source': '@source', 'init.continue_schedule': True})\n")
+  return f"{path}:runlocal"
+
+
+def test_a_source_stopped_early_leaves_its_schedule_to_continue(tmp_path):
+  """docs/design.md 4.1: run A stops at train.stop_at, run B grows it and goes on with its
+  schedule. The launch accepts it; without the stop nothing would be left: refused at launch."""
+  runs = sweep.expand(_stop_and_continue_config(tmp_path, 6), str(tmp_path / "s"))
+  assert [r.name for r in runs] == ["source", "grown"]
+  with pytest.raises(GrowlmError, match="'source' stops at step 12, so train.num_steps=12"):
+    sweep.expand(_stop_and_continue_config(tmp_path, 0), str(tmp_path / "s"))

@@ -314,15 +314,18 @@ def test_two_processes_given_different_flags_both_refuse_before_any_work(tmp_pat
   assert not (tmp_path / "run").exists()
 
 
-def _two_with(tmp_path, flags_of, extra=()):
-  """Runs 2 processes on one run dir, process i with flags_of[i] added; (returncodes, stderrs)."""
+def _two_with(tmp_path, flags_of, extra=(), cwds=(REPO, REPO)):
+  """Runs 2 processes on one run dir, process i with flags_of[i] added and in cwds[i] (a host's
+  own files); (returncodes, stderrs)."""
   port = _free_port()
-  base = ["--config=configs/default.py:size=nano,runlocal", "--config.log.progress_bar=False",
+  base = [f"--config={REPO / 'configs' / 'default.py'}:size=nano,runlocal",
+          "--config.log.progress_bar=False",
           "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=1",
           f"--workdir={tmp_path / 'run'}", f"--coordinator_address=127.0.0.1:{port}",
           "--num_processes=2", "--cpu_devices=2", *extra]
   procs = [subprocess.Popen(
-      [sys.executable, "-m", "growlm.main", *base, f"--process_id={i}", *flags_of[i]], cwd=REPO,
+      [sys.executable, "-m", "growlm.main", *base, f"--process_id={i}", *flags_of[i]],
+      cwd=cwds[i],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=user_env())
            for i in range(2)]
   errs = [p.communicate(timeout=200)[1] for p in procs]
@@ -369,6 +372,20 @@ def test_an_error_on_one_process_after_joining_ends_the_other_at_once(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_data_missing_on_one_host_ends_both_and_writes_nothing(tmp_path):
+  """The same config, a relative data path that only process 0's host has: process 1 refuses
+  in the trainer's input checks; process 0, past its own, ends with exit 4 before it writes the
+  run dir's lease (before: it took the lease, and its exit left a run dir holding only that)."""
+  hosts = [tmp_path / "host0", tmp_path / "host1"]
+  for h in hosts:
+    h.mkdir()
+  (hosts[0] / "corpus.txt").write_text((REPO / "README.md").read_text() * 4)
+  codes, errs = _two_with(tmp_path, [[], []], ["--config.data.train=file:corpus.txt"], hosts)
+  assert codes == [4, 2], [e[-2000:] for e in errs]
+  assert "corpus.txt" in _lines(errs[1])[0] and "process 1 stopped with" in _lines(errs[0])[0]
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["in-memory", "prepared"])
 def test_two_processes_train_checkpoint_resume(tmp_path, source, request):
@@ -412,3 +429,12 @@ def test_state_bytes_per_device_follow_the_mesh():
   assert state_lib.bytes_per_device(whole) == exact
   # Leaves without an embed axis (MLP biases, scalars) stay whole: a little over an eighth.
   assert exact / 8 < state_lib.bytes_per_device(split) < exact / 7
+
+
+def test_a_mesh_that_leaves_a_process_out_is_refused():
+  """Two processes of two devices each, a mesh of two devices: the second process would hold
+  no part of the step (it raised in jax, and the first waited minutes). One line instead."""
+  import types  # pylint: disable=g-import-not-at-top
+  devices = [types.SimpleNamespace(process_index=i // 2, id=i) for i in range(4)]
+  with pytest.raises(GrowlmError, match=r"takes 2 of the 4 devices, none of process\(es\) \[1\]"):
+    sharding.make_mesh({"data": 2}, devices)

@@ -51,7 +51,7 @@ def base_config(size: str = "tiny", style: str = "gpt2") -> ml_collections.Confi
   c.train.grad_clip = 1.0          # global-norm gradient clipping (0: off)
   c.train.grad_accum = 1           # microbatches per step (batch_size must be a multiple)
   c.train.seed = 0                 # seed of parameter init and dropout
-  c.train.stop_at = 0              # stop (with a checkpoint) after this step; 0: run to the end
+  c.train.stop_at = 0              # stop (checkpointed) after this step; 0, >= num_steps: the end
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 100         # evaluate every N steps (and at step 0 and at the end)

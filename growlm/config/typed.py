@@ -297,10 +297,6 @@ class RunConfig:
       raise GrowlmError(f"config train.warmup_steps={self.train.warmup_steps} exceeds "
                         f"train.num_steps={self.train.num_steps}; accepted: 0 <= warmup_steps <= "
                         "num_steps (set train.warmup_steps too when lowering num_steps)")
-    if self.train.stop_at > self.train.num_steps:
-      raise GrowlmError(f"config train.stop_at={self.train.stop_at} exceeds train.num_steps="
-                        f"{self.train.num_steps}, so it would never stop the run; accepted: 0 "
-                        f"(run to the end) or a step in 1..{self.train.num_steps}")
     if d.batch_size % self.train.grad_accum:
       raise GrowlmError(f"config data.batch_size={d.batch_size} is not a multiple of "
                         f"train.grad_accum={self.train.grad_accum}; accepted: a batch_size that "

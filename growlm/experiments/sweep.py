@@ -164,11 +164,12 @@ def check_growths(runs: list[Run]) -> None:
     with naming(run.name):
       grow_core.validate(src_model, c.model, c.init.plan)
       source_lib.check_seq_len(src_model, c.data.seq_len)
-      if c.init.continue_schedule and src.train.num_steps >= c.train.num_steps:
+      last = min(src.train.stop_at or src.train.num_steps, src.train.num_steps)
+      if c.init.continue_schedule and last >= c.train.num_steps:
         raise GrowlmError(
-            f"init.continue_schedule=True: the source run {run.depends[0]!r} trains "
-            f"{src.train.num_steps} steps, so train.num_steps={c.train.num_steps} leaves "
-            f"nothing to train; accepted: num_steps > {src.train.num_steps}")
+            f"init.continue_schedule=True: the source run {run.depends[0]!r} stops at step "
+            f"{last}, so train.num_steps={c.train.num_steps} leaves nothing to train; "
+            f"accepted: num_steps > {last}")
 
 
 def order(runs: list[Run]) -> list[Run]:

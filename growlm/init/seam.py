@@ -56,8 +56,10 @@ def prepare(config: RunConfig, workdir: str) -> tuple[RunConfig, Source | None]:
   if saved and (saved.get("init") or {}).get("source") and not config.init.source:
     config = config.replace(init=resolve_section("init", saved["init"], InitConfig))
   if not config.init.source:
+    # Growth stages inside the run use the learning-rate options (docs/design.md 5.11).
+    used = ("source", "seed") + (("lr_multipliers", "lr_rescale") if config.stages else ())
     unused = [f"init.{k}" for k, v in config.init.to_dict().items()
-              if k not in ("source", "seed") and v != _NO_SOURCE[k]]
+              if k not in used and v != _NO_SOURCE[k]]
     if unused:   # a sweep-wide flag reaches the source and scratch runs too: say, not refuse
       _say(f"growlm: note: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no "
            "effect: init.source is empty, so the model starts from a random init (growth "

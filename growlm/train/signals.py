@@ -75,7 +75,8 @@ class StopRequest:
     """True when the run must stop after `step` (the same step on every process)."""
     if self._multi:
       if _sync_manager_ready() and multihost_utils.reached_preemption_sync_point(step):
-        self.signal_name = self.signal_name or "SIGTERM"
+        # JAX's service saw a SIGTERM, here or on another process (or ours re-sent it)
+        self.signal_name = self.signal_name or "SIGTERM to this or another process of the run"
         return True
       return False
     return self.signal_name is not None

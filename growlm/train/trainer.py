@@ -115,11 +115,9 @@ def make_train_step(cfg, optimizer: optax.GradientTransformation, schedule: opta
 
 
 def load_data(config: RunConfig, tokenizer) -> tuple[Any, dict, dict]:
-  """(training iterator, eval streams by name, data manifests) of the run's data section.
-
-  A "prepared:DIR" source streams from its token shards (growlm.data.stream); evaluation reads
-  only the tokens its batches need, from the start of each eval split.
-  """
+  """(training iterator, eval streams by name, data manifests) of the run's data section. A
+  "prepared:DIR" source streams from its token shards (growlm.data.stream); evaluation reads
+  only the tokens its batches need, from the start of each eval split."""
   d = config.data
   kw = dict(eval_fraction=d.eval_fraction, max_bytes=d.max_bytes, data_dir=d.data_dir or None,
             text_field=d.text_field)
@@ -257,13 +255,15 @@ def train(config: RunConfig, workdir: str, initialize: Initializer, *,
 def _acquire(workdir: str) -> lock_lib.RunLock | None:
   """Process 0 takes the run dir's lease; every process learns whether it did, so all refuse
   together (a lone process carrying on would wait forever in its next collective)."""
-  lease, error = None, ""
+  lease, error, multi = None, "", jax.process_count() > 1
+  if multi:   # no lease written while a process still fails its own input checks
+    multihost_utils.sync_global_devices("growlm: every process's inputs are good")
   if jax.process_index() == 0:
     try:
       lease = lock_lib.RunLock(workdir).acquire()
     except GrowlmError as e:
       error = str(e)
-  if jax.process_count() > 1:
+  if multi:
     ok = multihost_utils.broadcast_one_to_all(np.int32(0 if error else 1))
     if not int(ok) and not error:
       error = f"run dir {workdir} is in use by another launch (process 0 could not take its lease)"
