@@ -34,9 +34,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("pos", None),
 )
 
-# Every logical axis a rule may name: the batch, and each axis a parameter declares
-# (growlm.model.AXES; tests/test_model.py keeps the two in step).
-LOGICAL_AXES = ("batch", "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "pos")
+# The axes a parameter may declare (growlm.model.AXES is this tuple), and every logical axis a
+# rule may name: those and the batch.
+PARAM_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "pos")
+LOGICAL_AXES = ("batch",) + PARAM_AXES
 
 
 def platform() -> str:

@@ -123,7 +123,7 @@ def expand(config: str, sweep_dir: str, overrides: dict[str, str | bool] | None 
     specs = _repeat(specs, seeds, base)
   names = {n for n, _ in specs}
   sweep_name = fs.basename(sweep_dir)
-  runs = []
+  runs, resolved = [], {}
   for name, run_overrides in specs:
     cfg = files.load(config)
     files.apply_overrides(cfg, overrides or {})
@@ -140,22 +140,22 @@ def expand(config: str, sweep_dir: str, overrides: dict[str, str | bool] | None 
       cfg.name = name
       cfg.sweep_name = sweep_name
     with naming(name):
-      resolve(cfg)   # every run's values are checked before the first run starts
+      resolved[name] = resolve(cfg)   # every run's values are checked before the first starts
     runs.append(Run(name, run_overrides, cfg, depends, fs.join(sweep_dir, name)))
-  check_growths(runs)
+  check_growths(runs, resolved)
   return order(runs)
 
 
-def check_growths(runs: list[Run]) -> None:
+def check_growths(runs: list[Run], resolved: dict[str, Any]) -> None:
   """Refuses, before the first run starts, a growth from another run of the sweep that the
   grown run would refuse only once its source had trained: a plan the two models cannot take
   (tile's integer width ratio, a field that shrinks or changes), a seq_len beyond the source's
-  learned positions, init.continue_schedule with no steps left after the source's."""
+  learned positions, init.continue_schedule with no steps left after the source's.
+  `resolved`: each run's RunConfig by name."""
   # pylint: disable=g-import-not-at-top  (jax, for the growth's checks)
   from growlm.config import stages as stages_lib
   from growlm.grow import core as grow_core
   from growlm.init import source as source_lib
-  resolved = {run.name: resolve(run.config) for run in runs}
   for run in runs:
     if not run.depends:
       continue

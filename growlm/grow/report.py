@@ -59,12 +59,14 @@ def _batch_stats(src_cfg, dst_cfg, src_params, dst_params, batch):
   xd_BxLxE, wd_ExV = model_lib.hidden(dst_cfg, dst_params, batch["inputs"])
   B, L = batch["targets"].shape
   c = chunk_length(B, L, src_cfg.vocab_size)
+  # Logits come out as model.apply's do: float32, or float64 for a float64 model.
+  acc_s, acc_d = model_lib.acc_dtype(src_cfg.dtype), model_lib.acc_dtype(dst_cfg.dtype)
   chunks = lambda x: jnp.moveaxis(x.reshape(B, L // c, c, *x.shape[2:]), 1, 0)
 
   def one(acc, xs_xd_t):
     xs_BxCxD, xd_BxCxE, t_BxC = xs_xd_t
-    ls = model_lib.project(xs_BxCxD, ws_DxV, preferred_element_type=_acc(src_cfg))
-    ld = model_lib.project(xd_BxCxE, wd_ExV, preferred_element_type=_acc(dst_cfg))
+    ls = model_lib.project(xs_BxCxD, ws_DxV, preferred_element_type=acc_s)
+    ld = model_lib.project(xd_BxCxE, wd_ExV, preferred_element_type=acc_d)
     diff = jnp.abs(ls - ld)
     lps, lpd = jax.nn.log_softmax(ls, -1), jax.nn.log_softmax(ld, -1)
     kl = jnp.sum(jnp.exp(lps) * (lps - lpd), -1)
@@ -76,16 +78,11 @@ def _batch_stats(src_cfg, dst_cfg, src_params, dst_params, batch):
     return {k: jnp.maximum(acc[k], v) if k == "max" else acc[k] + v
             for k, v in part.items()}, None
 
-  wide = jnp.promote_types(_acc(src_cfg), _acc(dst_cfg))
+  wide = jnp.promote_types(acc_s, acc_d)
   zero = {k: jnp.zeros((), wide) for k in ("max", "sum_abs", "kl", "nll_src", "nll_dst")}
   totals, _ = jax.lax.scan(one, zero, (chunks(xs_BxLxD), chunks(xd_BxLxE),
                                        chunks(batch["targets"])))
   return totals
-
-
-def _acc(cfg: ModelConfig):
-  """The dtype a model's logits come out in (model.decoder.apply's): float32 or wider."""
-  return jnp.promote_types(cfg.dtype, jnp.float32)
 
 
 def _compare(src_cfg, dst_cfg, src_params, dst_params, batches) -> dict[str, float]:

@@ -24,12 +24,12 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from growlm import trees
+from growlm import sharding, trees
 from growlm.model import activations, attention, prng, speed
 from growlm.model.config import ModelConfig
 
 # The logical axis vocabulary. `pos` is the learned position table's row axis.
-AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "pos")
+AXES = sharding.PARAM_AXES
 
 Array = jax.Array
 
@@ -37,7 +37,7 @@ def _dtype(name: str):
   return jnp.dtype(name)
 
 
-def _acc_dtype(dtype) -> Any:
+def acc_dtype(dtype) -> Any:
   """Dtype for norms, softmax and logits: at least float32, float64 when computing in f64."""
   return jnp.promote_types(dtype, jnp.float32)
 
@@ -99,7 +99,7 @@ class Norm(nn.Module):
     cfg = self.cfg
     d = x_BxLxD.shape[-1]
     scale_D = _param(self, "scale", nn.initializers.ones, (d,), ("embed",), cfg)
-    x = x_BxLxD.astype(_acc_dtype(x_BxLxD.dtype))
+    x = x_BxLxD.astype(acc_dtype(x_BxLxD.dtype))
     if cfg.norm == "layernorm":
       mean = checkpoint_name(jnp.mean(x, axis=-1, keepdims=True), speed.NORM_NAMES[0])
       if speed.one_pass_variance(x_BxLxD.dtype):   # E[x^2] - E[x]^2: rounding may go below 0
@@ -148,7 +148,7 @@ def attention_inputs(cfg: ModelConfig, p: dict, x_BxLxD: Array, positions_L: Arr
     k_BxSxKxE += p["key_bias"].astype(dt)
     v_BxSxKxE += p["value_bias"].astype(dt)
   if cfg.positions == "rope":
-    cos, sin = rope_tables(positions_L, cfg.head_dim, cfg.rope_theta, _acc_dtype(dt))
+    cos, sin = rope_tables(positions_L, cfg.head_dim, cfg.rope_theta, acc_dtype(dt))
     q_BxLxHxE = apply_rope(q_BxLxHxE, cos, sin)
     k_BxSxKxE = apply_rope(k_BxSxKxE, cos, sin)
   return q_BxLxHxE, k_BxSxKxE, v_BxSxKxE
@@ -283,7 +283,7 @@ class Decoder(nn.Module):
                        ("embed", "vocab"), cfg).astype(dt)
     if not head:
       return x_BxLxD.astype(dt), out_DxV
-    acc = _acc_dtype(dt)
+    acc = acc_dtype(dt)
     logits = project(x_BxLxD, out_DxV, preferred_element_type=acc)
     return logits.astype(acc)
 

@@ -91,11 +91,12 @@ class Stages:
     self._optimizer, self._mesh, self._make_step = optimizer, mesh, make_step
     self._batch_shard, self._make_evaluator = batch_shard, make_evaluator
     self._kits: dict[int, Kit] = {}
+    self._states: dict[int, tuple[TrainState, TrainState]] = {}
     self._fpt = [flops_lib.flops_per_token(m, config.data.seq_len) for m in self.models]
     # Before anything is built: the largest model's state must fit a device.
-    last = self.models[-1]
-    check_state_fits(last, state_shardings(last, optimizer, mesh, config.sharding_rules)[0],
-                     mesh, f"stage {len(self.models) - 1}'s model" if self.stages else "model")
+    last = len(self.models) - 1
+    check_state_fits(self.models[last], self._state(last)[0], mesh,
+                     f"stage {last}'s model" if self.stages else "model")
 
   def index_at(self, step: int) -> int:
     return stages_lib.index_at(self.stages, step)
@@ -110,12 +111,19 @@ class Stages:
   def abstract_at(self, step: int) -> TrainState:
     return self.kit(self.index_at(step)).abstract
 
+  def _state(self, i: int) -> tuple[TrainState, TrainState]:
+    """Stage i's (abstract state, state shardings), computed once (the memory check reads the
+    last stage's before its kit exists)."""
+    if i not in self._states:
+      self._states[i] = state_shardings(self.models[i], self._optimizer, self._mesh,
+                                        self.config.sharding_rules)
+    return self._states[i]
+
   def kit(self, i: int) -> Kit:
     if i not in self._kits:
       cfg = self.models[i]
       config = self.config.replace(model=cfg, stages=()) if i else self.config
-      abstract, shard = state_shardings(cfg, self._optimizer, self._mesh,
-                                        self.config.sharding_rules)
+      abstract, shard = self._state(i)
       step_fn = jit_step(self._make_step(cfg), shard, self._batch_shard)
       evaluator = (self._make_evaluator(cfg, shard.params) if i == 0 else
                    self.kit(0).evaluator.for_model(cfg, shard.params))
