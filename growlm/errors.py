@@ -10,7 +10,8 @@ accepted.
 EXIT_USER_ERROR = 2    # bad input: one `growlm: error:` line, nothing written
 EXIT_DIVERGED = 3      # training diverged; the last good checkpoint is kept
 EXIT_PEER_LOST = 4     # multi-process: a peer did not join, failed or was lost; relaunch them all
-EXIT_PREEMPTED = 75    # stopped by SIGTERM, SIGINT or SIGHUP after saving (EX_TEMPFAIL): relaunch
+EXIT_PREEMPTED = 75    # stopped by SIGTERM, SIGINT or SIGHUP after saving, or during start-up
+                       # before anything was written (EX_TEMPFAIL): relaunch
 
 
 class GrowlmError(ValueError):

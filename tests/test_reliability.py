@@ -96,6 +96,40 @@ def test_signal_saves_the_current_step_and_a_relaunch_resumes(tmp_path, sig):
   assert _steps(workdir, "eval_loss/heldout") == [0]   # stop_at ends without an eval
 
 
+def _catches(pid, sig):
+  """Whether process `pid` has a handler for `sig` (Linux: SigCgt in /proc/PID/status)."""
+  with open(f"/proc/{pid}/status") as f:
+    mask = next(int(l.split()[1], 16) for l in f if l.startswith("SigCgt:"))
+  return bool(mask >> (sig - 1) & 1)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/PID/status")
+def test_a_signal_during_start_up_is_one_line_exit_75_and_a_relaunch_trains(tmp_path):
+  """SIGTERM as soon as growlm.main watches for it (its first line; JAX is imported after, the
+  trainer's own handlers come seconds later): one line and exit 75, as for a later SIGTERM, where
+  it used to die silently with 143; nothing is written, and the same command then trains."""
+  workdir = str(tmp_path / "run")
+  args = ["--config=configs/default.py:size=nano,runlocal", "--config.train.num_steps=3",
+          "--config.train.warmup_steps=1", "--config.log.every_steps=1",
+          "--config.log.progress_bar=False", f"--workdir={workdir}"]
+  proc, t0 = _start(args), time.time()
+  while not _catches(proc.pid, signal.SIGTERM):
+    assert proc.poll() is None and time.time() - t0 < 60, proc.communicate()[1][-2000:]
+    time.sleep(0.002)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=EXIT_BOUND_S)
+  assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+  assert "Traceback" not in err and _growlm_lines(err) == [
+      "growlm: stopped: SIGTERM before the first step: nothing was written or lost; relaunch the "
+      "same command to resume"], err[-2000:]
+  assert not os.path.exists(workdir)
+  done = subprocess.run([sys.executable, "-m", "growlm.main", *args], cwd=REPO, env=_env(),
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert _steps(workdir, "train_loss") == [1, 2, 3]
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["3"]
+
+
 def _free_port():
   import socket  # pylint: disable=g-import-not-at-top
   with socket.socket() as s:

@@ -28,7 +28,8 @@ from growlm.experiments import sweep
 LOGS = "logs"
 LAUNCH = "launch.json"
 STALE_S = 600.0   # a worker silent this long is taken as lost (heartbeats come every 30 s)
-EXIT_MEANING = {EXIT_PREEMPTED: "stopped by a signal after saving its checkpoint",
+EXIT_MEANING = {EXIT_PREEMPTED: "stopped by a signal after saving its checkpoint (or during "
+                                "start-up, before anything was written)",
                 3: "diverged; the last good checkpoint is kept", 2: "bad input",
                 4: "another process of the run did not join, failed or was lost"}
 

@@ -9,8 +9,10 @@
   tracking.py    W&B tracker (off by default)
   trainer.py     the jitted step and the loop: train, evaluate, checkpoint, log
   stages.py      growth stages at run time: each stage's model, steps and FLOPs, one schedule
-  signals.py     SIGTERM/SIGINT/SIGHUP: finish the step, save it, exit 75
-  agree.py       several processes: the same config and run dir on each, checked first
+  signals.py     SIGTERM/SIGINT/SIGHUP: finish the step, save it, exit 75 (during start-up:
+                 stop at once, nothing written, exit 75)
+  agree.py       several processes: the same config and run dir on each, checked first; then
+                 process 0 takes the run dir's lease for all
   peers.py       several processes: they join within --join_timeout and end together
   aot.py         --compile_for: the run's programs compiled for a TPU slice that is not here
                  (aot_programs.py: the eval step and the growth between stages)

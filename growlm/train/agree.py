@@ -1,7 +1,8 @@
 """What the processes of a multi-process run must agree on before any work: the run's config and
-run dir. Each process parses its own flags, so a flag given to one host only (a different
-train.num_steps, say) would otherwise go unnoticed until the processes part ways in a collective
-and wait for each other forever."""
+run dir (`check_same_run`), then that process 0 holds the run dir's lease (`take_lease`). Each
+process parses its own flags, so a flag given to one host only (a different train.num_steps, say)
+would otherwise go unnoticed until the processes part ways in a collective and wait for each
+other forever."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from growlm import lock as lock_lib
 from growlm.errors import GrowlmError
 from growlm.train import peers
 
@@ -53,3 +55,23 @@ def check_same_run(config_json: dict[str, Any], workdir: str) -> None:
     raise GrowlmError(f"the {jax.process_count()} processes were given different values of "
                       f"{', '.join(differ[:5])} (process {jax.process_index()}: "
                       f"{differ[0]}={fields[differ[0]]!r}); {ACCEPTED}")
+
+
+def take_lease(workdir: str) -> lock_lib.RunLock | None:
+  """Process 0 takes the run dir's lease; every process learns whether it did, so all refuse
+  together (a lone process carrying on would wait forever in its next collective)."""
+  lease, error, multi = None, "", jax.process_count() > 1
+  if multi:   # no lease written while a process still fails its own input checks
+    multihost_utils.sync_global_devices("growlm: every process's inputs are good")
+  if jax.process_index() == 0:
+    try:
+      lease = lock_lib.RunLock(workdir).acquire()
+    except GrowlmError as e:
+      error = str(e)
+  if multi:
+    ok = multihost_utils.broadcast_one_to_all(np.int32(0 if error else 1))
+    if not int(ok) and not error:
+      error = f"run dir {workdir} is in use by another launch (process 0 could not take its lease)"
+  if error:
+    raise GrowlmError(error)
+  return lease

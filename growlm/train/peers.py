@@ -136,6 +136,12 @@ def leave(line: str, code: int) -> NoReturn:
   _leave(line, code)
 
 
+def leave_now(line: str, code: int) -> NoReturn:
+  """As `leave`, without unwinding the stack: for a signal handler, which may have interrupted
+  code that would catch or swallow a SystemExit (an import, a finaliser)."""
+  _leave(line, code)
+
+
 def _claim() -> bool:
   """True for the first caller only: the one thread that prints this process's line and exits."""
   with _LOCK:

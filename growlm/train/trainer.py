@@ -17,9 +17,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from growlm import data as data_lib
@@ -217,25 +215,25 @@ def train(config: RunConfig, workdir: str, initialize: Initializer, *,
       iterator.set_state(start.data_state)
     growth_report = start.report
 
-    # Inputs are good and the state exists: now the run dir is written, by one launch only.
-    lease = _acquire(workdir)
-    fs.makedirs(workdir)
-    if is_main:
-      fs.write_json_atomic(rundir.config_path(workdir), config_json)
-      fs.write_json_atomic(fs.join(workdir, rundir.DATA_MANIFEST), manifests)
-      if growth_report is not None:
-        fs.write_json_atomic(fs.join(workdir, rundir.GROWTH_REPORT), growth_report)
-    ckpt = Checkpoints(rundir.checkpoints_dir(workdir), keep=config.checkpoint.keep,
-                       async_save=config.checkpoint.async_save)
-    # metrics.jsonl keeps what the restored state had seen (lines up to its step) and nothing of
-    # a start that never reached a checkpoint, so every step is in it exactly once.
-    writer = MetricsWriter(rundir.metrics_path(workdir), enabled=is_main,
-                           truncate_after_step=first if start.resumed else -1)
-    stop = StopRequest()
+    # Inputs are good and the state exists: now the run dir is written, by one launch only, and
+    # a stop signal saves a step (before, it ended the start-up: signals.start_up).
+    stop, lease, ckpt, writer = StopRequest().install(), None, None, None
     tracker = tracking.Tracker()
     try:
+      lease = agree.take_lease(workdir)
+      fs.makedirs(workdir)
+      if is_main:
+        fs.write_json_atomic(rundir.config_path(workdir), config_json)
+        fs.write_json_atomic(fs.join(workdir, rundir.DATA_MANIFEST), manifests)
+        if growth_report is not None:
+          fs.write_json_atomic(fs.join(workdir, rundir.GROWTH_REPORT), growth_report)
+      ckpt = Checkpoints(rundir.checkpoints_dir(workdir), keep=config.checkpoint.keep,
+                         async_save=config.checkpoint.async_save)
+      # metrics.jsonl keeps what the restored state had seen (lines up to its step) and nothing
+      # of a start that never reached a checkpoint, so every step is in it exactly once.
+      writer = MetricsWriter(rundir.metrics_path(workdir), enabled=is_main,
+                             truncate_after_step=first if start.resumed else -1)
       tracker = tracking.make_tracker(config, workdir)
-      stop.install()
       summary = _loop(config, workdir, start, state, iterator, stages, ckpt, writer, tracker,
                       stop, batch_shard, stop_after_init, lease, grow_stage)
     finally:
@@ -244,32 +242,14 @@ def train(config: RunConfig, workdir: str, initialize: Initializer, *,
       # left half-written; the run dir's lease goes last.
       stop.uninstall()
       lost = peers.lost(sys.exc_info()[1])   # a save in flight then can never be committed
-      _close_quietly(lambda: ckpt.close(abandon=True, wait=not lost), "checkpoints")
-      _close_quietly(writer.close, "metrics")
+      if ckpt is not None:
+        _close_quietly(lambda: ckpt.close(abandon=True, wait=not lost), "checkpoints")
+      if writer is not None:
+        _close_quietly(writer.close, "metrics")
       _close_quietly(tracker.close, "tracker")
       if lease is not None:
         _close_quietly(lease.release, "run-dir lease")
   return summary
-
-
-def _acquire(workdir: str) -> lock_lib.RunLock | None:
-  """Process 0 takes the run dir's lease; every process learns whether it did, so all refuse
-  together (a lone process carrying on would wait forever in its next collective)."""
-  lease, error, multi = None, "", jax.process_count() > 1
-  if multi:   # no lease written while a process still fails its own input checks
-    multihost_utils.sync_global_devices("growlm: every process's inputs are good")
-  if jax.process_index() == 0:
-    try:
-      lease = lock_lib.RunLock(workdir).acquire()
-    except GrowlmError as e:
-      error = str(e)
-  if multi:
-    ok = multihost_utils.broadcast_one_to_all(np.int32(0 if error else 1))
-    if not int(ok) and not error:
-      error = f"run dir {workdir} is in use by another launch (process 0 could not take its lease)"
-  if error:
-    raise GrowlmError(error)
-  return lease
 
 
 def _close_quietly(close: Callable[[], None], what: str) -> None:
