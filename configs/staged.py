@@ -27,7 +27,9 @@ _PAPER = files.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__
 
 
 def get_config(arg: str | None = None):
-  args = config_lib.parse_arg(arg, runlocal=False, optimizer="grow", rewarm=0)
+  args = config_lib.parse_arg(arg, runlocal=False, optimizer=("grow", "fresh"), rewarm=0)
+  if args.rewarm < 0:
+    raise files.ArgumentError(f"rewarm={args.rewarm}", "rewarm=N with N >= 0 (steps)")
   c = _PAPER.get_config("runlocal" if args.runlocal else None)
   c.name = "staged"
   c.train.num_steps *= 2               # the source's steps, then as many after growth

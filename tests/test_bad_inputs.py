@@ -250,6 +250,26 @@ CASES += [
     raw_case("cfg-num-steps-string", ["train.num_steps"], **{"train.num_steps": "100"}),
 ]
 
+# --- Config-file arguments (--config=PATH:ARG): the refusal names the argument as typed and
+# the file, not the field the file sets from it (stages[0].optimizer).
+def _load_case(id_: str, says, spec: str) -> Case:
+  """`commands.train` of `files.load(spec)`, spec relative to the checkout."""
+  def call(workdir):
+    from growlm.config import files  # pylint: disable=g-import-not-at-top
+    return commands.train(files.load(str(REPO / spec)), workdir)
+  return Case(id_, tuple(says), lambda ctx: (lambda w=ctx.path("new"): call(w)))
+
+
+CASES += [
+    _load_case("cfg-arg-word-not-accepted", ["config argument 'optimizer=adam' of",
+                                             "configs/staged.py;",
+                                             "accepted: optimizer=grow or optimizer=fresh"],
+               "configs/staged.py:optimizer=adam"),
+    _load_case("cfg-arg-negative-steps", ["config argument 'rewarm=-3' of", "configs/staged.py;",
+                                          "rewarm=N with N >= 0"],
+               "configs/staged.py:runlocal,rewarm=-3"),
+]
+
 # --- Data (the trainer reads it before anything is written).
 CASES += [
     cfg_case("data-pattern-matches-nothing", ["nomatch"],
@@ -595,6 +615,9 @@ SUBS: list[Sub] = [
     Sub("cli-unknown-style", MAIN, ("--config=configs/default.py:style=gpt3", W), ("'gpt3'",)),
     Sub("cli-unknown-config-arg", MAIN, ("--config=configs/default.py:sise=nano", W),
         ("'sise'",)),
+    Sub("cli-config-arg-not-accepted", MAIN, ("--config=configs/staged.py:optimizer=adam", W),
+        ("config argument 'optimizer=adam' of configs/staged.py; accepted: optimizer=grow or "
+         "optimizer=fresh",)),
     Sub("cli-warmup-exceeds-steps", MAIN, (NANO, W, "--config.train.num_steps=3"),
         ("train.warmup_steps",)),
     Sub("cli-plan-new-layers-float", MAIN,

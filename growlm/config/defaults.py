@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 
 from growlm import sharding
-from growlm.errors import GrowlmError
+from growlm.config.files import ArgumentError
 from growlm.grow.plan import GrowthPlan
 from growlm.model.config import make_model_config
 
@@ -90,8 +90,10 @@ def base_config(size: str = "tiny", style: str = "gpt2") -> ml_collections.Confi
 def parse_arg(arg: str | None, **defaults: Any) -> types.SimpleNamespace:
   """The config argument with typed defaults (big_vision style): 'size=tiny,runlocal' with
   defaults size='nano', runlocal=False -> namespace(size='tiny', runlocal=True). A bare word is
-  True; values take the type of their default; an unknown key is refused naming the accepted."""
-  out = dict(defaults)
+  True; values take the type of their default; a tuple default lists the accepted words, its
+  first the default. An unknown key or a bad value is refused naming the accepted ones (and, by
+  growlm.config.files.load, the config file)."""
+  out = {k: v[0] if isinstance(v, tuple) else v for k, v in defaults.items()}
   for part in (arg or "").split(","):
     part = part.strip()
     if not part:
@@ -99,22 +101,25 @@ def parse_arg(arg: str | None, **defaults: Any) -> types.SimpleNamespace:
     key, has_value, value = part.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise GrowlmError(f"config argument {key!r} unknown; accepted: "
-                        f"{', '.join(sorted(defaults)) or 'none'}")
+      raise ArgumentError(key, ", ".join(sorted(defaults)) or "none", " unknown")
     default = defaults[key]
+    words = " or ".join(f"{key}={w}" for w in default) if isinstance(default, tuple) else ""
     if isinstance(default, bool):
-      words = {"": True, "true": True, "1": True, "false": False, "0": False}
-      if value.strip().lower() not in words or (has_value and not value.strip()):
-        raise GrowlmError(f"config argument {part!r}; accepted: {key}, {key}=true or "
-                          f"{key}=false")
-      out[key] = words[value.strip().lower()]
+      flags = {"": True, "true": True, "1": True, "false": False, "0": False}
+      if value.strip().lower() not in flags or (has_value and not value.strip()):
+        raise ArgumentError(part, f"{key}, {key}=true or {key}=false")
+      out[key] = flags[value.strip().lower()]
     elif not has_value:
-      raise GrowlmError(f"config argument {part!r} needs a value; accepted: {key}=VALUE")
+      raise ArgumentError(part, words or f"{key}=VALUE", " needs a value")
+    elif words:
+      if value.strip() not in default:
+        raise ArgumentError(part, words)
+      out[key] = value.strip()
     elif isinstance(default, int):
       try:
         out[key] = int(value)
       except ValueError:
-        raise GrowlmError(f"config argument {part!r}; accepted: an integer") from None
+        raise ArgumentError(part, "an integer") from None
     else:
       out[key] = value.strip()
   return types.SimpleNamespace(**out)

@@ -38,6 +38,19 @@ def _first_line(e: BaseException, limit: int = 400) -> str:
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+class ArgumentError(GrowlmError):
+  """A bad config argument (the ARG of `PATH:ARG`, growlm.config.defaults.parse_arg): `load`
+  names the file it was given to, so the line names what the user typed, not a field it sets."""
+
+  def __init__(self, part: str, accepted: str, problem: str = ""):
+    self.part, self.accepted, self.problem = part, accepted, problem
+    super().__init__(self.line())
+
+  def line(self, path: str | None = None) -> str:
+    of = f" of {path}" if path else ""
+    return f"config argument {self.part!r}{of}{self.problem}; accepted: {self.accepted}"
+
+
 def split_spec(spec: str) -> tuple[str, str | None]:
   """'configs/default.py:size=nano,runlocal' -> ('configs/default.py', 'size=nano,runlocal')."""
   path, _, arg = spec.partition(":")
@@ -81,6 +94,8 @@ def load(spec: str) -> ml_collections.ConfigDict:
   try:
     # As ml_collections did: a file whose get_config takes no argument works without ':ARG'.
     cfg = mod.get_config() if arg is None else mod.get_config(arg)
+  except ArgumentError as e:
+    raise GrowlmError(e.line(path)) from None
   except GrowlmError:
     raise
   except Exception as e:  # pylint: disable=broad-except

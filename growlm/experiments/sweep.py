@@ -108,6 +108,8 @@ def expand(config: str, sweep_dir: str, overrides: dict[str, str | bool] | None 
       mod.sweep(add, files.split_spec(config)[1])
     else:
       mod.sweep(add)
+  except files.ArgumentError as e:
+    raise GrowlmError(e.line(path)) from None
   except GrowlmError:
     raise
   except Exception as e:  # pylint: disable=broad-except
