@@ -63,7 +63,8 @@ def _main(argv) -> list[dict]:
     mesh = {k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(",") if kv)}
   except ValueError:
     p.error(f"--mesh={args.mesh!r}; accepted: AXIS=N pairs such as fsdp=4,tensor=2")
-  slices = {topo: len(aot.topology_devices(topo)) for topo in args.topologies.split(",")}
+  slices = {topo: len(aot.topology_devices(topo, "--topologies"))
+            for topo in args.topologies.split(",")}
   for chips in sorted(set(slices.values())):   # every knob's value, before the first compile
     for style in args.styles.split(","):
       for remat in args.remats.split(","):

@@ -281,6 +281,25 @@ def test_benchmark_table_rows(tmp_path, capsys):
   assert "does not fit a TPU v5 lite device" in huge[0]["error"]
 
 
+@pytest.mark.parametrize("topologies, message", [
+    ("v5e", r"^growlm: error: --topologies='v5e'; accepted: a TPU topology name"),
+    (f"{TOPOLOGY},v5litepod-3",
+     r"^growlm: error: --topologies=v5litepod-3: no v5litepod slice of that size; accepted: "),
+])
+def test_benchmark_refuses_a_bad_topology_naming_its_own_flag(tmp_path, capsys, topologies,
+                                                              message):
+  """benchmarks/compile_for.py reads every topology before the first compile (no table row) and
+  refuses a bad one naming its own flag, --topologies (the line named the trainer's
+  --compile_for)."""
+  from conftest import load_benchmark  # pylint: disable=g-import-not-at-top
+  bench = load_benchmark("compile_for")
+  with pytest.raises(SystemExit) as e:
+    bench.main(["--topologies", topologies, "--out", str(tmp_path / "r.json")])
+  out = capsys.readouterr()
+  assert e.value.code == 2 and not out.out and not (tmp_path / "r.json").exists()
+  assert len(out.err.splitlines()) == 1 and re.search(message, out.err), out.err
+
+
 def test_a_sweep_compiles_each_distinct_step_once(tmp_path):
   """The launcher's --compile_for: every run of configs/quickstart.py over 2 seeds gets its
   slice report; runs with the same step (seeds, grown vs scratch) share one compile."""

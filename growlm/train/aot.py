@@ -83,31 +83,31 @@ def libtpu_path() -> str | None:
   return beside if os.path.isfile(beside) else None
 
 
-def topology_name(name: str) -> str:
+def topology_name(name: str, flag: str = "--compile_for") -> str:
   """`name` as libtpu's topology name: an accelerator type (v4-32) becomes its topology
-  (v4:2x2x4); a topology name is returned as it is."""
+  (v4:2x2x4); a topology name is returned as it is. A refusal names `flag`, where it was given."""
   m = re.fullmatch(r"(v5litepod|v5e|v6e|v4|v5p)-(\d+)", name)
   if m is None:
     if ":" not in name:
-      raise GrowlmError(f"--compile_for={name!r}; accepted: {TOPOLOGY_HELP}")
+      raise GrowlmError(f"{flag}={name!r}; accepted: {TOPOLOGY_HELP}")
     return name
   generation, per_chip, grid = _ACCELERATORS[m.group(1)]
   count = int(m.group(2))
   chips = count // per_chip
   if count % per_chip or chips not in grid:
     sizes = ", ".join(f"{m.group(1)}-{c * per_chip}" for c in grid)
-    raise GrowlmError(f"--compile_for={name}: no {m.group(1)} slice of that size; accepted: "
+    raise GrowlmError(f"{flag}={name}: no {m.group(1)} slice of that size; accepted: "
                       f"{sizes}, or a topology name such as {generation}:{grid[4]}")
   return f"{generation}:{grid[chips]}"
 
 
-def topology_devices(name: str) -> list:
+def topology_devices(name: str, flag: str = "--compile_for") -> list:
   """The devices of the TPU slice `name` (a topology or an accelerator type), described by
-  libtpu (no TPU needed)."""
-  name = topology_name(name)
+  libtpu (no TPU needed). A refusal names `flag`, where it was given."""
+  name = topology_name(name, flag)
   path = libtpu_path()
   if path is None:
-    raise GrowlmError(f"--compile_for={name} needs libtpu, which was not found; accepted: "
+    raise GrowlmError(f"{flag}={name} needs libtpu, which was not found; accepted: "
                       "`make install` (puts it under .venv/libtpu), `pip install libtpu`, or "
                       "TPU_LIBRARY_PATH=/path/to/libtpu.so")
   quiet = logging.getLogger("jax._src.xla_bridge")   # its INFO line on the TPU it looked for
@@ -142,7 +142,7 @@ def topology_devices(name: str) -> list:
                                                  **kw).devices)
       except Exception as e:  # pylint: disable=broad-except  (libtpu's runtime errors)
         error = e
-  raise GrowlmError(f"--compile_for={name}: libtpu refused it ({first_line(error)[:160]}); "
+  raise GrowlmError(f"{flag}={name}: libtpu refused it ({first_line(error)[:160]}); "
                     f"accepted: {TOPOLOGY_HELP}") from None
 
 
