@@ -98,3 +98,13 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
     except json.JSONDecodeError:
       continue
   return out
+
+
+def last_step(rows: list[dict[str, Any]]) -> int | None:
+  """The last step in metrics.jsonl `rows`; None while they record no step taken: only the
+  start's lines (its eval and growth lines, at the step it started from), which "at step 0"
+  would misreport as a step taken."""
+  steps = [r["step"] for r in rows if isinstance(r.get("step"), int)]
+  if not steps or (max(steps) == steps[0] and not any("train_loss" in r for r in rows)):
+    return None
+  return max(steps)

@@ -224,6 +224,19 @@ def test_status_reads_the_sweep_dir_and_names_what_waits(tmp_path):
   assert (states["grown_zeros"].state, states["grown_zeros"].detail) == \
       ("pending", "stopped at checkpoint 10; relaunch to resume")
   assert status.read(runs)[3].detail == "not submitted"   # the lease released
+  # Started (its config.json, its step-0 eval), stopped before a step: no "step 0" (-), and
+  # said so (it read "not submitted"); past a step but before a checkpoint, that step.
+  fs.write_json_atomic(os.path.join(runs[3]["workdir"], "config.json"), {})
+  with open(os.path.join(runs[3]["workdir"], "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({"step": 0, "eval_loss/heldout": 5.0}) + "\n")
+  s = status.read(runs)[3]
+  assert (s.state, s.step, s.detail) == ("pending", None,
+                                         "started, stopped before its first step; relaunch to "
+                                         "resume")
+  assert status.table([s]).splitlines()[1].split()[:4] == ["scratch", "pending", "-", "-"]
+  with open(os.path.join(runs[3]["workdir"], "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": 5, "train_loss": 4.0}) + "\n")
+  assert status.read(runs)[3].detail.startswith("started, stopped at step 5 before its first")
   table = status.table(list(states.values())).splitlines()
   assert table[0].split() == ["run", "state", "step", "loss", "detail"] and len(table) == 5
 

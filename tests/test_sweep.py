@@ -271,6 +271,19 @@ def test_unfinished_runs_are_listed_not_compared(tmp_path):
   assert os.listdir(tmp_path / "empty") == []
 
 
+def test_a_run_stopped_before_its_first_step_is_not_listed_at_step_0(tmp_path):
+  """A sweep stopped before a run took a step (metrics.jsonl holds its step-0 eval only) lists
+  it as before its first step: "at step 0" read as a step taken."""
+  _write_run(tmp_path, "scratch", [0, 100, 200], [5.0, 4.0, 3.0])
+  _write_run(tmp_path, "grown", [0, 50, 100], [3.5, 3.2, 2.9], source="/x/source")
+  rows = (tmp_path / "grown" / "metrics.jsonl").read_text().splitlines()
+  (tmp_path / "grown" / "metrics.jsonl").write_text(rows[0] + "\n")
+  res = analysis.analyze(str(tmp_path), plot=False)
+  assert res["grown"][0]["unfinished"] == ["grown before its first step (of 20)"]
+  assert "| grown | unfinished: grown before its first step (of 20) |" in (
+      tmp_path / "results.md").read_text()
+
+
 def test_frontier_wall_clock_and_growth_that_already_reached_the_target(tmp_path):
   """Scratch at 1x (loss 5, 4, 3 at FLOPs 0, 100, 200) and 2x the budget (5, 3.4, 2.6 at 0,
   100, 200, ...: its own schedule reaches 3.0 at 150 FLOPs): the frontier is the 2x run, so

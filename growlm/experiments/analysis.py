@@ -18,7 +18,7 @@ import numpy as np
 
 from growlm.curves import eval_curve, eval_datasets, is_grown, load_run, plot_loss_curves
 from growlm.curves import train_curve  # public here too: notebooks read curves from analysis
-from growlm import fs
+from growlm import fs, rundir
 from growlm.config.stages import final_model
 from growlm.errors import GrowlmError
 from growlm.experiments import sweep as sweep_lib
@@ -245,7 +245,9 @@ def is_finished(run: dict) -> bool:
 
 
 def _unfinished(run: dict) -> str:
-  return f"{run['name']} at step {_last_step(run)} of {run['config']['train']['num_steps']}"
+  step, total = rundir.last_step(run["rows"]), run["config"]["train"]["num_steps"]
+  return (f"{run['name']} before its first step (of {total})" if step is None
+          else f"{run['name']} at step {step} of {total}")
 
 
 def _comparison(run: dict, runs: list[dict], seeds: int) -> dict[str, Any]:

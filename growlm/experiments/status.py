@@ -9,8 +9,9 @@ Per run, under RUN/logs/ (written by growlm.experiments.remote and .worker):
 
 States: finished (a checkpoint at the run's last step: nothing else counts), running (a worker of
 the current attempt reported within STALE_S), failed (a worker exited non-zero, or went silent),
-pending (not handed over yet, handed over and not started, or a SkyPilot job preempted and
-being relaunched).
+pending (not handed over yet, handed over and not started, stopped by the local backend, or
+a SkyPilot job preempted and being relaunched). A run's step is its last one in metrics.jsonl,
+none ("-") before its first: the start's step-0 eval is no step taken.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ EXIT_MEANING = {EXIT_PREEMPTED: "stopped by a signal after saving its checkpoint
 class RunState:
   name: str
   state: str            # pending | running | finished | failed
-  step: int | None      # last step in metrics.jsonl
+  step: int | None      # last step in metrics.jsonl past the start; None before the first
   loss: float | None    # last train_loss in metrics.jsonl
   detail: str
 
@@ -88,9 +89,8 @@ def age(seconds: float) -> str:
 
 def _progress(workdir: str) -> tuple[int | None, float | None]:
   rows = rundir.read_metrics(rundir.metrics_path(workdir))
-  step = max((r["step"] for r in rows if isinstance(r.get("step"), int)), default=None)
   losses = [r["train_loss"] for r in rows if "train_loss" in r]
-  return step, (float(losses[-1]) if losses else None)
+  return rundir.last_step(rows), (float(losses[-1]) if losses else None)
 
 
 def classify(num_steps: int, steps: list[int], launch: dict | None,
@@ -122,10 +122,11 @@ def classify(num_steps: int, steps: list[int], launch: dict | None,
   return "failed", "every worker exited 0 before the last step"
 
 
-def _local(run: dict[str, Any], finished: set[str], now: float) -> tuple[str, str]:
+def _local(run: dict[str, Any], finished: set[str], now: float, step: int | None
+           ) -> tuple[str, str]:
   """(state, detail) of a run no remote backend was handed (the local backend, or not yet):
-  running while a launch holds its lease, else pending, stopped at its last checkpoint or
-  waiting for the runs it grows from."""
+  running while a launch holds its lease, else pending, stopped at its last checkpoint, stopped
+  before one (`step`: its last, None before the first) or waiting for the runs it grows from."""
   lease = lock_lib.holder(run["workdir"])
   if lease is not None:
     return "running", (f"pid {lease['pid']} on {lease['host']}, last heartbeat "
@@ -133,6 +134,10 @@ def _local(run: dict[str, Any], finished: set[str], now: float) -> tuple[str, st
   steps = rundir.checkpoint_steps(run["workdir"])
   if steps:
     return "pending", f"stopped at checkpoint {max(steps)}; relaunch to resume"
+  if fs.exists(rundir.config_path(run["workdir"])):   # written once a launch holds the run dir
+    return "pending", ("started, stopped before its first step; relaunch to resume"
+                       if step is None else f"started, stopped at step {step} before its "
+                       "first checkpoint; relaunch to start it again")
   waiting = [d for d in run.get("depends", []) if d not in finished]
   return "pending", f"waits for {', '.join(waiting)}" if waiting else "not submitted"
 
@@ -145,11 +150,11 @@ def read(runs: list[dict[str, Any]], now: float | None = None) -> list[RunState]
     state, detail = classify(r["num_steps"], rundir.checkpoint_steps(r["workdir"]),
                              _read_json(launch_path(r["workdir"])),
                              _heartbeats(r["workdir"]), now)
+    step, loss = _progress(r["workdir"])
     if state == "pending" and detail == "not submitted":
-      state, detail = _local(r, finished, now)
+      state, detail = _local(r, finished, now, step)
     if state == "finished":
       finished.add(r["name"])
-    step, loss = _progress(r["workdir"])
     out.append(RunState(r["name"], state, step, loss, detail))
   return out
 
