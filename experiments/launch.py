@@ -14,8 +14,8 @@ ends (then analyses it). `--config.FIELD=VALUE` applies to every run. Also:
   python experiments/launch.py --analyze_only --sweep_dir=DIR
   python experiments/launch.py ... --dry_run               print what would run, touch nothing
   python experiments/launch.py ... --seeds=3               every run over 3 seeds (NAME-sK)
-  python experiments/launch.py ... --compile_for=v4-32     every run's step compiled for that
-                                                           TPU slice here (no TPU): does it fit?
+  python experiments/launch.py ... --compile_for=v4-32     every run's programs compiled for
+                                                           that TPU slice here (no TPU): fit?
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ _WAIT = flags.DEFINE_bool("wait", False, "Remote: follow the sweep until it ends
 _POLL_S = flags.DEFINE_float("poll_s", 30.0, "Seconds between reads of the sweep dir (--wait).")
 _ANALYZE = flags.DEFINE_bool("analyze", True, "Write results.md/json and loss_curves.png after.")
 _COMPILE_FOR = flags.DEFINE_string(
-    "compile_for", None, "Compile every run's train and eval steps (and stage growths) for "
-    "this TPU slice (a topology, v5e:2x4, or an accelerator type, v4-32) with no TPU, print "
-    "their memory per chip, refuse a sweep whose programs do not fit; launches nothing.")
+    "compile_for", None, "Compile every run's train and eval steps (and growths, with their "
+    "preservation reports) for this TPU slice (a topology, v5e:2x4, or an accelerator type, "
+    "v4-32) with no TPU, print their memory per chip, refuse a sweep whose programs do not "
+    "fit; launches nothing.")
 _ANALYZE_ONLY = flags.DEFINE_bool("analyze_only", False,
                                   "Only write results.md/json and loss_curves.png of --sweep_dir.")
 

@@ -25,6 +25,7 @@ import jax
 from growlm import data as data_lib
 from growlm import fs, rundir, sharding
 from growlm import lock as lock_lib
+from growlm.config import stages as config_stages
 from growlm.config.typed import RunConfig, resolve
 from growlm.errors import GrowlmError
 from growlm.grow import core as grow_core
@@ -35,6 +36,7 @@ from growlm.init import source as source_lib
 from growlm.interop import hf as hf_lib
 from growlm.model import generate as generate_lib
 from growlm.train import aot
+from growlm.train import aot_programs
 from growlm.train import loss as loss_lib
 from growlm.train import trainer
 
@@ -66,13 +68,42 @@ def check_relaunch(config: Any, workdir: str) -> None:
     trainer.check_run_dir(workdir, config.to_json())
 
 
-def compile_for(config: Any, topology: str, train_only: bool = False) -> dict[str, Any]:
+# The growth's and the preservation report's programs, for aot (which imports no growth).
+GROWTH = aot_programs.Growth(grow_optimizer.state_growth, report_lib.programs)
+
+
+def compile_for(config: Any, topology: str, train_only: bool = False, *,
+                source: RunConfig | None = None,
+                steps_of: dict[str, Any] | None = None) -> dict[str, Any]:
   """Compiles the run's programs for the TPU slice `topology` without a TPU: each stage's train
-  and eval steps and each growth between stages (the seam's, growlm.grow.optimizer), with the
-  attention kernel and the memory per device against the chip's HBM (growlm.train.aot); with
-  train_only, the train steps alone. Nothing runs, nothing is written."""
-  return aot.compile_for(resolve(config), topology, state_growth=grow_optimizer.state_growth,
-                         train_only=train_only)
+  and eval steps, each growth between stages and, with init.source, the growth of the source
+  into the first state (the seam's, growlm.grow.optimizer), each growth with its preservation
+  report, with the attention kernel and the memory per device against the chip's HBM
+  (growlm.train.aot); with train_only, the train steps alone. The source is read from its
+  config (no weights), or is `source`: the config of a sweep's run that has not trained yet.
+  `steps_of`: aot.compile_for's. Nothing runs, nothing is written."""
+  config = resolve(config)
+  src = None
+  if config.init.source and not train_only:
+    config, src = _source_of(config, source)
+  return aot.compile_for(config, topology, growth=GROWTH, train_only=train_only, source=src,
+                         steps_of=steps_of)
+
+
+def _source_of(config: RunConfig, run: RunConfig | None
+               ) -> tuple[RunConfig, aot_programs.Source]:
+  """(the config as the run starts it, its init.source as aot grows it): read and checked as a
+  launch would (seam.prepare: headers only), or the sweep run `run`'s last model."""
+  if run is None:
+    src = source_lib.read_source(config.init.source)
+    source_lib.check_init(config, src)
+  else:
+    model = config_stages.models(run.model, run.stages)[-1]
+    src = source_lib.Source(config.init.source, run.to_json(), model)
+  grown = grow_core.grown_config(src.model, config.model, config.init.plan)
+  return (config.replace_model(norm_eps=grown.norm_eps),
+          aot_programs.Source(src.model, lambda mesh, rules: source_lib.abstract_state(
+              src, mesh, rules)))
 
 
 def _check_out(out: str) -> None:

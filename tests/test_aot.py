@@ -6,6 +6,7 @@ policies around them, the mesh's shardings) meets the real TPU compiler before a
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import re
 import subprocess
@@ -19,7 +20,6 @@ from conftest import REPO, run_config
 from growlm import commands
 from growlm.config.typed import resolve
 from growlm.errors import GrowlmError
-from growlm.grow.optimizer import state_growth
 from growlm.experiments import sweep
 from growlm.train import aot
 
@@ -131,10 +131,15 @@ def test_eval_steps_and_growth_are_compiled_and_reported(staged_report):
   assert growth["bytes_per_device"] >= growth["source_state_bytes"] + growth["target_state_bytes"]
   assert growth["bytes_per_device"] > max(s["bytes_per_device"] for s in stages)
   assert growth["fits"] and growth["compile_seconds"] > 0
+  # The preservation report after it runs beside both states and reads one eval batch.
+  report = growth["report"]
+  assert report["held_bytes"] >= growth["source_state_bytes"] + growth["target_state_bytes"]
+  assert report["bytes_per_device"] > report["held_bytes"] and report["programs"] == 1
+  assert report["fits"] and report["compile_seconds"] > 0
   lines = aot.format_report(staged_report)
   assert [l.split(":")[1].strip() for l in lines[1:]] == [
-      "stage 0", "stage 0 eval step", "growth to stage 1 after step 5 (Adam grow)", "stage 1",
-      "stage 1 eval step"], lines
+      "stage 0", "stage 0 eval step", "growth to stage 1 after step 5 (Adam grow)",
+      "preservation report at stage 1's growth", "stage 1", "stage 1 eval step"], lines
   assert re.search(r"growth to .*: \d+\.\d\d GiB per device \(stage 0's state \d+\.\d\d, "
                    r"stage 1's state \d+\.\d\d, temporaries .*\), fits; compiled in", lines[3])
 
@@ -148,7 +153,63 @@ def test_a_growth_that_does_not_fit_is_refused_naming_it(staged_report):
                      r"0\) needs \d+\.\d\d GiB per device \(stage 0's state .*\) and a TPU v5 "
                      r"lite device has 0\.00\d+ GiB; accepted: .*mesh\.fsdp > 1"):
     aot.compile_on(resolve(_staged()), devices, TOPOLOGY, TOPOLOGY, hbm,
-                   state_growth=state_growth)
+                   growth=commands.GROWTH)
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory):
+  """(config, report): _config at 2 layers, d_model and mlp_dim doubled, grown by tile+identity
+  (Adam's moments grown) from a 1-layer source run dir that holds its config.json and a
+  checkpoint's directory but no weights: --compile_for reads none."""
+  path = tmp_path_factory.mktemp("source")
+  src = resolve(_config(**{"model.n_layers": 1}))
+  (path / "config.json").write_text(json.dumps(src.to_json()))
+  (path / "checkpoints" / "3").mkdir(parents=True)
+  config = _config(**{"model.n_layers": 2, "model.d_model": 2 * src.model.d_model,
+                      "model.mlp_dim": 2 * src.model.mlp_dim, "init.source": str(path),
+                      "init.plan.width": "tile", "init.plan.depth": "identity",
+                      "init.optimizer": "grow"})
+  return config, commands.compile_for(config, TOPOLOGY)
+
+
+def test_a_run_grown_from_a_source_compiles_the_growth_and_its_report(grown):
+  """The run's first programs, the source grown into its first state (both states at once) and
+  the preservation report after it (both states, a batch, both models' forward and the SGD step
+  that counts the new units that train), are compiled and reported before its steps."""
+  _, report = grown
+  init, (stage,) = report["init"], report["stages"]
+  assert 3 * init["source_params"] < stage["params"]
+  # Each state: float32 params and Adam's two moments, replicated (mesh.data=4): >= 12 B/param.
+  assert init["source_state_bytes"] >= 12 * init["source_params"]
+  assert init["target_state_bytes"] >= 12 * stage["params"]
+  assert init["bytes_per_device"] >= init["source_state_bytes"] + init["target_state_bytes"]
+  r = init["report"]
+  assert r["held_bytes"] >= init["source_state_bytes"] + init["target_state_bytes"]
+  assert r["bytes_per_device"] > r["held_bytes"]
+  assert r["programs"] == 2   # the float32 comparison; tile adds d_model coordinates: the step
+  assert init["fits"] and r["fits"] and init["compile_seconds"] > 0 < r["compile_seconds"]
+  lines = aot.format_report(report)
+  assert [l.split(":")[1].strip() for l in lines[1:]] == [
+      "growth from init.source (0.1M params) to stage 0 (Adam grow)",
+      "preservation report at the growth from init.source", "stage 0", "stage 0 eval step"], lines
+  assert re.search(r"\(Adam grow\): \d+\.\d\d GiB per device \(the source's state \d+\.\d\d, "
+                   r"stage 0's state \d+\.\d\d, temporaries .*\), fits; compiled in", lines[1])
+  assert re.search(r"init.source: \d+\.\d\d GiB per device \(both states and a batch "
+                   r"\d+\.\d\d, temporaries \d+\.\d\d\), fits; compiled in", lines[2])
+
+
+def test_a_preservation_report_that_does_not_fit_is_refused_naming_it(grown, monkeypatch):
+  """A device that holds the growth from the source but not the report after it (a batch, the
+  report's outputs and temporaries more): the report is refused, named, before the steps."""
+  config, report = grown
+  init = report["init"]
+  assert init["report"]["bytes_per_device"] > init["bytes_per_device"]
+  monkeypatch.setattr(aot, "hbm_bytes", lambda devices: init["bytes_per_device"])
+  with pytest.raises(GrowlmError, match=r"^--compile_for=v5e:2x2: the preservation report at the "
+                     r"growth from init.source needs \d+\.\d\d GiB per device \(both states and a "
+                     r"batch .*\) and a TPU v5 lite device has 0\.00\d+ GiB; accepted: .*data\."
+                     r"batch_size"):
+    commands.compile_for(config, TOPOLOGY, steps_of=report)   # its steps are compiled already
 
 
 def test_a_step_too_big_for_the_chip_is_refused():
@@ -302,20 +363,29 @@ def test_benchmark_refuses_a_bad_topology_naming_its_own_flag(tmp_path, capsys, 
 
 def test_a_sweep_compiles_each_distinct_step_once(tmp_path):
   """The launcher's --compile_for: every run of configs/quickstart.py over 2 seeds gets its
-  slice report; runs with the same step (seeds, grown vs scratch) share one compile."""
+  slice report; runs with the same step (seeds, grown vs scratch) share one compile, and each
+  growth from the source (tile, zeros) is compiled once, from the source run's config (it has
+  not trained: the sweep dir does not exist)."""
   lines = []
   reports = sweep.compile_for(str(REPO / "configs" / "quickstart.py"), str(tmp_path / "q"),
                               "v5litepod-4", seeds=2, echo=lines.append)
   names = [f"{n}-s{k}" for n in ("source", "grown_tile", "grown_zeros", "scratch")
            for k in (0, 1)]
   assert sorted(reports) == sorted(names)
-  assert len({id(r) for r in reports.values()}) == 2          # the source's step and the 2x one
-  assert reports["scratch-s1"] is reports["grown_tile-s0"]
-  assert reports["grown_tile-s0"]["stages"][0]["params"] > reports["source-s0"]["stages"][0][
+  assert len({id(r) for r in reports.values()}) == 4   # the source, each growth, the scratch run
+  assert reports["grown_tile-s1"] is reports["grown_tile-s0"]
+  two_x = reports["grown_tile-s0"]["stages"]   # the 2x step, compiled once
+  assert reports["grown_zeros-s0"]["stages"] is two_x and reports["scratch-s1"]["stages"] is two_x
+  assert two_x[0]["params"] > reports["source-s0"]["stages"][0]["params"]
+  assert reports["scratch-s0"]["init"] is None
+  assert reports["grown_zeros-s0"]["init"]["source_params"] == reports["source-s0"]["stages"][0][
       "params"]
-  # The slice, then each distinct step's train and eval lines, and each repetition's one line.
-  assert lines[0].startswith("growlm: compiled for v5litepod-4 (v5e:2x2)") and len(lines) == 11
-  assert "[scratch-s1] the same step as [grown_tile-s0]" in lines
+  # The slice; each distinct step's train and eval lines; each distinct growth's line and its
+  # report's; each repetition's one line.
+  assert lines[0].startswith("growlm: compiled for v5litepod-4 (v5e:2x2)") and len(lines) == 15
+  assert "[scratch-s0] the same step as [grown_tile-s0]" in lines
+  assert "[grown_tile-s1] the same step and growth as [grown_tile-s0]" in lines
+  assert any(l.startswith("[grown_zeros-s0] growth from init.source") for l in lines), lines
   assert not (tmp_path / "q").exists()
 
 

@@ -1,8 +1,9 @@
 """Command line: `python -m growlm.main --config=configs/default.py[:ARG] --workdir=DIR`.
 
 With `--compile_for=TOPOLOGY` (e.g. v5e:2x4) instead of --workdir, the config's train and eval
-steps (each stage's) and growths between stages are compiled for that TPU slice without one, and
-the kernel and memory per device are printed (growlm.train.aot); nothing is written.
+steps (each stage's), its growths (between stages, and from init.source, read from its config)
+and their preservation reports are compiled for that TPU slice without one, and the kernel and
+memory per device are printed (growlm.train.aot); nothing is written.
 
 Thin by design: flags in, one library call (growlm.commands.train) out. Bad input exits with one
 line naming the field and the accepted values.
@@ -30,9 +31,10 @@ _JOIN_TIMEOUT = flags.DEFINE_float(
     "to join before each one that is waiting stops with one error line (hosts of a pod or "
     "cluster may start minutes apart).")
 _COMPILE_FOR = flags.DEFINE_string(
-    "compile_for", None, "Compile the train and eval steps (and stage growths) for this TPU "
-    "slice (a topology, v5e:2x4, or an accelerator type, v4-32) with no TPU, print their "
-    "attention kernel and memory per device, and exit (needs libtpu; --workdir not used).")
+    "compile_for", None, "Compile the train and eval steps (and growths, with their "
+    "preservation reports) for this TPU slice (a topology, v5e:2x4, or an accelerator type, "
+    "v4-32) with no TPU, print their attention kernel and memory per device, and exit (needs "
+    "libtpu; --workdir not used).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None,
                                     "Number of CPU devices per process (testing sharding on CPU).")
 

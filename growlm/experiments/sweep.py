@@ -324,29 +324,46 @@ def launch(config: str, sweep_dir: str, *, backend: str = "local",
 def compile_for(config: str, sweep_dir: str, topology: str, *,
                 overrides: dict[str, str | bool] | None = None, only: tuple[str, ...] = (),
                 seeds: int = 1, echo: Callable[[str], None] = print) -> dict[str, dict]:
-  """Compiles every run's train step for the TPU slice `topology` (growlm.train.aot), once per
-  distinct step (repetitions over seeds share one), printing each run's line; GrowlmError
-  naming the first run whose step does not fit. Trains and writes nothing."""
+  """Compiles every run's programs for the TPU slice `topology` (growlm.train.aot), each
+  distinct step once (repetitions over seeds, and grown and scratch runs of one size, share
+  one) and each distinct growth from a source once, printing each run's lines; GrowlmError
+  naming the first run with a program that does not fit. A source that is another run of the
+  sweep is compiled from that run's config (it need not have trained). Trains and writes
+  nothing."""
   from growlm import commands  # pylint: disable=g-import-not-at-top
   from growlm.train import aot  # pylint: disable=g-import-not-at-top
+  runs = expand(config, sweep_dir, overrides, seeds)
+  resolved = {r.name: resolve(r.config) for r in runs}
   reports: dict[str, dict] = {}
-  first: dict[str, str] = {}   # what the step depends on -> the run that compiled it
-  for run in select(expand(config, sweep_dir, overrides, seeds), only):
-    c = resolve(run.config)
+  steps: dict[str, str] = {}   # what the steps depend on -> the run that compiled them
+  first: dict[str, str] = {}   # ... and what its growth from a source does -> the run
+  for run in select(runs, only):
+    c = resolved[run.name]
     key = repr((c.model, c.stages, c.mesh, c.sharding_rules, c.data.seq_len,
                 c.data.batch_size, c.train.grad_accum, c.init.lr_multipliers,
                 c.init.lr_rescale))
-    if key in first:
-      reports[run.name] = reports[first[key]]
-      echo(f"[{run.name}] the same step as [{first[key]}]")
+    source = resolved[run.depends[0]] if run.depends else None
+    growth = key
+    if c.init.source:   # the source's model and optimizer (or its directory), and the plan
+      growth += repr(((source.model, source.stages, dataclasses.replace(source.train, seed=0),
+                       source.init.lr_multipliers, source.init.lr_rescale)
+                      if source else c.init.source, c.init.plan, c.init.optimizer))
+    if growth in first:
+      reports[run.name] = reports[first[growth]]
+      same = "step and growth" if c.init.source else "step"
+      echo(f"[{run.name}] the same {same} as [{first[growth]}]")
       continue
+    prior = reports[steps[key]] if key in steps else None
     with naming(run.name):
-      reports[run.name] = commands.compile_for(c, topology)
-    first[key] = run.name
+      reports[run.name] = commands.compile_for(c, topology, source=source, steps_of=prior)
+    first[growth] = run.name
+    steps.setdefault(key, run.name)
     lines = aot.format_report(reports[run.name])
     if len(first) == 1:
       echo(lines[0])
-    for line in lines[1:]:
+    for line in lines[1:] if prior is None else aot.format_init(reports[run.name]):
       echo(f"[{run.name}] {line.removeprefix('growlm: ')}")
+    if prior is not None:
+      echo(f"[{run.name}] the same step as [{steps[key]}]")
   return reports
 

@@ -122,6 +122,18 @@ _first_step = jax.jit(_sgd_step, static_argnums=(0, 1))
 _next_step = jax.jit(_sgd_step, static_argnums=(0, 1), donate_argnums=(2,))
 
 
+def step_program(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan,
+                 loss_fn: LossFn | None = None) -> tuple[Callable, Callable] | None:
+  """new_unit_report's first SGD step for this growth, jitted and not run (`--compile_for`
+  compiles it), with how it takes (the grown params, a batch) as its arguments; None for a
+  growth that adds no units (the report takes no step). The later steps, each donating the
+  copy the one before made, hold as much."""
+  new = new_positions(src, dst, plan)
+  if not any(m.any() for m in new.values()):
+    return None
+  return _first_step, lambda params, batch: (dst, loss_fn or _mean_nll, params, batch, new)
+
+
 def new_unit_report(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, params: Any,
                     batches: Iterable[dict], loss_fn: LossFn | None = None
                     ) -> dict[str, dict[str, int]]:

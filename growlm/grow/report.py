@@ -16,7 +16,7 @@ On an H100, an exact tile + identity growth (d_model 256 -> 512, 4 -> 8 layers) 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -85,12 +85,14 @@ def _batch_stats(src_cfg, dst_cfg, src_params, dst_params, batch):
   return totals
 
 
+_STATS = jax.jit(_stats, static_argnums=(0, 1))
+
+
 def _compare(src_cfg, dst_cfg, src_params, dst_params, batches) -> dict[str, float]:
   """_stats summed over the batches (the max of 'max'), and the counts of tokens and logits."""
-  step = jax.jit(_stats, static_argnums=(0, 1))
   totals: dict[str, float] = {"n_tokens": 0, "n_logits": 0}
   for b in batches:
-    for k, v in jax.device_get(step(src_cfg, dst_cfg, src_params, dst_params, b)).items():
+    for k, v in jax.device_get(_STATS(src_cfg, dst_cfg, src_params, dst_params, b)).items():
       v = float(v)
       totals[k] = max(totals.get(k, 0.0), v) if k == "max" else totals.get(k, 0.0) + v
     totals["n_tokens"] += b["targets"].size   # Python ints: no int32 to overflow
@@ -110,6 +112,31 @@ def method_name(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan | None) -> 
   return "+".join(parts) or "none"
 
 
+def _comparisons(src_cfg: ModelConfig, dst_cfg: ModelConfig
+                 ) -> list[tuple[ModelConfig, ModelConfig]]:
+  """The (source, target) configs the report compares in: float32 (float64 for a float64
+  model, never narrower than float32), then, for a model that trains in a half dtype, its
+  own dtype."""
+  wide = jnp.dtype(jnp.promote_types(dst_cfg.dtype, jnp.float32)).name
+  pairs = [(dataclasses.replace(src_cfg, dtype=wide), dataclasses.replace(dst_cfg, dtype=wide))]
+  return pairs + ([(src_cfg, dst_cfg)] if dst_cfg.dtype != wide else [])
+
+
+def programs(src_cfg: ModelConfig, target: ModelConfig, plan: GrowthPlan,
+             loss_fn: dead.LossFn | None = None) -> list[tuple[Callable, Callable]]:
+  """The jitted programs preservation_report runs at a growth of `src_cfg` into `target` by
+  `plan`, not run (`--compile_for` compiles them), each with how it takes (source params, grown
+  params, one batch) as its arguments: each comparison, and the new-unit count's SGD step
+  (dead.step_program) when the growth adds units."""
+  dst = core.grown_config(src_cfg, target, plan)
+  out = [(_STATS, lambda sp, dp, b, s=s, d=d: (s, d, sp, dp, b))
+         for s, d in _comparisons(src_cfg, dst)]
+  step = dead.step_program(src_cfg, dst, plan, loss_fn)
+  if step is not None:
+    out.append((step[0], lambda sp, dp, b: step[1](dp, b)))
+  return out
+
+
 def preservation_report(src_cfg: ModelConfig, src_params: Any, dst_cfg: ModelConfig,
                         dst_params: Any, batches: Iterable[dict], plan: GrowthPlan | None = None,
                         extra: dict | None = None, loss_fn: dead.LossFn | None = None
@@ -120,14 +147,13 @@ def preservation_report(src_cfg: ModelConfig, src_params: Any, dst_cfg: ModelCon
   batches = list(batches)   # read twice: the comparison, then the dead-unit steps
   if not batches:
     raise ValueError("preservation_report needs at least one batch")
-  # float32, or float64 for a float64 model: never narrower than float32.
-  wide = jnp.dtype(jnp.promote_types(dst_cfg.dtype, jnp.float32)).name
-  totals = _compare(dataclasses.replace(src_cfg, dtype=wide),
-                    dataclasses.replace(dst_cfg, dtype=wide), src_params, dst_params, batches)
+  (wide_src, wide_dst), *half = _comparisons(src_cfg, dst_cfg)
+  wide = wide_dst.dtype
+  totals = _compare(wide_src, wide_dst, src_params, dst_params, batches)
   n_tok = totals["n_tokens"]
   low = None
-  if dst_cfg.dtype != wide:   # the same comparison in the half dtype the model trains in
-    t = _compare(src_cfg, dst_cfg, src_params, dst_params, batches)
+  if half:   # the same comparison in the half dtype the model trains in
+    t = _compare(*half[0], src_params, dst_params, batches)
     low = {"dtype": dst_cfg.dtype, "max_abs_logit_diff": t["max"],
            "mean_abs_logit_diff": t["sum_abs"] / t["n_logits"],
            "kl_src_dst": t["kl"] / t["n_tokens"],

@@ -95,15 +95,25 @@ def source_optimizer(src: Source):
                               lr_rescale=init.get("lr_rescale", "none") != "none")
 
 
+def abstract_state(src: Source, mesh, rules) -> TrainState:
+  """The abstract sharded state that restore_source restores `src` as onto `mesh` (an HF
+  source: its parameters alone), read from its config: what `--compile_for` grows."""
+  if not src.hf:
+    return state_shardings(src.model, source_optimizer(src), mesh, rules)[0]
+  shapes, axes = model_lib.abstract_params(src.model)
+  shard = sharding.tree_shardings(axes, shapes, mesh, rules)
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        shapes, shard)
+  return TrainState(step=None, params=params, opt_state=None, rng=None)
+
+
 def _restore_hf(src: Source, mesh, rules) -> Source:
   """Imports an HF source onto `mesh`, each process placing only its own shards."""
   imported = hf_lib.import_hf(src.directory, param_dtype=src.model.param_dtype,
                               dtype=src.model.dtype)
-  shapes, axes = model_lib.abstract_params(src.model)
-  shard = sharding.tree_shardings(axes, shapes, mesh, rules)
   params = jax.tree.map(
-      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]),
-      imported.params, shard)
+      lambda x, a: jax.make_array_from_callback(x.shape, a.sharding, lambda idx: x[idx]),
+      imported.params, abstract_state(src, mesh, rules).params)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, rng=None)
   return dataclasses.replace(src, step=0, state=state, meta={"flops": 0})
 
@@ -113,7 +123,7 @@ def restore_source(src: Source, mesh, rules) -> Source:
   (the source is not changed)."""
   if src.hf:
     return _restore_hf(src, mesh, rules)
-  abstract, _ = state_shardings(src.model, source_optimizer(src), mesh, rules)
+  abstract = abstract_state(src, mesh, rules)
   ckpt = Checkpoints(rundir.checkpoints_dir(src.directory), async_save=False)
   try:
     restored = ckpt.restore_latest(abstract, set_aside=False)

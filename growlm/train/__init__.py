@@ -15,5 +15,5 @@
                  process 0 takes the run dir's lease for all
   peers.py       several processes: they join within --join_timeout and end together
   aot.py         --compile_for: the run's programs compiled for a TPU slice that is not here
-                 (aot_programs.py: the eval step and the growth between stages)
+                 (aot_programs.py: the eval step, each growth and its preservation report)
 """

@@ -6,10 +6,11 @@ attention kernel it uses, and whether it fits each chip's memory. XLA's TPU comp
 three without a TPU: libtpu describes a slice by its topology name (`v5e:2x2`, `v5p:4x4x4`; an
 accelerator type such as `v4-32` is mapped to its topology), and the step is lowered and compiled
 for those devices as the trainer would jit it (same config, mesh, sharding rules, optimizer,
-donated state). A run executes two more programs there, and they are compiled too
-(growlm/train/aot_programs.py): each stage's eval step, and for a staged run each growth of the
-train state between stages, which holds both stages' states at once. Nothing runs and nothing
-is written.
+donated state). A run executes more programs there, and they are compiled too
+(growlm/train/aot_programs.py): each stage's eval step; each growth of a train state, between
+stages and, for a run with init.source, of the source (read from its config, no weights) into
+the first state, which hold both states at once; and the preservation report after each growth.
+Nothing runs and nothing is written.
 
 Memory on a TPU is planned by the compiler, so its figure for a step is what the chip will hold:
 arguments (the state and the batch) + outputs not aliased to them + temporaries. It is compared
@@ -47,8 +48,8 @@ from growlm.model import speed
 from growlm.train import loss as loss_lib
 from growlm.train import aot_programs as programs
 from growlm.train import stages as run_stages
-from growlm.train.aot_programs import GIB, SMALLER, SMALLER_EVAL, SMALLER_GROWTH
-from growlm.train.state import state_shardings
+from growlm.train.aot_programs import GIB, SMALLER
+from growlm.train.state import bytes_per_device, state_shardings
 from growlm.train.trainer import make_train_step
 
 # HBM per chip in GiB, by jax's device_kind (Google Cloud's published TPU specs).
@@ -182,28 +183,33 @@ def hbm_bytes(devices: list) -> int | None:
   return gib * GIB // max(per_chip.values())
 
 
-def compile_for(config: RunConfig, topology: str,
-                state_growth: programs.StateGrowthFn | None = None,
-                train_only: bool = False) -> dict[str, Any]:
-  """Compiles each stage's train and eval steps, and each growth between stages (the programs
-  `state_growth` builds: growlm.grow.optimizer.state_growth, needed with config.stages), for
-  the slice `topology` (with train_only, the train steps alone); returns the report (module
-  docstring). GrowlmError for a bad topology, a mesh or batch the slice cannot take, or a
-  program that does not fit a device's HBM."""
+def compile_for(config: RunConfig, topology: str, growth: programs.Growth | None = None,
+                train_only: bool = False, source: programs.Source | None = None,
+                steps_of: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Compiles each stage's train and eval steps, each growth between stages and, with
+  `source` (config.init.source, read), the growth of the source into the first state, each
+  growth with its preservation report (the programs `growth` builds, needed with config.stages
+  or a source), for the slice `topology` (with train_only, the train steps alone); returns the
+  report (module docstring). `steps_of`: the report of a config with the same steps (a sweep's
+  run), whose steps and stage growths are taken instead of compiled again. GrowlmError for a
+  bad topology, a mesh or batch the slice cannot take, or a program that does not fit a
+  device's HBM."""
   devices = topology_devices(topology)
   return compile_on(config, devices, topology, topology_name(topology), hbm_bytes(devices),
-                    state_growth=state_growth, train_only=train_only)
+                    growth=growth, train_only=train_only, source=source, steps_of=steps_of)
 
 
 def compile_on(config: RunConfig, devices: list, topology: str, name: str, hbm: int | None,
                keep_hlo: bool = False, train_only: bool = False,
-               state_growth: programs.StateGrowthFn | None = None) -> dict[str, Any]:
+               growth: programs.Growth | None = None, source: programs.Source | None = None,
+               steps_of: dict[str, Any] | None = None) -> dict[str, Any]:
   """compile_for on `devices` (any backend's, e.g. a deviceless GPU's: benchmarks/
   gpu_traffic.py), `topology` as asked for and `name` as resolved, each device `hbm` bytes;
   with keep_hlo, each stage's compiled train-step HLO text as "hlo"; with train_only, the
-  train steps alone (no "eval" per stage, no "growth")."""
-  if config.stages and not train_only and state_growth is None:
-    raise ValueError("a config with stages needs a state_growth (growlm.grow.optimizer)")
+  train steps alone (no "eval" per stage, no "growth", no "init")."""
+  source = None if train_only else source
+  if (config.stages and not train_only or source) and growth is None:
+    raise ValueError("a config with stages or a source needs a growth (growlm.commands)")
   rules = config.sharding_rules
   mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   d, t = config.data, config.train
@@ -218,61 +224,59 @@ def compile_on(config: RunConfig, devices: list, topology: str, name: str, hbm: 
             "device_kind": devices[0].device_kind,
             "devices": len(devices), "hosts": len({x.process_index for x in devices}),
             "mesh": dict(mesh.shape), "hbm_bytes_per_device": hbm,
-            "global_batch": d.batch_size, "seq_len": d.seq_len, "stages": [], "growth": []}
+            "global_batch": d.batch_size, "seq_len": d.seq_len, "stages": [], "growth": [],
+            "init": None}
   models = stages_lib.models(config.model, config.stages)
-  abstracts = []
-  for i, cfg in enumerate(models):
-    stage, abstract = _stage(i, cfg, config, optimizer, schedule, mesh, rules, hbm, keep_hlo,
-                             train_only)
-    report["stages"].append(stage)
-    abstracts.append(abstract)
-    if i and not train_only:
-      prev = report["stages"][i - 1]
-      with jax.set_mesh(mesh):
-        report["growth"].append(programs.growth(
-            i, models[i - 1], cfg, config.stages[i - 1], optimizer, abstracts[i - 1], abstract,
-            prev["argument_bytes"], prev["eval"]["argument_bytes"], hbm, state_growth))
-  _refuse_what_does_not_fit(report, topology)
-  return report
-
-
-def _refuse_what_does_not_fit(report: dict[str, Any], topology: str) -> None:
-  """GrowlmError naming the first program, in the order a run executes them, that needs more
-  than a device's HBM."""
-  for i, s in enumerate(report["stages"]):
-    checks = []
-    if i and report["growth"]:
-      g = report["growth"][i - 1]
-      checks.append((g, f"stage {i}'s growth (from stage {i - 1})",
-                     f"stage {i - 1}'s state {g['source_state_bytes'] / GIB:.2f}, stage {i}'s "
-                     f"state {g['target_state_bytes'] / GIB:.2f}", SMALLER_GROWTH))
-    checks.append((s, f"stage {i}'s train step",
-                   f"state and batch {s['argument_bytes'] / GIB:.2f}", SMALLER))
-    if "eval" in s:
-      checks.append((s["eval"], f"stage {i}'s eval step",
-                     f"train state and batch {s['eval']['held_bytes'] / GIB:.2f}", SMALLER_EVAL))
-    for p, what, held, hint in checks:
-      if not p["fits"]:
-        raise GrowlmError(
-            f"--compile_for={topology}: {what} needs {p['bytes_per_device'] / GIB:.2f} GiB per "
-            f"device ({held}, temporaries {p['temp_bytes'] / GIB:.2f}) and a "
-            f"{report['device_kind']} device has "
-            f"{report['hbm_bytes_per_device'] / GIB:.4g} GiB; accepted: {hint}")
-
-
-def _stage(i: int, cfg, config: RunConfig, optimizer, schedule, mesh, rules, hbm: int | None,
-           keep_hlo: bool, train_only: bool) -> tuple[dict[str, Any], Any]:
-  """One stage's compiled train step (and eval step) and their figures; the stage's abstract
-  sharded state."""
-  d = config.data
-  # Under the slice's abstract mesh (its platform, for the model's kernels) but not the mesh
-  # itself, on whose devices nothing can run: optax builds the state's tree from real arrays.
-  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-    abstract, shard = state_shardings(cfg, optimizer, mesh, rules)
   with jax.set_mesh(mesh):
     batch_shard = sharding.batch_sharding(mesh, rules)
     batch = {k: jax.ShapeDtypeStruct((d.batch_size, d.seq_len), jnp.int32, sharding=batch_shard)
              for k in ("inputs", "targets")}
+  abstracts = [_abstract(cfg, optimizer, mesh, rules)
+               for cfg in (models if steps_of is None else models[:1])]
+  if source is not None:   # the run's first program: the source grown into stage 0's state
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      src = source.abstract(mesh, rules)
+    with jax.set_mesh(mesh):
+      grown = programs.boundary(
+          "the growth from init.source", source.model, models[0], config.init.plan,
+          config.init.optimizer == "grow", optimizer, src, abstracts[0],
+          bytes_per_device(src.replace(params=None)), batch, hbm, growth)
+    report["init"] = {"source_params": model_lib.count_params(src.params),
+                      "optimizer": config.init.optimizer, **grown}
+  if steps_of is not None:   # a sweep's run of the same steps: compiled already
+    report["stages"], report["growth"] = steps_of["stages"], steps_of["growth"]
+  for i, cfg in enumerate(models if steps_of is None else []):
+    report["stages"].append(_stage(i, cfg, config, optimizer, schedule, mesh, rules, hbm,
+                                   keep_hlo, train_only, abstracts[i], batch))
+    if i and not train_only:
+      prev, stage = report["stages"][i - 1], config.stages[i - 1]
+      with jax.set_mesh(mesh):
+        report["growth"].append({
+            "stage": i, "from_stage": i - 1, "step": stage.step, "optimizer": stage.optimizer,
+            **programs.boundary(
+                f"stage {i}'s growth (from stage {i - 1})", models[i - 1], cfg, stage.plan,
+                stage.optimizer == "grow", optimizer, abstracts[i - 1], abstracts[i],
+                prev["argument_bytes"] - prev["eval"]["argument_bytes"], batch, hbm, growth)})
+  programs.refuse_what_does_not_fit(report, topology)
+  return report
+
+
+def _abstract(cfg, optimizer, mesh, rules):
+  """A stage's abstract sharded train state. Under the slice's abstract mesh (its platform, for
+  the model's kernels) but not the mesh itself, on whose devices nothing can run: optax builds
+  the state's tree from real arrays."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    return state_shardings(cfg, optimizer, mesh, rules)[0]
+
+
+def _stage(i: int, cfg, config: RunConfig, optimizer, schedule, mesh, rules, hbm: int | None,
+           keep_hlo: bool, train_only: bool, abstract: Any, batch: dict) -> dict[str, Any]:
+  """One stage's train step (and eval step), compiled for its `abstract` sharded state and a
+  `batch`, and their figures."""
+  d = config.data
+  shard = jax.tree.map(lambda a: a.sharding, abstract)
+  batch_shard = batch["inputs"].sharding
+  with jax.set_mesh(mesh):
     step = run_stages.jit_step(make_train_step(cfg, optimizer, schedule, config.train.grad_accum),
                                shard, batch_shard)
     compiled, seconds = programs.compile_program(
@@ -298,7 +302,7 @@ def _stage(i: int, cfg, config: RunConfig, optimizer, schedule, mesh, rules, hbm
           "compile_seconds": seconds, "argument_bytes": m.argument_size_in_bytes,
           "temp_bytes": m.temp_size_in_bytes, "bytes_per_device": total,
           "fits": hbm is None or total <= hbm, **evaluated,
-          **({"hlo": text} if keep_hlo else {})}, abstract
+          **({"hlo": text} if keep_hlo else {})}
 
 
 def format_report(report: dict[str, Any]) -> list[str]:
@@ -312,18 +316,14 @@ def format_report(report: dict[str, Any]) -> list[str]:
           f"{'unknown' if hbm is None else f'{hbm / GIB:.0f} GiB'} HBM each), mesh "
           + " ".join(f"{k}={v}" for k, v in report["mesh"].items())
           + f", global batch {report['global_batch']} x {report['seq_len']}")
-  lines = [head]
-  fits = lambda p: "fits" if p["fits"] else "DOES NOT FIT"
+  lines = [head] + format_init(report)
   for s in report["stages"]:
     g = report.get("growth") or []
     if s["stage"] and len(g) >= s["stage"]:
       g = g[s["stage"] - 1]
-      lines.append(
-          f"growlm: growth to stage {g['stage']} after step {g['step']} (Adam {g['optimizer']}): "
-          f"{g['bytes_per_device'] / GIB:.2f} GiB per device (stage {g['from_stage']}'s state "
-          f"{g['source_state_bytes'] / GIB:.2f}, stage {g['stage']}'s state "
-          f"{g['target_state_bytes'] / GIB:.2f}, temporaries {g['temp_bytes'] / GIB:.2f}), "
-          f"{fits(g)}; compiled in {g['compile_seconds']:.1f} s")
+      lines += _grew(g, f"growth to stage {g['stage']} after step {g['step']} (Adam "
+                     f"{g['optimizer']})", f"stage {g['from_stage']}", f"stage {g['stage']}",
+                     f"stage {g['stage']}'s growth")
     lines.append(
         f"growlm: stage {s['stage']}: {s['params'] / 1e6:.1f}M params ({s['dtype']}), attention "
         f"{s['attention']} ({s['pallas_kernels']} Pallas kernels), remat {s['remat']}, "
@@ -331,11 +331,36 @@ def format_report(report: dict[str, Any]) -> list[str]:
         f"{s['loss_chunk']} ({s['logits']} logits): {s['bytes_per_device'] / GIB:.2f} GiB per "
         f"device (state and batch {s['argument_bytes'] / GIB:.2f}, temporaries "
         f"{s['temp_bytes'] / GIB:.2f}), "
-        f"{fits(s)}; compiled in {s['compile_seconds']:.1f} s")
+        f"{_fits(s)}; compiled in {s['compile_seconds']:.1f} s")
     if "eval" in s:
       e = s["eval"]
       lines.append(
           f"growlm: stage {s['stage']} eval step: {e['bytes_per_device'] / GIB:.2f} GiB per "
           f"device (train state and batch {e['held_bytes'] / GIB:.2f}, temporaries "
-          f"{e['temp_bytes'] / GIB:.2f}), {fits(e)}; compiled in {e['compile_seconds']:.1f} s")
+          f"{e['temp_bytes'] / GIB:.2f}), {_fits(e)}; compiled in {e['compile_seconds']:.1f} s")
   return lines
+
+
+def format_init(report: dict[str, Any]) -> list[str]:
+  """The lines of the growth from init.source and its preservation report (none without)."""
+  g = report.get("init")
+  if g is None:
+    return []
+  return _grew(g, f"growth from init.source ({g['source_params'] / 1e6:.1f}M params) to stage 0 "
+               f"(Adam {g['optimizer']})", "the source", "stage 0", "the growth from init.source")
+
+
+def _fits(p: dict[str, Any]) -> str:
+  return "fits" if p["fits"] else "DOES NOT FIT"
+
+
+def _grew(g: dict[str, Any], name: str, src: str, dst: str, where: str) -> list[str]:
+  """A growth's line (`name`, from `src`'s state to `dst`'s) and its report's (`where`)."""
+  r = g["report"]
+  return [f"growlm: {name}: {g['bytes_per_device'] / GIB:.2f} GiB per device ({src}'s state "
+          f"{g['source_state_bytes'] / GIB:.2f}, {dst}'s state "
+          f"{g['target_state_bytes'] / GIB:.2f}, temporaries {g['temp_bytes'] / GIB:.2f}), "
+          f"{_fits(g)}; compiled in {g['compile_seconds']:.1f} s",
+          f"growlm: preservation report at {where}: {r['bytes_per_device'] / GIB:.2f} GiB per "
+          f"device (both states and a batch {r['held_bytes'] / GIB:.2f}, temporaries "
+          f"{r['temp_bytes'] / GIB:.2f}), {_fits(r)}; compiled in {r['compile_seconds']:.1f} s"]
