@@ -6,8 +6,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.growlm-installed
 EXTRAS ?= dev,interop
 WORKDIR ?= runs/demo
-# Two workers (the machine's 2 cores), one test file per worker so module fixtures run once.
-PYTEST_ARGS ?= -n 2 --dist loadfile
+# Two workers (the machine's 2 cores), one test file per worker so module fixtures run once, the
+# files in the order tests/conftest.py gives them (the longest first; xdist's own reorder, by
+# number of tests, started the longest files last and left one worker idle at the end).
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 CORPUS ?= runs/data/site-packages
 

@@ -103,13 +103,14 @@ def positive_finite(x) -> bool:
   return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-# The longest files first (by their time in a whole run, 2026-11-29): `make test` gives each of
-# its two workers one file at a time, and a long file started last would leave the other worker
-# idle at the end.
-_LONG_FILES = ("test_train.py", "test_aot.py", "test_readme.py", "test_reliability.py",
-               "test_grow.py", "test_launch_e2e.py", "test_model.py", "test_grow_training.py",
-               "test_stages.py", "test_hf.py", "test_sweep.py", "test_attention.py",
-               "test_grow_assemble.py", "test_gcs_runs.py")
+# The longest files first (by their time in a whole run, 2026-11-30): `make test` gives each of
+# its two workers one file at a time in this order (--no-loadscope-reorder), and a long file
+# started last would leave the other worker idle at the end.
+_LONG_FILES = ("test_aot.py", "test_train.py", "test_readme.py", "test_grow.py",
+               "test_reliability.py", "test_model.py", "test_launch_e2e.py",
+               "test_grow_training.py", "test_gcs_runs.py", "test_stages.py", "test_sweep.py",
+               "test_hf.py", "test_grow_assemble.py", "test_loss.py", "test_knobs_checks.py",
+               "test_sample.py", "test_benchmark.py", "test_bad_inputs.py", "test_attention.py")
 
 
 def pytest_collection_modifyitems(items):

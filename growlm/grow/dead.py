@@ -101,37 +101,39 @@ def _mean_nll(cfg: ModelConfig, params: Any, inputs_BxL: jax.Array,
   return -jnp.take_along_axis(logp, targets_BxL[..., None], -1)[..., 0]
 
 
-def _sgd_step(cfg: ModelConfig, loss_fn: LossFn, params: Any, batch: dict,
-              new: dict[str, np.ndarray]) -> tuple[Any, dict[str, jax.Array]]:
-  """(params after one SGD step on `batch`, {kind: new units alive at `params`}). The counts
-  are reduced here, so only scalars leave the devices and sharded params stay sharded."""
-  def loss(p):
+def _alive_counts(cfg: ModelConfig, loss_fn: LossFn, params: Any, batches: tuple[dict, ...],
+                  new: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """{kind: [len(batches)] counts}: entry s counts the new units alive after s plain SGD steps,
+  step s taken on batches[s]. One program, a scan over the steps: the gradient and the alive
+  counts are traced and compiled once, the grown params stay the caller's (the scan's carry is
+  the one stepped copy), and only the counts leave the devices (sharded params stay sharded)."""
+  def loss(p, batch):
     return jnp.mean(loss_fn(cfg, p, batch["inputs"], batch["targets"]).astype(jnp.float32))
 
-  grads = jax.grad(loss)(params)
-  alive = _alive(grads, cfg)
-  counts = {k: jnp.sum(alive[k] & new[k]) if k in alive else jnp.zeros((), jnp.int32)
-            for k in new}
-  stepped = jax.tree.map(lambda p, g: p - (SGD_LR * g).astype(p.dtype), params, grads)
-  return stepped, counts
+  def step(p, batch):
+    grads = jax.grad(loss)(p, batch)
+    alive = _alive(grads, cfg)
+    counts = {k: jnp.sum(alive[k] & new[k]) if k in alive else jnp.zeros((), jnp.int32)
+              for k in new}
+    return jax.tree.map(lambda w, g: w - (SGD_LR * g).astype(w.dtype), p, grads), counts
+
+  stacked = jax.tree.map(lambda *b: jnp.stack(b), *batches)
+  return jax.lax.scan(step, params, stacked)[1]
 
 
-# The grown params stay the caller's; the stepped copies after them are donated to the next
-# step, so at most one stepped copy and one gradient exist beside the grown params.
-_first_step = jax.jit(_sgd_step, static_argnums=(0, 1))
-_next_step = jax.jit(_sgd_step, static_argnums=(0, 1), donate_argnums=(2,))
+_counts = jax.jit(_alive_counts, static_argnums=(0, 1))
 
 
 def step_program(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan,
                  loss_fn: LossFn | None = None) -> tuple[Callable, Callable] | None:
-  """new_unit_report's first SGD step for this growth, jitted and not run (`--compile_for`
-  compiles it), with how it takes (the grown params, a batch) as its arguments; None for a
-  growth that adds no units (the report takes no step). The later steps, each donating the
-  copy the one before made, hold as much."""
+  """new_unit_report's program for this growth (its SGD steps and counts), jitted and not run
+  (`--compile_for` compiles it), with how it takes (the grown params, a batch) as its
+  arguments; None for a growth that adds no units (the report takes no step)."""
   new = new_positions(src, dst, plan)
   if not any(m.any() for m in new.values()):
     return None
-  return _first_step, lambda params, batch: (dst, loss_fn or _mean_nll, params, batch, new)
+  return _counts, lambda params, batch: (dst, loss_fn or _mean_nll, params,
+                                         (batch,) * (STEPS + 1), new)
 
 
 def new_unit_report(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, params: Any,
@@ -160,15 +162,12 @@ def new_unit_report(src: ModelConfig, dst: ModelConfig, plan: GrowthPlan, params
   batches = list(batches)
   if not batches:
     raise ValueError("new_unit_report needs at least one batch")
-  counts = []
-  for s in range(STEPS + 1):   # dispatch every step before reading any count back
-    # `new` goes in as numpy: host constants jit replicates onto the params' mesh.
-    step = _first_step if s == 0 else _next_step
-    params, c = step(dst, loss_fn or _mean_nll, params, batches[s % len(batches)], new)
-    counts.append(c)
-  for s, c in enumerate(jax.device_get(counts)):
-    for k, n in c.items():
-      out[k][f"alive_after_{s}"] = int(n)
+  # `new` goes in as numpy: host constants jit replicates onto the params' mesh.
+  counts = _counts(dst, loss_fn or _mean_nll, params,
+                   tuple(batches[s % len(batches)] for s in range(STEPS + 1)), new)
+  for k, n in jax.device_get(counts).items():
+    for s in range(STEPS + 1):
+      out[k][f"alive_after_{s}"] = int(n[s])
   return out
 
 
